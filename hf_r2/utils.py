@@ -1,0 +1,118 @@
+"""Helpers shared by regularization, palettization and quantization.
+
+Two conventions live here so that every part of hf_r2 agrees on them:
+
+* **Module selection** (`select_modules`): peft-style `target_modules` / `exclude_modules`, given as a list of names
+  (a module matches when its full name equals the entry or ends with `.entry`) or as one regular expression
+  (matched in full against the module name).
+* **Vector layout** (`weight_to_vectors` / `vectors_to_weight`): for vector palettization and the multi-dimensional
+  regularizers, a weight of shape `(out, ...)` is seen as a set of `cluster_dim`-dimensional vectors, each made of
+  `cluster_dim` consecutive output channels at one input position (the layout coremltools uses).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+ModulePattern = str | Sequence[str] | None
+
+
+def _matches(name: str, pattern: str | Sequence[str]) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in pattern)
+
+
+def select_modules(
+    model: nn.Module,
+    supported_types: tuple[type[nn.Module], ...],
+    target_modules: ModulePattern = None,
+    exclude_modules: ModulePattern = None,
+    *,
+    what: str = "this transform",
+) -> dict[str, nn.Module]:
+    """Returns the modules of `model` that a transform applies to, by name, in `named_modules` order.
+
+    Args:
+        model (`nn.Module`): The model to search.
+        supported_types (`tuple[type]`): Layer types the transform can handle.
+        target_modules (`str` or `list[str]`, *optional*): Names (suffix match on `.`-boundaries) or one regex
+            (full match). Defaults to every module of a supported type.
+        exclude_modules (`str` or `list[str]`, *optional*): Same syntax; matching modules are skipped.
+        what (`str`, *optional*): Name of the transform, used in error messages.
+
+    Raises:
+        ValueError: If a listed target name matches no module, if a module selected explicitly by name has a type the
+            transform cannot handle, or if nothing is selected at all.
+    """
+    if target_modules is not None and not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        unknown = [t for t in target_modules if not any(_matches(n, [t]) for n, _ in model.named_modules())]
+        if unknown:
+            raise ValueError(f"target_modules {unknown} match no module of {type(model).__name__} for {what}.")
+    if exclude_modules is not None and not isinstance(exclude_modules, str):
+        exclude_modules = list(exclude_modules)
+
+    selected: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if exclude_modules is not None and _matches(name, exclude_modules):
+            continue
+        if target_modules is None:
+            if isinstance(module, supported_types):
+                selected[name] = module
+            continue
+        if not _matches(name, target_modules):
+            continue
+        if isinstance(module, supported_types):
+            selected[name] = module
+        elif not isinstance(target_modules, str) and not any(True for _ in module.children()):
+            allowed = ", ".join(t.__name__ for t in supported_types)
+            raise ValueError(
+                f"Module {name!r} is a {type(module).__name__}, which {what} does not support (supported: {allowed})."
+            )
+    if not selected:
+        raise ValueError(
+            f"{what} found no layer to apply to in {type(model).__name__} "
+            f"(target_modules={target_modules!r}, exclude_modules={exclude_modules!r})."
+        )
+    return selected
+
+
+def check_cluster_dim(cluster_dim: int, weight_shape: Iterable[int], name: str = "weight") -> None:
+    """Raises a `ValueError` if `cluster_dim` is not a positive integer dividing the output channels."""
+    shape = tuple(weight_shape)
+    if not isinstance(cluster_dim, int) or isinstance(cluster_dim, bool) or cluster_dim < 1:
+        raise ValueError(f"cluster_dim must be an integer >= 1, got {cluster_dim!r}.")
+    if shape[0] % cluster_dim:
+        raise ValueError(
+            f"cluster_dim={cluster_dim} does not divide the {shape[0]} output channels of {name} (shape {shape}); "
+            f"choose a divisor of {shape[0]}."
+        )
+
+
+def weight_to_vectors(weight: torch.Tensor, cluster_dim: int = 1) -> torch.Tensor:
+    """Views a weight of shape `(out, ...)` as `(out * rest / cluster_dim, cluster_dim)` vectors.
+
+    Vector `k` of the result holds output channels `g*d ... g*d + d-1` at input position `p`, with `k = g * rest + p`.
+    For `cluster_dim == 1` this is `weight.reshape(-1, 1)`.
+    """
+    check_cluster_dim(cluster_dim, weight.shape)
+    if cluster_dim == 1:
+        return weight.reshape(-1, 1)
+    out = weight.shape[0]
+    return weight.reshape(out // cluster_dim, cluster_dim, -1).transpose(1, 2).reshape(-1, cluster_dim)
+
+
+def vectors_to_weight(vectors: torch.Tensor, shape: Sequence[int], cluster_dim: int = 1) -> torch.Tensor:
+    """Inverse of `weight_to_vectors`."""
+    shape = tuple(shape)
+    if cluster_dim == 1:
+        return vectors.reshape(shape)
+    out = shape[0]
+    return vectors.reshape(out // cluster_dim, -1, cluster_dim).transpose(1, 2).reshape(shape)
