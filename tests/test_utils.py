@@ -1,0 +1,58 @@
+import pytest
+import torch
+from torch import nn
+
+from hf_r2.utils import check_cluster_dim, select_modules, vectors_to_weight, weight_to_vectors
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+        self.head = nn.Linear(4, 2)
+
+
+def slow_vectors(weight, d):
+    """Vector k = channels g*d .. g*d+d-1 at flattened input position p, k = g * rest + p."""
+    flat = weight.reshape(weight.shape[0], -1)
+    rest = flat.shape[1]
+    return torch.stack(
+        [torch.stack([flat[g * d + j, p] for j in range(d)]) for g in range(weight.shape[0] // d) for p in range(rest)]
+    )
+
+
+@pytest.mark.parametrize("shape", [(8, 6), (4, 3, 2, 2), (6, 5)])
+@pytest.mark.parametrize("d", [1, 2])
+def test_vector_layout_matches_slow_reference_and_round_trips(shape, d):
+    weight = torch.randn(shape)
+    vectors = weight_to_vectors(weight, d)
+    assert torch.equal(vectors, slow_vectors(weight, d))
+    assert torch.equal(vectors_to_weight(vectors, shape, d), weight)
+
+
+def test_cluster_dim_errors_name_the_value():
+    with pytest.raises(ValueError, match="cluster_dim=3 does not divide the 8 output channels"):
+        check_cluster_dim(3, (8, 4))
+    with pytest.raises(ValueError, match="cluster_dim must be an integer >= 1, got 0"):
+        check_cluster_dim(0, (8, 4))
+
+
+def test_select_modules_default_names_regex_and_exclusion():
+    model = TinyNet()
+    default = select_modules(model, (nn.Linear, nn.Conv2d, nn.Embedding))
+    assert list(default) == ["embed", "conv", "block.0", "block.2", "head"]
+    assert list(select_modules(model, (nn.Linear,), ["0", "head"])) == ["block.0", "head"]
+    assert list(select_modules(model, (nn.Linear,), r"block\.\d")) == ["block.0", "block.2"]
+    assert list(select_modules(model, (nn.Linear,), exclude_modules=["head"])) == ["block.0", "block.2"]
+
+
+def test_select_modules_errors():
+    model = TinyNet()
+    with pytest.raises(ValueError, match=r"target_modules \['nope'\] match no module"):
+        select_modules(model, (nn.Linear,), ["nope"])
+    with pytest.raises(ValueError, match="'block.1' is a LayerNorm, which quant does not support"):
+        select_modules(model, (nn.Linear,), ["1"], what="quant")
+    with pytest.raises(ValueError, match="found no layer"):
+        select_modules(model, (nn.Conv1d,))
