@@ -1,0 +1,144 @@
+"""The three R² range regularizers of Kundu et al. (section 2) as pure functions of one weight.
+
+Every function returns a scalar `float32` tensor, differentiable with respect to the weight and to its own learnable
+parameter (the margin `M` or the temperature `alpha`). The arithmetic is done in `float32` whatever the weight's dtype,
+so that `float16` / `bfloat16` weights and large temperatures stay finite.
+
+Multi-dimensional form (`cluster_dim = d > 1`, for vector palettization): the weight is seen as a set of
+`d`-dimensional vectors laid out as in `hf_r2.utils.weight_to_vectors` (`d` consecutive output channels at one input
+position), and the range is regularized in every coordinate: the loss is the sum over the `d` coordinates of the
+scalar loss of that coordinate, each coordinate with its own margin / temperature (a tensor of shape `(d,)`).
+
+These functions are the readable definition of the math. `hf_r2.range_regularizer.RangeRegularizer` computes the same
+values for a whole model at once with fused, grouped kernels; the tests check the two against each other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from hf_r2.utils import check_cluster_dim, weight_to_vectors
+
+__all__ = [
+    "REGULARIZERS",
+    "R2_TYPES",
+    "linf",
+    "margin",
+    "soft_min_max",
+    "init_margin",
+    "init_alpha",
+    "weight_coordinates",
+]
+
+
+def weight_coordinates(weight: torch.Tensor, cluster_dim: int = 1) -> torch.Tensor:
+    """Returns the weight as a `float32` tensor of shape `(N, cluster_dim)`: one column per vector coordinate.
+
+    Raises:
+        ValueError: If `cluster_dim` is not a positive integer dividing the output channels.
+    """
+    return weight_to_vectors(weight, cluster_dim).float()
+
+
+def _per_coordinate(param: torch.Tensor | float, cluster_dim: int, what: str, device: torch.device) -> torch.Tensor:
+    """Broadcasts a scalar or `(cluster_dim,)` parameter to a `float32` tensor of shape `(cluster_dim,)`."""
+    param = torch.as_tensor(param, device=device)
+    if param.numel() == 1:
+        return param.float().reshape(1).expand(cluster_dim)
+    if param.shape != (cluster_dim,):
+        raise ValueError(
+            f"{what} must be a scalar or have shape ({cluster_dim},) for cluster_dim={cluster_dim}, "
+            f"got shape {tuple(param.shape)}."
+        )
+    return param.float()
+
+
+def linf(weight: torch.Tensor, cluster_dim: int = 1) -> torch.Tensor:
+    """L∞ range regularization (eq. 1): `max |w|`, summed over the `cluster_dim` coordinates.
+
+    Args:
+        weight (`torch.Tensor`): A layer weight of shape `(out, ...)`.
+        cluster_dim (`int`, *optional*, defaults to 1): Vector dimension `d`; must divide `out`.
+
+    Returns:
+        `torch.Tensor`: A scalar `float32` tensor.
+    """
+    return weight_coordinates(weight, cluster_dim).abs().amax(dim=0).sum()
+
+
+def margin(weight: torch.Tensor, margin: torch.Tensor | float, cluster_dim: int = 1) -> torch.Tensor:
+    """Margin range regularization (eq. 2): `|M| + Σ_i max(|w_i| - |M|, 0)`, per coordinate, summed.
+
+    The hinge is summed (not averaged) over the elements: with a mean, the gradient pulling `M` down (1) would always
+    beat the one pushing it up (the fraction of weights outside the margin, < 1), so `M` would collapse to 0 and the
+    loss would degenerate into L1.
+
+    Args:
+        weight (`torch.Tensor`): A layer weight of shape `(out, ...)`.
+        margin (`torch.Tensor` or `float`): The learnable margin `M`: a scalar, or shape `(cluster_dim,)`.
+        cluster_dim (`int`, *optional*, defaults to 1): Vector dimension `d`; must divide `out`.
+
+    Returns:
+        `torch.Tensor`: A scalar `float32` tensor.
+    """
+    vectors = weight_coordinates(weight, cluster_dim)
+    m = _per_coordinate(margin, cluster_dim, "margin", vectors.device).abs()
+    return m.sum() + torch.relu(vectors.abs() - m).sum()
+
+
+def soft_min_max(weight: torch.Tensor, alpha: torch.Tensor | float, cluster_dim: int = 1) -> torch.Tensor:
+    """Soft-min-max range regularization (eq. 3): `s_max - s_min + e^(-alpha)`, per coordinate, summed.
+
+    `s_max = Σ_i w_i softmax(alpha w)_i` and `s_min = Σ_i w_i softmax(-alpha w)_i`; softmax subtracts the maximum of
+    its input, which is eq. 3's `W - W_max` (resp. `W - W_min`), so the exponentials never overflow.
+
+    Args:
+        weight (`torch.Tensor`): A layer weight of shape `(out, ...)`.
+        alpha (`torch.Tensor` or `float`): The learnable temperature: a scalar, or shape `(cluster_dim,)`.
+        cluster_dim (`int`, *optional*, defaults to 1): Vector dimension `d`; must divide `out`.
+
+    Returns:
+        `torch.Tensor`: A scalar `float32` tensor.
+    """
+    vectors = weight_coordinates(weight, cluster_dim)
+    a = _per_coordinate(alpha, cluster_dim, "alpha", vectors.device)
+    s_max = (torch.softmax(a * vectors, dim=0) * vectors).sum(dim=0)
+    s_min = (torch.softmax(-a * vectors, dim=0) * vectors).sum(dim=0)
+    return (s_max - s_min + torch.exp(-a)).sum()
+
+
+def init_margin(weight: torch.Tensor, cluster_dim: int = 1, std_multiple: float = 2.0) -> torch.Tensor:
+    """Initial margin of a layer: `std_multiple × std(W)` (the paper uses 2), one per coordinate.
+
+    Returns:
+        `torch.Tensor`: A detached `float32` tensor of shape `(cluster_dim,)`.
+    """
+    if not math.isfinite(std_multiple) or std_multiple < 0:
+        raise ValueError(f"std_multiple must be a finite number >= 0, got {std_multiple!r}.")
+    with torch.no_grad():
+        # correction=0 keeps a one-element weight finite (its std is 0, not NaN).
+        return weight_coordinates(weight, cluster_dim).std(dim=0, correction=0) * std_multiple
+
+
+def init_alpha(weight: torch.Tensor, cluster_dim: int = 1, alpha_init: float = 0.1) -> torch.Tensor:
+    """Initial temperature of a layer: `alpha_init` (the paper uses 0.1) for every coordinate.
+
+    Returns:
+        `torch.Tensor`: A `float32` tensor of shape `(cluster_dim,)` on the weight's device.
+    """
+    check_cluster_dim(cluster_dim, weight.shape)
+    if not math.isfinite(alpha_init):
+        raise ValueError(f"alpha_init must be finite, got {alpha_init!r}.")
+    return torch.full((cluster_dim,), float(alpha_init), dtype=torch.float32, device=weight.device)
+
+
+RegularizerFn = Callable[..., torch.Tensor]
+
+#: The regularizers, keyed by their `--r2_type` names.
+REGULARIZERS: dict[str, RegularizerFn] = {"linf": linf, "margin": margin, "soft_min_max": soft_min_max}
+
+#: The valid `r2_type` values (without the trainer's `"none"`).
+R2_TYPES: tuple[str, ...] = tuple(REGULARIZERS)
