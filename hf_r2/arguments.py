@@ -1,0 +1,323 @@
+"""Command-line flags for compression and publishing, shared by the example scripts.
+
+`CompressionArguments` is parsed by `transformers.HfArgumentParser` next to `R2TrainingArguments`; it only turns
+flags into the configs of `hf_r2.palettization` (DKM) and `hf_r2.quantization` (LSQ, EWGS, PACT, PTQ) and calls their
+entry points, so every piece of compression logic stays in those packages. `PublishArguments` holds the flags of the
+model-card / publish-folder step (`hf_r2.hub`).
+
+Example:
+
+```python
+from transformers import HfArgumentParser
+from hf_r2.arguments import CompressionArguments
+
+(compression,) = HfArgumentParser(CompressionArguments).parse_args_into_dataclasses(
+    ["--quant_method", "lsq", "--w_bits", "2", "--a_bits", "2"]
+)
+model = compression.apply(model)      # before training: swaps in fake-quantized layers
+...                                   # train
+model = compression.finalize(model)   # after training: integer weights + scales
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+QUANT_METHODS = ("none", "lsq", "ewgs", "pact", "ptq")
+QAT_METHODS = ("lsq", "ewgs", "pact")
+_REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
+
+
+def parse_module_pattern(value: list[str] | str | None) -> list[str] | str | None:
+    """Turns a `--*_target_modules` / `--*_exclude_modules` flag into the form `hf_r2.utils.select_modules` takes.
+
+    On the command line a pattern is one or more names (`--dkm_target_modules query key value`, also accepted
+    comma-separated) or a single regular expression (`--dkm_target_modules '.*attention.*'`). A single entry holding
+    regex syntax (anything but letters, digits, `_`, `-` and `.`) is a regex; everything else is a list of names.
+
+    Args:
+        value (`list[str]` or `str`, *optional*): The parsed flag.
+
+    Returns:
+        `None`, a list of names, or one regex string.
+    """
+    if value is None:
+        return None
+    entries = [value] if isinstance(value, str) else list(value)
+    if len(entries) == 1 and _REGEX_CHARS.search(entries[0]):
+        re.compile(entries[0])  # a malformed regex fails here, while parsing flags, not mid-run
+        return entries[0]
+    names = [part.strip() for entry in entries for part in entry.split(",") if part.strip()]
+    if not names:
+        raise ValueError(f"Empty module pattern {value!r}: give module names or one regular expression.")
+    return names
+
+
+def _check_bits(name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+        raise ValueError(f"--{name} must be an integer from 1 to 8, got {value!r}.")
+
+
+def _build_config(config_cls: type, what: str, **kwargs: Any) -> Any:
+    """Instantiates `config_cls` with the flags the user set, refusing a flag the method does not have."""
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    if dataclasses.is_dataclass(config_cls):
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        unsupported = sorted(set(given) - known)
+        if unsupported:
+            raise ValueError(
+                f"{what} ({config_cls.__name__}) has no option {unsupported}; its options are {sorted(known)}."
+            )
+    return config_cls(**given)
+
+
+@dataclass
+class CompressionArguments:
+    """DKM palettization and quantization flags of the example scripts (at most one method per run)."""
+
+    dkm_bits: int | None = field(
+        default=None,
+        metadata={
+            "help": "Palettize with DKM (differentiable k-means) at this many bits per cluster index (1-8): 2^bits "
+            "centroids per layer. Unset: no palettization."
+        },
+    )
+    dkm_cluster_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "DKM vector size d (>= 1, dividing each layer's output channels): d consecutive output channels "
+            "share one index, giving dkm_bits / d bits per weight. Defaults to 1 (scalar palettization)."
+        },
+    )
+    dkm_temperature: float | None = field(
+        default=None,
+        metadata={"help": "Softmax temperature of DKM's soft assignment (> 0). Defaults to hf_r2.palettization's."},
+    )
+    dkm_iterations: int | None = field(
+        default=None,
+        metadata={"help": "Differentiable k-means iterations per forward (>= 1). Defaults to hf_r2.palettization's."},
+    )
+    dkm_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules to palettize: names (suffix match, space- or comma-separated) or one regex. Default: "
+            "every Linear, Conv2d and Embedding, first and last layers included."
+        },
+    )
+    dkm_exclude_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules never to palettize: names or one regex (same syntax as --dkm_target_modules)."},
+    )
+    quant_method: Literal["none", "lsq", "ewgs", "pact", "ptq"] = field(
+        default="none",
+        metadata={
+            "help": "Quantization: 'lsq', 'ewgs', 'pact' train with fake quantization (QAT); 'ptq' rounds to nearest "
+            "after training. 'none' (default) disables it. Exclusive with --dkm_bits."
+        },
+    )
+    w_bits: int | None = field(
+        default=None, metadata={"help": "Weight bits (1-8) for --quant_method. Defaults to the method's default."}
+    )
+    a_bits: int | None = field(
+        default=None,
+        metadata={"help": "Activation bits (1-8) for --quant_method. Defaults to the method's default."},
+    )
+    quant_per_channel: bool | None = field(
+        default=None,
+        metadata={"help": "true: one weight scale per output channel; false: one per tensor (default: the method's)."},
+    )
+    quant_symmetric: bool | None = field(
+        default=None,
+        metadata={"help": "true/false: symmetric (no zero point) weights, for 'ptq' (default: the method's)."},
+    )
+    quant_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules to quantize: names or one regex. Default: every Linear and Conv2d, first and last "
+            "layers included (as the paper does)."
+        },
+    )
+    quant_exclude_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules never to quantize: names or one regex (same syntax as --quant_target_modules)."},
+    )
+
+    def __post_init__(self):
+        _check_bits("dkm_bits", self.dkm_bits)
+        _check_bits("w_bits", self.w_bits)
+        _check_bits("a_bits", self.a_bits)
+        dim = self.dkm_cluster_dim
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"--dkm_cluster_dim must be an integer >= 1, got {self.dkm_cluster_dim!r}.")
+        if self.dkm_temperature is not None and not (math.isfinite(self.dkm_temperature) and self.dkm_temperature > 0):
+            raise ValueError(f"--dkm_temperature must be a finite number > 0, got {self.dkm_temperature!r}.")
+        if self.dkm_iterations is not None and self.dkm_iterations < 1:
+            raise ValueError(f"--dkm_iterations must be >= 1, got {self.dkm_iterations!r}.")
+        if self.quant_method not in QUANT_METHODS:
+            raise ValueError(f"--quant_method {self.quant_method!r} is not one of {list(QUANT_METHODS)}.")
+        if self.dkm_bits is not None and self.quant_method != "none":
+            raise ValueError(
+                f"--dkm_bits {self.dkm_bits} and --quant_method {self.quant_method} are mutually exclusive: "
+                "palettization and quantization each replace the same layers. Run them as separate stages "
+                "(e.g. an R² run, then a DKM run from its output)."
+            )
+        dkm_only = {"dkm_cluster_dim", "dkm_temperature", "dkm_iterations", "dkm_target_modules", "dkm_exclude_modules"}
+        quant_only = {
+            "w_bits", "a_bits", "quant_per_channel", "quant_symmetric", "quant_target_modules", "quant_exclude_modules"
+        }
+        self._refuse_orphans(dkm_only, self.dkm_bits is None, "--dkm_bits")
+        self._refuse_orphans(quant_only, self.quant_method == "none", "--quant_method")
+        # Parse now so a bad pattern fails before a model is even loaded.
+        for name in ("dkm_target_modules", "dkm_exclude_modules", "quant_target_modules", "quant_exclude_modules"):
+            parse_module_pattern(getattr(self, name))
+
+    def _refuse_orphans(self, names: set[str], disabled: bool, switch: str) -> None:
+        if not disabled:
+            return
+        orphans = sorted(f"--{n}" for n in names if getattr(self, n) is not None)
+        if orphans:
+            raise ValueError(
+                f"{', '.join(orphans)} given without {switch}: these flags only apply when {switch} is set."
+            )
+
+    @property
+    def method(self) -> str | None:
+        """`"dkm"`, the quantization method name, or `None` when no compression was asked for."""
+        if self.dkm_bits is not None:
+            return "dkm"
+        return None if self.quant_method == "none" else self.quant_method
+
+    @property
+    def trains_compressed(self) -> bool:
+        """Whether the compression is applied before training (DKM, QAT) rather than after it (PTQ)."""
+        return self.method in ("dkm", *QAT_METHODS)
+
+    def dkm_config(self) -> Any:
+        """The `hf_r2.palettization.DKMConfig` these flags describe."""
+        if self.dkm_bits is None:
+            raise ValueError("dkm_config() needs --dkm_bits.")
+        palettization = importlib.import_module("hf_r2.palettization")
+        return _build_config(
+            palettization.DKMConfig,
+            "DKM palettization",
+            n_bits=self.dkm_bits,
+            cluster_dim=self.dkm_cluster_dim,
+            temperature=self.dkm_temperature,
+            iterations=self.dkm_iterations,
+            target_modules=parse_module_pattern(self.dkm_target_modules),
+            exclude_modules=parse_module_pattern(self.dkm_exclude_modules),
+        )
+
+    def quantization_config(self) -> Any:
+        """The `hf_r2.quantization` config these flags describe (via `get_quantization_config`)."""
+        if self.quant_method == "none":
+            raise ValueError("quantization_config() needs --quant_method other than 'none'.")
+        quantization = importlib.import_module("hf_r2.quantization")
+        kwargs = {
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "per_channel": self.quant_per_channel,
+            "symmetric": self.quant_symmetric,
+            "target_modules": parse_module_pattern(self.quant_target_modules),
+            "exclude_modules": parse_module_pattern(self.quant_exclude_modules),
+        }
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return quantization.get_quantization_config(self.quant_method, **kwargs)
+
+    def apply(self, model: nn.Module, *, before_training: bool = True) -> nn.Module:
+        """Swaps in the compression layers (in place) and returns the model.
+
+        DKM and QAT apply before training. PTQ applies after training, so with `before_training=True` it is a no-op
+        and `finalize` does the work.
+
+        Args:
+            model (`nn.Module`): The model to compress.
+            before_training (`bool`, *optional*, defaults to `True`): Whether training follows.
+        """
+        method = self.method
+        if method is None or (method == "ptq" and before_training):
+            return model
+        if method == "dkm":
+            palettization = importlib.import_module("hf_r2.palettization")
+            result = palettization.palettize(model, self.dkm_config())
+        else:
+            quantization = importlib.import_module("hf_r2.quantization")
+            result = quantization.quantize(model, self.quantization_config())
+        return model if result is None or not isinstance(result, nn.Module) else result
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """After training: hard-assigns DKM weights to centroids, or turns fake-quantized layers into integer weights
+        and scales (applying PTQ first when that is the method). Returns the model (changed in place)."""
+        method = self.method
+        if method is None:
+            return model
+        if method == "ptq":
+            model = self.apply(model, before_training=False)
+        package = importlib.import_module("hf_r2.palettization" if method == "dkm" else "hf_r2.quantization")
+        result = package.finalize(model)
+        return model if result is None or not isinstance(result, nn.Module) else result
+
+    def card_info(self) -> dict[str, Any] | None:
+        """What was done, for the model card (`hf_r2.hub`); `None` without compression."""
+        method = self.method
+        if method is None:
+            return None
+        if method == "dkm":
+            cluster_dim = self.dkm_cluster_dim or 1
+            return {
+                "method": "dkm",
+                "n_bits": self.dkm_bits,
+                "cluster_dim": cluster_dim,
+                "bits_per_weight": self.dkm_bits / cluster_dim,
+                "target_modules": parse_module_pattern(self.dkm_target_modules),
+                "exclude_modules": parse_module_pattern(self.dkm_exclude_modules),
+            }
+        config = self.quantization_config()
+        info = {"method": method}
+        for key in ("w_bits", "a_bits", "per_channel", "symmetric", "target_modules", "exclude_modules"):
+            if hasattr(config, key):
+                info[key] = getattr(config, key)
+        info.setdefault("w_bits", self.w_bits)
+        info["bits_per_weight"] = info.get("w_bits")
+        return info
+
+
+@dataclass
+class PublishArguments:
+    """Model-card and publish-folder flags of the example scripts (see `hf_r2.hub`)."""
+
+    publish_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Write the folder that would be pushed to the Hub (safetensors, config, tokenizer or image "
+            "processor, README.md model card, weight-histogram figure) here. Defaults to <output_dir>/publish when "
+            "--push_to_hub is set; otherwise no folder is written unless given."
+        },
+    )
+    card_histogram_layers: int = field(
+        default=4,
+        metadata={"help": "How many layers the model card's weight-histogram figure shows (>= 1; 0 for no figure)."},
+    )
+    card_compare_initial: bool = field(
+        default=True,
+        metadata={
+            "help": "Overlay the weights before this run (the starting checkpoint or initialisation) in the model "
+            "card's weight ranges table and histograms."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.card_histogram_layers, bool) or not isinstance(self.card_histogram_layers, int) or (
+            self.card_histogram_layers < 0
+        ):
+            raise ValueError(f"--card_histogram_layers must be an integer >= 0, got {self.card_histogram_layers!r}.")
