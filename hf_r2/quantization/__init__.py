@@ -1,0 +1,76 @@
+"""Quantization-aware training and post-training quantization for `nn.Linear` / `nn.Conv2d` (whole model).
+
+Methods (one config each): LSQ (`LSQConfig`), EWGS (`EWGSConfig`), PACT activations with DoReFa weights
+(`PACTConfig`) and round-to-nearest PTQ (`PTQConfig`). `quantize(model, config)` swaps layers in place for
+fake-quantized ones that keep their parameter names; `finalize(model)` stores integer weights and scales.
+
+Example:
+    ```python
+    from hf_r2.quantization import calibrate, finalize, get_quantization_config, quantize
+
+    quantize(model, get_quantization_config("lsq", w_bits=2, a_bits=2))
+    calibrate(model, [next(iter(train_loader))])  # optional for LSQ/PACT (first batch), required for PTQ activations
+    ...  # train with any transformers.Trainer
+    finalize(model)  # int8/uint8 weight codes + scale + zero point
+    ```
+"""
+
+from hf_r2.quantization.config import (
+    QUANTIZATION_CONFIGS,
+    EWGSConfig,
+    LSQConfig,
+    PACTConfig,
+    PTQConfig,
+    QuantizationConfig,
+    get_quantization_config,
+    register_quantization_config,
+)
+from hf_r2.quantization.layers import (
+    DoReFaWeightQuantizer,
+    LSQInputQuantizer,
+    LSQWeightQuantizer,
+    PACTInputQuantizer,
+    QuantConv2d,
+    QuantizedConv2d,
+    QuantizedLinear,
+    QuantLinear,
+    RTNInputQuantizer,
+    RTNWeightQuantizer,
+)
+from hf_r2.quantization.model import (
+    EWGSDeltaCallback,
+    calibrate,
+    estimate_ewgs_deltas,
+    finalize,
+    quantize,
+    quantized_layers,
+    register_quantize_handler,
+)
+
+__all__ = [
+    "QUANTIZATION_CONFIGS",
+    "DoReFaWeightQuantizer",
+    "EWGSConfig",
+    "EWGSDeltaCallback",
+    "LSQConfig",
+    "LSQInputQuantizer",
+    "LSQWeightQuantizer",
+    "PACTConfig",
+    "PACTInputQuantizer",
+    "PTQConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantizationConfig",
+    "QuantizedConv2d",
+    "QuantizedLinear",
+    "RTNInputQuantizer",
+    "RTNWeightQuantizer",
+    "calibrate",
+    "estimate_ewgs_deltas",
+    "finalize",
+    "get_quantization_config",
+    "quantize",
+    "quantized_layers",
+    "register_quantization_config",
+    "register_quantize_handler",
+]

@@ -1,0 +1,336 @@
+"""Whole-model entry points: `quantize`, `calibrate`, `finalize`, and EWGS's Hessian-based delta update."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from hf_r2.quantization.config import EWGSConfig, LSQConfig, PACTConfig, PTQConfig, QuantizationConfig
+from hf_r2.quantization.layers import (
+    DoReFaWeightQuantizer,
+    LSQInputQuantizer,
+    LSQWeightQuantizer,
+    PACTInputQuantizer,
+    QuantConv2d,
+    QuantizedConv2d,
+    QuantizedLinear,
+    QuantLinear,
+    RTNInputQuantizer,
+    RTNWeightQuantizer,
+    WeightQuantizer,
+)
+from hf_r2.utils import select_modules
+
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+_QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+
+QuantizerFactory = Callable[[nn.Module, QuantizationConfig], tuple[WeightQuantizer, "nn.Module | None"]]
+_HANDLERS: dict[type[QuantizationConfig], QuantizerFactory] = {}
+
+
+def register_quantize_handler(config_cls: type[QuantizationConfig]):
+    """Registers the function that builds `(weight_quantizer, input_quantizer)` for one layer under a config type."""
+
+    def wrap(fn: QuantizerFactory) -> QuantizerFactory:
+        _HANDLERS[config_cls] = fn
+        return fn
+
+    return wrap
+
+
+@register_quantize_handler(LSQConfig)
+def _lsq_quantizers(module: nn.Module, config: LSQConfig):
+    delta = config.delta if isinstance(config, EWGSConfig) else None
+    weight_q = LSQWeightQuantizer(module.weight, config.w_bits, eps=config.eps, ewgs_delta=delta)
+    input_q = None
+    if config.a_bits is not None:
+        input_q = LSQInputQuantizer(config.a_bits, signed=config.a_signed, eps=config.eps, ewgs_delta=delta)
+        input_q.to(device=module.weight.device)
+    return weight_q, input_q
+
+
+register_quantize_handler(EWGSConfig)(_lsq_quantizers)
+
+
+@register_quantize_handler(PACTConfig)
+def _pact_quantizers(module: nn.Module, config: PACTConfig):
+    weight_q = DoReFaWeightQuantizer(config.w_bits, rescale=config.dorefa_rescale)
+    input_q = None
+    if config.a_bits is not None:
+        input_q = PACTInputQuantizer(
+            config.a_bits, alpha_init=config.alpha_init, alpha_l2=config.alpha_l2, signed=config.a_signed
+        ).to(device=module.weight.device)
+    return weight_q, input_q
+
+
+@register_quantize_handler(PTQConfig)
+def _ptq_quantizers(module: nn.Module, config: PTQConfig):
+    weight_q = RTNWeightQuantizer(config.w_bits, per_channel=config.w_per_channel, symmetric=config.w_symmetric)
+    input_q = None
+    if config.a_bits is not None:
+        input_q = RTNInputQuantizer(config.a_bits, symmetric=config.a_symmetric).to(device=module.weight.device)
+    return weight_q, input_q
+
+
+def _handler(config: QuantizationConfig) -> QuantizerFactory:
+    if not isinstance(config, QuantizationConfig):
+        raise TypeError(f"config must be a QuantizationConfig (LSQConfig, EWGSConfig, ...), got {type(config)!r}.")
+    for cls in type(config).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    raise ValueError(f"No quantization handler is registered for {type(config).__name__}.")
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
+    """Swaps the targeted `nn.Linear` / `nn.Conv2d` layers of `model`, in place, for fake-quantized ones.
+
+    First and last layers are included unless excluded by name. Parameters keep their names (`...weight`,
+    `...bias`); each layer gains a `weight_quantizer` and, with `a_bits`, an `input_quantizer`. Train as usual
+    (any `transformers.Trainer`); then `finalize(model)` for integer weights.
+
+    Args:
+        model (`nn.Module`): The model, modified in place.
+        config (`QuantizationConfig`): `LSQConfig`, `EWGSConfig`, `PACTConfig` or `PTQConfig`.
+
+    Returns:
+        `nn.Module`: `model` itself.
+
+    Raises:
+        ValueError: If a layer named in `config.target_modules` is not a Linear/Conv2d, if nothing matches, or if the
+            model is already quantized.
+
+    Example:
+        ```python
+        from hf_r2.quantization import get_quantization_config, quantize
+
+        quantize(model, get_quantization_config("lsq", w_bits=2, a_bits=2, exclude_modules=["classifier"]))
+        ```
+    """
+    handler = _handler(config)
+    already = [n for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d | QuantizedLinear)]
+    already += [n for n, m in model.named_modules() if isinstance(m, QuantizedConv2d)]
+    if already:
+        raise ValueError(f"Model is already quantized (e.g. {already[0]!r}); quantize a float model.")
+    selected = select_modules(
+        model, SUPPORTED_TYPES, config.target_modules, config.exclude_modules, what=f"{type(config).__name__}"
+    )
+    for name, module in selected.items():
+        base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+        weight_q, input_q = handler(module, config)
+        _replace(model, name, _QUANT_TYPES[base].from_float(module, weight_q, input_q))
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The fake-quantized layers of `model`, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d)}
+
+
+def _call(model: nn.Module, batch: Any):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, list | tuple):
+        return model(*batch)
+    return model(batch)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
+    """Runs `batches` through `model` (eval mode, no gradients) to set activation ranges.
+
+    PTQ input quantizers record the min/max of their inputs over all batches (inputs pass through unquantized while
+    calibrating), then quantize with that range. LSQ/PACT input quantizers initialize from the first batch (they
+    would anyway on their first forward). A batch is a dict (`model(**batch)`), a tuple (`model(*batch)`) or a tensor.
+
+    Returns:
+        `nn.Module`: `model` itself, in the training mode it had.
+    """
+    observers = [m for m in model.modules() if isinstance(m, RTNInputQuantizer)]
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    for obs in observers:
+        obs.calibrating = True
+    count = 0
+    try:
+        for batch in batches:
+            _call(model, _to_device(batch, device))
+            count += 1
+    finally:
+        for obs in observers:
+            obs.calibrating = False
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("calibrate got no batches; pass an iterable with at least one batch.")
+    return model
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Replaces every fake-quantized layer, in place, with a layer storing integer weight codes and scales.
+
+    Each `QuantLinear` / `QuantConv2d` becomes a `QuantizedLinear` / `QuantizedConv2d` with buffers `weight_int`
+    (`int8` for signed grids, `uint8` for unsigned ones), `weight_scale` and `weight_zero_point` (per tensor or per
+    output channel) such that `(weight_int - weight_zero_point) * weight_scale` is exactly the fake-quantized weight;
+    input quantizers stay (frozen), so the finalized model's outputs equal the fake-quantized model's.
+
+    Returns:
+        `nn.Module`: `model` itself.
+
+    Raises:
+        ValueError: If `model` has no fake-quantized layer.
+    """
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError(f"finalize found no fake-quantized layer in {type(model).__name__}; call quantize first.")
+    for name, layer in layers.items():
+        cls = QuantizedConv2d if isinstance(layer, QuantConv2d) else QuantizedLinear
+        _replace(model, name, cls.from_quant(layer))
+    return model
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# EWGS: delta from a Hessian-trace estimate
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def _ewgs_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, LSQWeightQuantizer | LSQInputQuantizer) and m.ewgs_delta is not None
+    }
+
+
+def estimate_ewgs_deltas(
+    model: nn.Module,
+    loss_fn: Callable[[], torch.Tensor],
+    *,
+    num_samples: int = 8,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Sets each EWGS quantizer's delta from a Hutchinson estimate of the Hessian trace, as EWGS does.
+
+    For every EWGS quantizer with quantized values `x_q` (normalized domain, `N` elements) and loss gradient `g`:
+    `delta = (Tr(H) / N) / (3 std(g))` with `Tr(H)` the trace of the loss Hessian with respect to `x_q`, estimated as
+    the mean of `v . (H v)` over Rademacher vectors `v`. All layers are probed with one Hessian-vector product per
+    sample (independent `v` per layer, so cross-layer terms vanish in expectation). A negative estimate gives
+    delta 0 (plain straight-through estimator).
+
+    Args:
+        model (`nn.Module`): A model quantized with an `EWGSConfig`.
+        loss_fn (`Callable[[], torch.Tensor]`): Runs a forward pass of `model` on one batch and returns the loss.
+        num_samples (`int`, *optional*, defaults to 8): Hutchinson samples.
+        generator (`torch.Generator`, *optional*): For reproducible probe vectors.
+
+    Returns:
+        `dict[str, float]`: The new delta of each EWGS quantizer, by module name.
+    """
+    quantizers = _ewgs_quantizers(model)
+    if not quantizers:
+        raise ValueError("estimate_ewgs_deltas found no EWGS quantizer; quantize the model with an EWGSConfig.")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+    for q in quantizers.values():
+        q._capture, q._captured = True, None
+    try:
+        loss = loss_fn()
+        names = [n for n, q in quantizers.items() if q._captured is not None and q._captured.requires_grad]
+        values = [quantizers[n]._captured for n in names]
+    finally:
+        for q in quantizers.values():
+            q._capture, q._captured = False, None
+    if not names:
+        raise RuntimeError("loss_fn ran no EWGS quantizer with gradients; is the model in torch.no_grad?")
+    grads = torch.autograd.grad(loss, values, create_graph=True, allow_unused=True)
+    keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    traces = [0.0] * len(names)
+    for _ in range(num_samples):
+        probes = [
+            (torch.randint(0, 2, values[i].shape, generator=generator, device="cpu") * 2 - 1).to(values[i])
+            for i in keep
+        ]
+        hvps = torch.autograd.grad(
+            [grads[i] for i in keep], [values[i] for i in keep], grad_outputs=probes, retain_graph=True,
+            allow_unused=True,
+        )
+        for i, v, hv in zip(keep, probes, hvps, strict=True):
+            if hv is not None:
+                traces[i] += float((v * hv).sum()) / num_samples
+    deltas = {}
+    for i, name in enumerate(names):
+        q = quantizers[name]
+        q_n, q_p = q._range() if isinstance(q, LSQInputQuantizer) else (q.q_n, q.q_p)
+        levels = q_n + q_p
+        g = grads[i]
+        sigma = float(g.detach().std()) if g is not None and g.numel() > 1 else 0.0
+        # Hessian and gradient are taken in step units; the paper's normalized domain is step units / levels, which
+        # multiplies Tr(H)/N by levels^2 and std(g) by levels.
+        delta = levels * traces[i] / values[i].numel() / (3 * sigma) if sigma > 0 else 0.0
+        q.ewgs_delta = max(delta, 0.0)
+        deltas[name] = q.ewgs_delta
+    return deltas
+
+
+def _model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    out = _call(model, batch)
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError("The model returned no loss for this batch; pass batches with labels or a loss_fn.")
+    return loss
+
+
+class EWGSDeltaCallback(TrainerCallback):
+    """Updates EWGS deltas from the Hessian trace at the start of every epoch (as EWGS's code does) or every
+    `every_n_steps` optimizer steps.
+
+    Args:
+        every_n_steps (`int`, *optional*): Update interval in steps; default: once per epoch.
+        num_samples (`int`, *optional*, defaults to 8): Hutchinson samples per update.
+        batch (`dict`, *optional*): Batch used for the estimate (on the model's device); default: the first batch of
+            the Trainer's training dataloader.
+        loss_fn (`Callable[[nn.Module, Any], torch.Tensor]`, *optional*): Computes the loss from `(model, batch)`;
+            default: `model(**batch).loss`.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, num_samples: int = 8, batch: Any = None, loss_fn=None):
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be an integer >= 1 or None, got {every_n_steps!r}.")
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.batch = batch
+        self.loss_fn = loss_fn or _model_loss
+        self.history: list[dict[str, float]] = []
+
+    def _update(self, model, train_dataloader):
+        batch = self.batch if self.batch is not None else next(iter(train_dataloader))
+        batch = _to_device(batch, next(model.parameters()).device)
+        self.history.append(
+            estimate_ewgs_deltas(model, lambda: self.loss_fn(model, batch), num_samples=self.num_samples)
+        )
+
+    def on_epoch_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if self.every_n_steps is None:
+            self._update(model, train_dataloader)
+
+    def on_step_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if self.every_n_steps is not None and state.global_step % self.every_n_steps == 0:
+            self._update(model, train_dataloader)
