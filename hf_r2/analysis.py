@@ -3,7 +3,8 @@
 `weight_ranges` measures, for every selected layer, `max(W) - min(W)`, `std(W)`, `min(W)` and `max(W)`;
 `format_weight_range_table` renders one or two such measurements (with and without R²) side by side as a markdown or
 plain-text table. The default selection is the range regularizer's: the weights of every `nn.Linear`, `nn.Conv1d`,
-`nn.Conv2d` and `nn.Embedding` (subclasses included, so palettization and quantization wrappers count too).
+`nn.Conv2d`, `nn.Embedding` and transformers `Conv1D` (subclasses included, so palettization and quantization
+wrappers count too).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hf_r2.range_regularizer import SUPPORTED_LAYER_TYPES
 from hf_r2.utils import ModulePattern, select_modules
 
 __all__ = [
@@ -26,7 +28,8 @@ __all__ = [
     "format_weight_range_table",
 ]
 
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+#: The range regularizer's default layer types, so that the table shows exactly the regularized layers.
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = SUPPORTED_LAYER_TYPES
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ def weight_ranges(
             `layer_types`.
         exclude_modules (`str` or `list[str]`, *optional*): Layers to skip, same syntax.
         layer_types (`tuple[type]`, *optional*): Layer types considered; defaults to the regularizer's
-            (`nn.Linear`, `nn.Conv1d`, `nn.Conv2d`, `nn.Embedding`).
+            (`hf_r2.range_regularizer.SUPPORTED_LAYER_TYPES`).
 
     Returns:
         `dict[str, LayerWeightStats]`: Module name -> statistics, in `named_modules` order.

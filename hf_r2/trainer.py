@@ -1,0 +1,437 @@
+"""`R2TrainingArguments` and `R2Trainer`: R² range regularization inside the Hugging Face `Trainer`.
+
+Design (see `docs/trainer.md`):
+
+* The `RangeRegularizer` is owned by the trainer, never registered on the model: the model's state dict stays the
+  model's, so every `save_pretrained` / `save_model` / `push_to_hub` writes a checkpoint that `from_pretrained` loads
+  with no unexpected keys, and DDP never sees the regularizer's parameters.
+* Its learnable margins / temperatures get their own optimizer parameter group (own learning rate, no weight decay),
+  so their optimizer state is saved and restored with `optimizer.pt`; their values are written next to every
+  checkpoint as `r2_regularizer.safetensors` and loaded on resume, which therefore continues exactly.
+* Under DDP every process adds the same range term (the weights are identical on every process), and DDP averages the
+  gradients, so the term keeps its weight for any number of processes. Its gradient with respect to the
+  regularizer's own parameters is computed identically on every process, so they stay in sync without communication.
+* `model_accepts_loss_kwargs = False`: transformers 5.x otherwise treats the loss of heads that accept `**kwargs` but
+  ignore `num_items_in_batch` (BERT, ViT, ...) as already normalized, skipping the division by the accumulation steps
+  and multiplying by the number of processes; the task loss and the range term would then change weight with both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from hf_r2.analysis import max_weight_range
+from hf_r2.range_regularizer import SUPPORTED_LAYER_TYPES, R2Config, RangeRegularizer
+from hf_r2.regularizers import R2_TYPES
+from hf_r2.utils import select_modules
+
+__all__ = ["R2_TYPE_CHOICES", "R2_STATE_NAME", "R2TrainingArguments", "R2Trainer"]
+
+logger = logging.get_logger(__name__)
+
+#: Allowed values of `--r2_type`: `"none"` trains without R² (a plain `Trainer` with the loss-scale fix).
+R2_TYPE_CHOICES: tuple[str, ...] = ("none", *R2_TYPES)
+#: File holding the regularizer's parameters inside a checkpoint folder.
+R2_STATE_NAME = "r2_regularizer.safetensors"
+
+# Characters that never occur in a module name but do in a regular expression (`.` occurs in both).
+_REGEX_CHARS = re.compile(r"[\^$*+?()\[\]{}|\\]")
+
+
+def _normalize_module_pattern(value: Any, name: str) -> str | list[str] | None:
+    """Turns a CLI value into the `select_modules` syntax: a list of names, or one regex string.
+
+    `HfArgumentParser` always yields a list; a single entry containing regex syntax is taken as a regex.
+    """
+    if value is None or isinstance(value, str):
+        if isinstance(value, str) and not value:
+            raise ValueError(f"{name} must not be an empty string.")
+        return value
+    value = list(value)
+    if not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{name} must be None, a regex string or a non-empty list of module names, got {value!r}.")
+    if len(value) == 1 and _REGEX_CHARS.search(value[0]):
+        try:
+            re.compile(value[0])
+        except re.error as err:
+            raise ValueError(f"{name}={value[0]!r} is not a valid regular expression: {err}.") from err
+        return value[0]
+    return value
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class R2TrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the R² range-regularization options (all prefixed `r2_`).
+
+    Parsed from the command line by `HfArgumentParser` like any other argument (`--r2_type soft_min_max
+    --r2_weight 0.01`), and validated in `__post_init__` also when built in Python.
+
+    When R² is on and `ddp_find_unused_parameters` is not set, it defaults to `False`: with `True`, DDP marks the
+    weights of layers unused in the forward pass as ready before the range term's backward reaches them, and the first
+    backward of a multi-process run fails ("Expected to mark a variable ready only once"). With `False` every
+    regularized weight is expected to get a gradient, which the range term guarantees.
+    """
+
+    r2_type: Literal["none", "linf", "margin", "soft_min_max"] = field(
+        default="none",
+        metadata={
+            "help": "R² range regularizer added to the training loss: 'linf' (max |w|, eq. 1), 'margin' (learnable "
+            "margin per layer, eq. 2), 'soft_min_max' (learnable temperature per layer, eq. 3), or 'none' (plain "
+            "training)."
+        },
+    )
+    r2_weight: float = field(
+        default=0.01,
+        metadata={"help": "Weight of the range loss in the training loss (the paper uses 0.01). Must be >= 0."},
+    )
+    r2_cluster_dim: int = field(
+        default=1,
+        metadata={
+            "help": "Vector dimension d of the range regularizer: regularize each coordinate of the d-dimensional "
+            "vectors that vector palettization clusters (d consecutive output channels). 1 = scalar. Must divide "
+            "the output channels of every regularized layer."
+        },
+    )
+    r2_margin_init_std: float = field(
+        default=2.0,
+        metadata={"help": "r2_type='margin': initial margin in multiples of std(W) (the paper uses 2.0)."},
+    )
+    r2_alpha_init: float = field(
+        default=0.1,
+        metadata={"help": "r2_type='soft_min_max': initial temperature alpha (the paper uses 0.1)."},
+    )
+    r2_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Layers to regularize: module names (suffix match, e.g. 'query value'), or a single regular "
+            "expression matched in full (e.g. '.*attention.*'). Default: the weight of every nn.Linear, "
+            "nn.Conv1d, nn.Conv2d, nn.Embedding and transformers Conv1D, first and last layers included."
+        },
+    )
+    r2_exclude_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Layers not to regularize; same syntax as --r2_target_modules."},
+    )
+    r2_learning_rate: float | None = field(
+        default=1e-2,
+        metadata={
+            "help": "Learning rate of the regularizer's own parameters (margins, temperatures), which follow the "
+            "same schedule and get no weight decay. None = --learning_rate. Default 1e-2: Adam-type optimizers move "
+            "a parameter by about its learning rate per step, so with a fine-tuning rate like 2e-5 alpha would stay "
+            "at 0.1 and margins (about 2 x std(W), i.e. 0.05-0.1) would not move; 1e-2 lets margins settle within "
+            "tens of steps and alpha grow by about 1 per 100 steps, the pace the paper's SGD (lr 0.2-1.0, "
+            "r2_weight 0.01) gives it."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_r2()
+        if self.r2_type != "none" and self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
+        super().__post_init__()
+
+    def _validate_r2(self) -> None:
+        if self.r2_type not in R2_TYPE_CHOICES:
+            raise ValueError(f"Unknown r2_type {self.r2_type!r}; allowed: {list(R2_TYPE_CHOICES)}.")
+        if not _is_finite_number(self.r2_weight) or self.r2_weight < 0:
+            raise ValueError(f"r2_weight must be a finite number >= 0, got {self.r2_weight!r}.")
+        if not isinstance(self.r2_cluster_dim, int) or isinstance(self.r2_cluster_dim, bool) or self.r2_cluster_dim < 1:
+            raise ValueError(f"r2_cluster_dim must be an integer >= 1, got {self.r2_cluster_dim!r}.")
+        if not _is_finite_number(self.r2_margin_init_std) or self.r2_margin_init_std <= 0:
+            raise ValueError(f"r2_margin_init_std must be a finite number > 0, got {self.r2_margin_init_std!r}.")
+        if not _is_finite_number(self.r2_alpha_init):
+            raise ValueError(f"r2_alpha_init must be a finite number, got {self.r2_alpha_init!r}.")
+        if self.r2_learning_rate is not None and (
+            not _is_finite_number(self.r2_learning_rate) or self.r2_learning_rate < 0
+        ):
+            raise ValueError(f"r2_learning_rate must be None or a finite number >= 0, got {self.r2_learning_rate!r}.")
+        self.r2_target_modules = _normalize_module_pattern(self.r2_target_modules, "r2_target_modules")
+        self.r2_exclude_modules = _normalize_module_pattern(self.r2_exclude_modules, "r2_exclude_modules")
+
+    def to_r2_config(self) -> R2Config:
+        """The `R2Config` these arguments describe.
+
+        Raises:
+            ValueError: If `r2_type` is `"none"` (there is nothing to configure).
+        """
+        if self.r2_type == "none":
+            raise ValueError(f"r2_type='none' has no R2Config; choose one of {list(R2_TYPES)}.")
+        return R2Config(
+            r2_type=self.r2_type,
+            cluster_dim=self.r2_cluster_dim,
+            margin_init_std=self.r2_margin_init_std,
+            alpha_init=self.r2_alpha_init,
+            target_modules=self.r2_target_modules,
+            exclude_modules=self.r2_exclude_modules,
+        )
+
+
+class R2Trainer(Trainer):
+    """A `transformers.Trainer` that adds `r2_weight × range loss` to the training loss.
+
+    Logged at every logging step next to `loss` (which includes the weighted range term): `r2_loss` (the unweighted
+    range loss, averaged over the micro-batches and processes since the last log), `task_loss` (`loss - r2_weight ×
+    r2_loss`) and `max_weight_range` (the largest `max(W) - min(W)` over the regularized layers; over the default
+    layers when `r2_type="none"`).
+
+    Args:
+        model: The model, as for `Trainer`.
+        args (`R2TrainingArguments`, *optional*): Training arguments; a plain `TrainingArguments` trains without R².
+        *trainer_args: Passed on to `Trainer`.
+        r2_regularizer (`RangeRegularizer`, *optional*): A regularizer built on `model` by the caller; by default one
+            is built from `args` when `args.r2_type != "none"`.
+        **trainer_kwargs: Passed on to `Trainer` (`train_dataset`, `data_collator`, `callbacks`, ...).
+
+    Example:
+        ```python
+        args = R2TrainingArguments(output_dir="out", r2_type="soft_min_max", r2_weight=0.01, learning_rate=2e-5)
+        trainer = R2Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+        trainer.train()
+        trainer.save_model()  # a plain model: from_pretrained loads it with no unexpected keys
+        ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *trainer_args,
+        r2_regularizer: RangeRegularizer | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        # See the module docstring: makes the loss a per-micro-batch mean that `training_step` divides by the
+        # accumulation steps, identical for any number of processes and accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self._r2_given = r2_regularizer
+        self.r2_regularizer: RangeRegularizer | None = None
+        self._setup_r2()
+
+    # ---- set-up ----
+
+    @property
+    def r2_weight(self) -> float:
+        """The weight of the range loss in the training loss (`args.r2_weight`, 0.01 for plain `TrainingArguments`)."""
+        return float(getattr(self.args, "r2_weight", 0.01))
+
+    def _setup_r2(self) -> None:
+        args_type = getattr(self.args, "r2_type", "none")
+        reg = self._r2_given
+        if reg is not None:
+            if not isinstance(reg, RangeRegularizer):
+                raise TypeError(f"r2_regularizer must be a RangeRegularizer, got {type(reg).__name__}.")
+            if args_type not in ("none", reg.config.r2_type):
+                raise ValueError(
+                    f"args.r2_type={args_type!r} contradicts the given r2_regularizer of type "
+                    f"{reg.config.r2_type!r}; set r2_type to {reg.config.r2_type!r} or 'none'."
+                )
+        elif args_type != "none" and self.model is not None:
+            reg = RangeRegularizer(self.model, self.args.to_r2_config())
+        if reg is not None:
+            param = next(self.model.parameters(), None)
+            if param is not None:
+                reg.to(param.device)
+        self.r2_regularizer = reg
+        self._r2_sum = None
+        self._r2_count = 0
+        self._range_layer_names = self._select_range_layer_names()
+
+    def _select_range_layer_names(self) -> list[str]:
+        if self.r2_regularizer is not None:
+            return list(self.r2_regularizer.layer_names)
+        if self.model is None:
+            return []
+        try:
+            modules = select_modules(
+                self.model,
+                SUPPORTED_LAYER_TYPES,
+                getattr(self.args, "r2_target_modules", None),
+                getattr(self.args, "r2_exclude_modules", None),
+                what="max_weight_range logging",
+            )
+        except ValueError:  # A model without any supported layer: nothing to log.
+            return []
+        return list(modules)
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        if self._r2_given is not None:
+            raise ValueError("A given r2_regularizer is tied to one model and cannot be used with model_init.")
+        # The regularizer must read the weights of the fresh model, not of the one it was built on.
+        self.model = model
+        self._setup_r2()
+        return model
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Creates the `Trainer` optimizer and adds the regularizer's parameters as their own group.
+
+        The group has learning rate `args.r2_learning_rate` (or `args.learning_rate` if None) and no weight decay: a
+        decayed margin or temperature would be pulled to 0, against the objective.
+        """
+        optimizer = super().create_optimizer(model)
+        reg_params = [p for p in self.r2_regularizer.parameters() if p.requires_grad] if self.r2_regularizer else []
+        if reg_params:
+            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [p for p in reg_params if id(p) not in known]
+            if missing:
+                lr = getattr(self.args, "r2_learning_rate", None)
+                optimizer.add_param_group(
+                    {"params": missing, "lr": self.args.learning_rate if lr is None else lr, "weight_decay": 0.0}
+                )
+        return optimizer
+
+    # ---- loss and logging ----
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # Mirrors `Trainer.training_step`: when True, the Trainer does not divide the loss by the accumulation steps.
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """Task loss from `Trainer.compute_loss`, plus `r2_weight × range loss` when the model is training.
+
+        In evaluation and prediction (`model.training` is False) the loss is the task loss alone.
+        """
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if self.r2_regularizer is None or not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        range_loss = self.r2_regularizer()
+        detached = range_loss.detach().float()
+        self._r2_sum = detached if self._r2_sum is None else self._r2_sum + detached
+        self._r2_count += 1
+        term = self.r2_weight * range_loss
+        if self._loss_is_scaled_for_ga(num_items_in_batch):
+            # The task loss is already normalized over the whole accumulated batch: give the range term the same
+            # share per micro-batch so that it sums to r2_weight × range loss per optimizer step.
+            term = term / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        loss = loss + term.to(loss.device, loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def _reduce_r2_stats(self) -> tuple[float, int]:
+        device = self.args.device
+        total = (
+            self._r2_sum.to(device, torch.float64)
+            if self._r2_sum is not None
+            else torch.zeros((), device=device, dtype=torch.float64)
+        )
+        stats = torch.stack(
+            [total.reshape(()), torch.tensor(float(self._r2_count), device=device, dtype=torch.float64)]
+        )
+        if self.accelerator.num_processes > 1:
+            stats = self.accelerator.reduce(stats, reduction="sum")
+        self._r2_sum, self._r2_count = None, 0
+        return stats[0].item(), int(stats[1].item())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds `r2_loss`, `task_loss` and `max_weight_range` to the training logs (those holding `loss`)."""
+        if "loss" in logs:
+            if self.r2_regularizer is not None:
+                # Every process reaches this collective: the Trainer logs training losses on all of them.
+                total, count = self._reduce_r2_stats()
+                if count:
+                    r2_loss = total / count
+                    logs["r2_loss"] = r2_loss
+                    logs["task_loss"] = logs["loss"] - self.r2_weight * r2_loss
+            if self._range_layer_names:
+                modules = dict(self.model.named_modules())
+                logs["max_weight_range"] = max_weight_range({n: modules[n] for n in self._range_layer_names})
+        super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        # Drop range losses accumulated by a previous, interrupted `train` call.
+        self._r2_sum, self._r2_count = None, 0
+        return super().train(*args, **kwargs)
+
+    # ---- checkpoints ----
+
+    def _r2_state(self) -> dict[str, torch.Tensor]:
+        if self.r2_regularizer is None:
+            return {}
+        return {k: v.detach().cpu().contiguous() for k, v in self.r2_regularizer.state_dict().items()}
+
+    def _r2_metadata(self) -> dict[str, str]:
+        config = self.r2_regularizer.config
+        return {
+            "r2_type": config.r2_type,
+            "cluster_dim": str(config.cluster_dim),
+            "layer_names": json.dumps(self.r2_regularizer.layer_names),
+        }
+
+    def _save_r2_state(self, output_dir: str) -> None:
+        state = self._r2_state()
+        if not state or not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, R2_STATE_NAME)
+        tmp = path + ".tmp"
+        save_file(state, tmp, metadata=self._r2_metadata())
+        os.replace(tmp, path)
+
+    def _load_r2_state(self, checkpoint_dir: str, required: bool) -> None:
+        path = os.path.join(checkpoint_dir, R2_STATE_NAME)
+        expected = self._r2_state()
+        if not expected:
+            if os.path.isfile(path):
+                logger.warning(f"{path} holds R² regularizer parameters, but this run has none to restore; ignored.")
+            return
+        if not os.path.isfile(path):
+            if required:
+                raise ValueError(
+                    f"Checkpoint {checkpoint_dir!r} has no {R2_STATE_NAME}, so the learnable parameters of the "
+                    f"{self.r2_regularizer.config.r2_type!r} regularizer cannot be restored; resume from a checkpoint "
+                    "written by R2Trainer with the same r2_type."
+                )
+            return
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        mine = self._r2_metadata()
+        for key in ("r2_type", "cluster_dim", "layer_names"):
+            if metadata.get(key) != mine[key]:
+                raise ValueError(
+                    f"{path} was written for {key}={metadata.get(key)!r}, but this run has {key}={mine[key]!r}; "
+                    "resume with the same R² settings and model."
+                )
+        state = load_file(path)
+        for key, value in expected.items():
+            if key not in state or state[key].shape != value.shape:
+                got = None if key not in state else tuple(state[key].shape)
+                raise ValueError(f"{path}: parameter {key!r} has shape {got}, expected {tuple(value.shape)}.")
+        self.r2_regularizer.load_state_dict(state, strict=True)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        # Written before the Trainer's own files so that a checkpoint it pushes or keeps always includes it.
+        run_dir = self._get_output_dir(trial=trial)
+        self._save_r2_state(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_r2_state(resume_from_checkpoint, required=True)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self._load_r2_state(self.state.best_model_checkpoint, required=False)
