@@ -171,15 +171,22 @@ class PTQConfig(QuantizationConfig):
     (`a_bits`): per-tensor ranges from `hf_r2.quantization.calibrate(model, batches)`.
     """
 
-    w_per_channel: bool = field(default=True, metadata={"help": "One weight scale per output channel."})
-    w_symmetric: bool = field(default=True, metadata={"help": "Symmetric (signed, zero point 0) weight grid."})
+    per_channel: bool = field(default=True, metadata={"help": "One weight scale per output channel (else per tensor)."})
+    symmetric: bool = field(default=True, metadata={"help": "Symmetric (signed, zero point 0) weight grid."})
     a_symmetric: bool = field(default=False, metadata={"help": "Symmetric activation grid (else asymmetric)."})
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("w_per_channel", "w_symmetric", "a_symmetric"):
+        for name in ("per_channel", "symmetric", "a_symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.symmetric and self.w_bits < 2:
+            raise ValueError(
+                "A symmetric 1-bit grid {-2s, 0} rounds every weight to 0: use w_bits >= 2 or symmetric=False "
+                f"(got w_bits={self.w_bits}, symmetric=True)."
+            )
+        if self.a_symmetric and self.a_bits == 1:
+            raise ValueError("A symmetric 1-bit activation grid is degenerate: use a_bits >= 2 or a_symmetric=False.")
 
 
 def get_quantization_config(method: str, **kwargs) -> QuantizationConfig:

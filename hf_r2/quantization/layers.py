@@ -48,6 +48,11 @@ def _all_reduce_min_max(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tenso
     return lo, hi
 
 
+def _check_symmetric_bits(bits: int, symmetric: bool) -> None:
+    if symmetric and bits < 2:
+        raise ValueError(f"A symmetric {bits}-bit grid rounds everything to 0; use bits >= 2 or symmetric=False.")
+
+
 class WeightQuantizer(nn.Module):
     """Base class: `forward(w)` is `dequantize(*self.encode(w))`; `code_range` bounds the integer codes."""
 
@@ -118,6 +123,7 @@ class RTNWeightQuantizer(WeightQuantizer):
 
     def __init__(self, bits: int, *, per_channel: bool = True, symmetric: bool = True):
         super().__init__()
+        _check_symmetric_bits(bits, symmetric)
         self.bits = bits
         self.per_channel = per_channel
         self.symmetric = symmetric
@@ -215,6 +221,7 @@ class RTNInputQuantizer(nn.Module):
 
     def __init__(self, bits: int, *, symmetric: bool = False):
         super().__init__()
+        _check_symmetric_bits(bits, symmetric)
         self.bits = bits
         self.symmetric = symmetric
         self.calibrating = False

@@ -69,7 +69,7 @@ def _pact_quantizers(module: nn.Module, config: PACTConfig):
 
 @register_quantize_handler(PTQConfig)
 def _ptq_quantizers(module: nn.Module, config: PTQConfig):
-    weight_q = RTNWeightQuantizer(config.w_bits, per_channel=config.w_per_channel, symmetric=config.w_symmetric)
+    weight_q = RTNWeightQuantizer(config.w_bits, per_channel=config.per_channel, symmetric=config.symmetric)
     input_q = None
     if config.a_bits is not None:
         input_q = RTNInputQuantizer(config.a_bits, symmetric=config.a_symmetric).to(device=module.weight.device)
