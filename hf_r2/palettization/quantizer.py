@@ -1,0 +1,214 @@
+"""transformers integration: `from_pretrained` loads hf_r2 palettized checkpoints into palettized layers.
+
+Importing this module registers the quantization method `"hf_r2_palettization"` with transformers
+(`register_quantization_config` / `register_quantizer`); `import hf_r2` does it. The flow on `from_pretrained`:
+
+1. `config.json` holds `quantization_config = {"quant_method": "hf_r2_palettization", "format_version": 1,
+   "layers": {name: {"n_bits", "cluster_dim", "shape"}}}` (written by `attach_palettization_config`).
+2. Before the weights load, `PalettizationHfQuantizer` swaps every listed layer for its palettized class (meta device).
+3. The loader assigns the stored tensors as they are (`weight` = packed uint8 indices, `weight_lut` = LUT): the
+   quantizer claims both keys, so transformers' generic size check does not turn a bad tensor into a random one.
+4. After loading, every palettized layer validates its tensors against the config and decodes its dense weight once;
+   any inconsistency raises a `ValueError` naming the layer.
+
+Without hf_r2 imported, transformers skips the unknown method and tries to copy the packed 1-D `weight` into the dense
+2-D/4-D parameter: a size mismatch, which `from_pretrained` raises on (unless `ignore_mismatched_sizes=True`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from hf_r2.palettization.compressed import (
+    PALETTIZATION_FORMAT_VERSION,
+    SUPPORTED_LAYER_TYPES,
+    PalettizedMixin,
+    palettized_class_for,
+)
+
+__all__ = ["QUANT_METHOD", "PalettizationHfQuantizer", "PalettizationQuantizationConfig"]
+
+QUANT_METHOD = "hf_r2_palettization"
+
+
+@dataclass
+class PalettizationQuantizationConfig(QuantizationConfigMixin):
+    """The `quantization_config` of an hf_r2 palettized checkpoint (one entry per palettized layer).
+
+    Example:
+        ```python
+        >>> spec = {"n_bits": 2, "cluster_dim": 1, "shape": [2, 8]}
+        >>> config = PalettizationQuantizationConfig(layers={"classifier": spec})
+        >>> config.to_dict()["quant_method"]
+        'hf_r2_palettization'
+        ```
+    """
+
+    layers: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Palettized layers by full module name: {'n_bits': 1-8, 'cluster_dim': d >= 1, 'shape': dense "
+            "weight shape}."
+        },
+    )
+    format_version: int = field(
+        default=PALETTIZATION_FORMAT_VERSION,
+        metadata={"help": "On-disk layout version (see hf_r2.palettization.compressed); newer ones are refused."},
+    )
+    quant_method: str = field(
+        default=QUANT_METHOD, metadata={"help": f"transformers quantization method name; always {QUANT_METHOD!r}."}
+    )
+
+    def __post_init__(self):
+        if self.quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}.")
+        if not isinstance(self.format_version, int) or self.format_version < 1:
+            raise ValueError(f"format_version must be a positive integer, got {self.format_version!r}.")
+        if self.format_version > PALETTIZATION_FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses palettization format version {self.format_version}, newer than the "
+                f"{PALETTIZATION_FORMAT_VERSION} this hf_r2 reads: upgrade hf_r2."
+            )
+        if not isinstance(self.layers, dict) or not self.layers:
+            raise ValueError(f"layers must be a non-empty dict of palettized layers, got {self.layers!r}.")
+        for name, spec in self.layers.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f"quantization_config layer {name!r}: expected a dict, got {spec!r}.")
+            missing = {"n_bits", "cluster_dim", "shape"} - set(spec)
+            if missing:
+                raise ValueError(f"quantization_config layer {name!r} lacks {sorted(missing)}: got {spec!r}.")
+            n_bits, cluster_dim, shape = spec["n_bits"], spec["cluster_dim"], spec["shape"]
+            if not isinstance(n_bits, int) or isinstance(n_bits, bool) or not 1 <= n_bits <= 8:
+                raise ValueError(f"quantization_config layer {name!r}: n_bits must be in 1..8, got {n_bits!r}.")
+            if not isinstance(cluster_dim, int) or isinstance(cluster_dim, bool) or cluster_dim < 1:
+                raise ValueError(f"quantization_config layer {name!r}: cluster_dim must be >= 1, got {cluster_dim!r}.")
+            if (
+                not isinstance(shape, (list, tuple))
+                or not shape
+                or not all(isinstance(s, int) and s > 0 for s in shape)
+            ):
+                raise ValueError(
+                    f"quantization_config layer {name!r}: shape must be a list of positive ints, got {shape!r}."
+                )
+            if shape[0] % cluster_dim:
+                raise ValueError(
+                    f"quantization_config layer {name!r}: cluster_dim={cluster_dim} does not divide the {shape[0]} "
+                    "output channels."
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": self.quant_method,
+            "format_version": self.format_version,
+            "layers": {name: dict(spec, shape=list(spec["shape"])) for name, spec in self.layers.items()},
+        }
+
+
+def _resolve_layer_names(model, names) -> dict[str, str]:
+    """Maps checkpoint layer names to module names of `model`, allowing a head checkpoint in its base model and back."""
+    modules = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    resolved = {}
+    for name in names:
+        candidates = [name]
+        if prefix:
+            candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
+        match = next((c for c in candidates if c in modules), None)
+        if match is not None:
+            resolved[name] = match
+    return resolved
+
+
+class PalettizationHfQuantizer(HfQuantizer):
+    """Loads hf_r2 palettized checkpoints (see the module docstring); registered as `"hf_r2_palettization"`."""
+
+    # Only pre-palettized checkpoints can be loaded: palettizing happens in training (DKM), not at load time.
+    requires_calibration = True
+    quantization_config: PalettizationQuantizationConfig
+
+    def __init__(self, quantization_config: PalettizationQuantizationConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self._layer_names: dict[str, str] = {}
+
+    def validate_environment(self, *args, **kwargs):
+        return
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        specs = self.quantization_config.layers
+        self._layer_names = _resolve_layer_names(model, specs)
+        if not self._layer_names:
+            raise ValueError(
+                f"None of the palettized layers of this checkpoint ({sorted(specs)[:5]}...) exists in "
+                f"{type(model).__name__}: the checkpoint belongs to another architecture."
+            )
+        for ckpt_name, name in self._layer_names.items():
+            spec = specs[ckpt_name]
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layer = getattr(parent, child)
+            if not isinstance(layer, SUPPORTED_LAYER_TYPES):
+                raise ValueError(
+                    f"quantization_config lists {ckpt_name!r} as palettized, but in {type(model).__name__} it is a "
+                    f"{type(layer).__name__} (palettizable: Linear, Conv2d, Embedding)."
+                )
+            if list(layer.weight.shape) != list(spec["shape"]):
+                raise ValueError(
+                    f"quantization_config gives palettized layer {ckpt_name!r} the shape {list(spec['shape'])}, but "
+                    f"{type(model).__name__} builds it with shape {list(layer.weight.shape)} (config.json mismatch)."
+                )
+            new = palettized_class_for(layer).like(
+                layer, spec["n_bits"], spec["cluster_dim"], device=layer.weight.device
+            )
+            new.layer_name = name
+            setattr(parent, child, new)
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        # Claiming the palettized tensors makes the loader assign them as stored (packed 1-D uint8 weight, LUT with
+        # any number of rows) instead of flagging a size mismatch; `_process_model_after_weight_loading` validates.
+        module_name, _, tensor_name = param_name.rpartition(".")
+        return tensor_name in ("weight", "weight_lut") and module_name in self._layer_names.values()
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for name in self._layer_names.values():
+            module = model.get_submodule(name)
+            if not isinstance(module, PalettizedMixin):
+                raise ValueError(f"palettized layer {name!r} was replaced during loading; cannot decode it.")
+            packed, lut = module.weight, module.weight_lut
+            for what, tensor in (("packed indices ('.weight')", packed), ("LUT ('.weight_lut')", lut)):
+                if not getattr(tensor, "_is_hf_initialized", False):
+                    raise ValueError(
+                        f"palettized layer {name!r}: the checkpoint has no {what} for it (missing key): corrupt or "
+                        "incomplete checkpoint."
+                    )
+            module._load_palettized(packed.detach(), lut.detach())
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # Lets `Trainer` evaluate or fine-tune a loaded model: the palettized weights stay frozen
+        # (`requires_grad=False`); biases, norms and unpalettized layers train as usual.
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Registers the config and quantizer with transformers (idempotent; done on import)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(PalettizationQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(PalettizationHfQuantizer)
+
+
+register()
