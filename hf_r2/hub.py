@@ -1,0 +1,537 @@
+"""Publishing regularized and compressed checkpoints: model card, publish folder, upload.
+
+Three steps, each usable alone:
+
+1. `build_model_card(...)` writes a card that says what was done: the R² settings, the per-layer weight ranges and
+   standard deviations (the paper's Table 6, optionally next to a reference such as the weights before the run),
+   a per-layer weight-histogram figure (Figure 2), the compression bits and the checkpoint size (Table 2) and the
+   evaluation metrics, with the tags `hf_r2` and `range-regularization`.
+2. `prepare_publish_folder(model, folder, ...)` writes the exact folder that would be uploaded (safetensors weights,
+   config, tokenizer or image processor, `README.md`, `weight_histograms.png`) atomically, without the regularizer's
+   own parameters, and by default checks that it loads back with `from_pretrained` with no missing or unexpected key
+   and the same outputs.
+3. `push_folder(folder, repo_id, ...)` creates the repository if needed and uploads that folder
+   (`huggingface_hub.HfApi.create_repo` / `upload_folder`).
+
+Example:
+
+```python
+from hf_r2.hub import prepare_publish_folder, push_folder
+
+folder = prepare_publish_folder(
+    trainer.model, "outputs/publish", tokenizer=tokenizer,
+    r2={"r2_type": "soft_min_max", "r2_weight": 0.01}, metrics=trainer.evaluate(),
+    verify_inputs=dict(tokenizer(["a question"], ["a sentence"], return_tensors="pt")),
+)
+push_folder(folder, "me/minilm-qnli-r2")
+```
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from torch import nn
+
+from hf_r2.analysis import LayerWeightStats, format_weight_range_table, weight_ranges
+from hf_r2.plotting import layer_weights, pick_histogram_layers, plot_weight_histograms
+
+TAGS = ("hf_r2", "range-regularization")
+HISTOGRAM_FILE = "weight_histograms.png"
+CARD_FILE = "README.md"
+#: Section headings of the card, in order (a section is left out when there is nothing to say in it).
+SECTIONS = {
+    "r2": "## Range regularization (R²)",
+    "compression": "## Compression",
+    "metrics": "## Evaluation results",
+    "ranges": "## Weight ranges",
+    "figure": "## Weight distribution",
+    "training": "## Training procedure",
+    "usage": "## How to use",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------- stats
+def folder_size_bytes(folder: str | os.PathLike, pattern: str = "*.safetensors") -> int:
+    """Bytes on disk of the files matching `pattern` in `folder` (the weights of a `save_pretrained` folder)."""
+    files = list(Path(folder).glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"No {pattern} file in {folder}.")
+    return sum(f.stat().st_size for f in files)
+
+
+def r2_info_from_args(args: Any) -> dict[str, Any] | None:
+    """The `r2_*` settings of an `R2TrainingArguments` (or any object with such attributes), for the card.
+
+    Returns `None` when R² was off (`r2_type` missing or `"none"`).
+    """
+    if getattr(args, "r2_type", "none") in (None, "none"):
+        return None
+    return {k: v for k, v in sorted(vars(args).items()) if k.startswith("r2_") and v is not None}
+
+
+def training_info_from_args(args: Any) -> dict[str, Any]:
+    """The usual hyperparameters of a `TrainingArguments`, for the card's training section."""
+    keys = (
+        "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+        "max_steps", "weight_decay", "warmup_steps", "lr_scheduler_type", "seed",
+    )
+    info = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    world = getattr(args, "world_size", 1) or 1
+    if "per_device_train_batch_size" in info:
+        info["total_train_batch_size"] = (
+            info["per_device_train_batch_size"] * info.get("gradient_accumulation_steps", 1) * world
+        )
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------------ card
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _kv_table(rows: Mapping[str, Any], header: tuple[str, str] = ("Setting", "Value")) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| `{k}` | {_fmt(v)} |" for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+def _size_table(size: Mapping[str, Any]) -> str:
+    lines = ["| | MB |", "|---|---:|"]
+    if "float32_bytes" in size:
+        lines.append(f"| float32 (32 bit) | {size['float32_bytes'] / 1e6:.2f} |")
+    label = size.get("label", "this checkpoint")
+    lines.append(f"| {label} | {size['checkpoint_bytes'] / 1e6:.2f} |")
+    text = "\n".join(lines)
+    if "float32_bytes" in size and size["checkpoint_bytes"]:
+        text += f"\n\nCompression ratio versus float32: {size['float32_bytes'] / size['checkpoint_bytes']:.2f}×."
+    return text
+
+
+def build_model_card(
+    *,
+    model_name: str,
+    r2: Mapping[str, Any] | None = None,
+    compression: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    ranges: Mapping[str, LayerWeightStats] | None = None,
+    reference_ranges: Mapping[str, LayerWeightStats] | None = None,
+    reference_label: str = "reference",
+    figure: str | None = None,
+    size: Mapping[str, Any] | None = None,
+    size_report: str | None = None,
+    training: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    dataset: str | None = None,
+    pipeline_tag: str | None = None,
+    auto_class: str = "AutoModel",
+    repo_id: str | None = None,
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    extra_tags: Sequence[str] = (),
+) -> ModelCard:
+    """Builds the model card of a regularized and/or compressed checkpoint.
+
+    Args:
+        model_name (`str`): Title of the card.
+        r2 (`Mapping`, *optional*): R² settings (e.g. `r2_info_from_args(training_args)`); `None` if R² was off.
+        compression (`Mapping`, *optional*): Compression settings (e.g. `CompressionArguments.card_info()`).
+        metrics (`Mapping`, *optional*): Evaluation metrics (`trainer.evaluate()`).
+        ranges (`Mapping[str, LayerWeightStats]`, *optional*): `hf_r2.analysis.weight_ranges` of the published model.
+        reference_ranges (`Mapping[str, LayerWeightStats]`, *optional*): The same for a reference (before the run, or
+            without R²), over the same layers.
+        reference_label (`str`, *optional*, defaults to `"reference"`): How the reference is named in the card.
+        figure (`str`, *optional*): File name, relative to the card, of the weight-histogram figure.
+        size (`Mapping`, *optional*): `checkpoint_bytes` (and optionally `float32_bytes`, `label`) for Table 2.
+        size_report (`str`, *optional*): A ready-made size report (e.g. from `hf_r2.palettization`), shown verbatim.
+        training (`Mapping`, *optional*): Training hyperparameters (`training_info_from_args`).
+        base_model (`str`, *optional*): The checkpoint the run started from (a Hub id goes into the metadata).
+        dataset (`str`, *optional*): The training data.
+        pipeline_tag (`str`, *optional*): E.g. `"text-classification"`.
+        auto_class (`str`, *optional*, defaults to `"AutoModel"`): The `transformers` class of the usage snippet.
+        repo_id (`str`, *optional*): Repository id shown in the usage snippet.
+        license (`str`, *optional*): License identifier for the metadata.
+        language (`str` or `list[str]`, *optional*): Language(s) for the metadata.
+        extra_tags (`Sequence[str]`, *optional*): More tags (the method names are added automatically).
+
+    Returns:
+        `huggingface_hub.ModelCard`.
+    """
+    tags = list(TAGS)
+    if r2:
+        tags.append(f"r2-{r2.get('r2_type')}".replace("_", "-"))
+    if compression:
+        method = compression.get("method")
+        tags += ["palettization", "dkm"] if method == "dkm" else ["quantization", str(method)]
+    tags += [t for t in extra_tags if t not in tags]
+    # Only Hub-style ids go in the metadata (`base_model` must name a repo); a local path stays in the text.
+    hub_base = base_model if base_model and not os.path.exists(base_model) and base_model.count("/") == 1 else None
+    data = ModelCardData(
+        library_name="transformers",
+        tags=tags,
+        base_model=hub_base,
+        datasets=[dataset] if dataset and not os.path.exists(dataset) and "/" not in dataset.strip("/") else None,
+        pipeline_tag=pipeline_tag,
+        license=license,
+        language=language,
+        metrics=sorted({_metric_name(k) for k in (metrics or {}) if _is_quality_metric(k)}) or None,
+    )
+
+    what = []
+    if r2:
+        what.append(f"R² range regularization (`{r2.get('r2_type')}`, weight {_fmt(r2.get('r2_weight'))})")
+    if compression:
+        what.append(_describe_compression(compression))
+    origin = f" from `{base_model}`" if base_model else " from scratch"
+    on = f" on `{dataset}`" if dataset else ""
+    summary = f"Trained{origin}{on} with {' and '.join(what) if what else 'no R² and no compression'}"
+    parts = [
+        f"# {model_name}",
+        summary + " using `hf_r2` (R²: Kundu et al., *R²: Range Regularization for Model Compression and "
+        "Quantization*).",
+    ]
+    if r2:
+        parts += [SECTIONS["r2"], "Each targeted layer's weight range is penalized during training so that it "
+                  "survives low-bit compression.", _kv_table(r2)]
+    if compression:
+        body = [SECTIONS["compression"], _kv_table(compression)]
+        if size:
+            body.append(_size_table(size))
+        if size_report:
+            body.append(size_report)
+        parts += body
+    elif size:
+        parts += [SECTIONS["compression"], "Not compressed.", _size_table(size)]
+    shown = {k: v for k, v in (metrics or {}).items() if _is_quality_metric(k) or _metric_name(k) == "loss"}
+    if shown:
+        parts += [SECTIONS["metrics"], _kv_table(shown, header=("Metric", "Value"))]
+    if ranges:
+        ref_text = f", for this model and for the reference ({reference_label})" if reference_ranges else ""
+        parts += [
+            SECTIONS["ranges"],
+            f"Per-layer weight range (max − min) and standard deviation{ref_text}, as in Table 6 of the R² paper.",
+            format_weight_range_table(ranges, reference_ranges, labels=("this model", reference_label), precision=4),
+        ]
+    if figure:
+        parts += [SECTIONS["figure"], f"![Per-layer weight histograms]({figure})"]
+    if training:
+        parts += [SECTIONS["training"], _kv_table(training, header=("Hyperparameter", "Value"))]
+    target = repo_id or "path/to/this/folder"
+    needs_import = bool(compression)
+    snippet = ["```python"]
+    if needs_import:
+        snippet.append("import hf_r2  # registers the compressed layers; without it loading fails")
+    snippet += [f"from transformers import {auto_class}", "", f'model = {auto_class}.from_pretrained("{target}")']
+    snippet.append("```")
+    parts += [SECTIONS["usage"], "\n".join(snippet)]
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n"
+    return ModelCard(content)
+
+
+def _metric_name(key: str) -> str:
+    return key.split("_", 1)[1] if key.startswith(("eval_", "test_", "predict_")) else key
+
+
+def _is_quality_metric(key: str) -> bool:
+    name = _metric_name(key)
+    return not any(s in name for s in ("runtime", "per_second", "loss", "epoch", "samples", "steps"))
+
+
+def _describe_compression(info: Mapping[str, Any]) -> str:
+    method = info.get("method")
+    if method == "dkm":
+        dim = info.get("cluster_dim", 1)
+        return f"DKM palettization ({info.get('n_bits')}-bit, cluster_dim {dim}: {_fmt(info.get('bits_per_weight'))} " \
+            "bits per weight)"
+    a_bits = info.get("a_bits")
+    acts = f", activations {a_bits}-bit" if a_bits else ""
+    return f"{str(method).upper()} quantization (weights {info.get('w_bits')}-bit{acts})"
+
+
+# ---------------------------------------------------------------------------------------------- publish folder
+def _regularizer_prefixes(model: nn.Module) -> list[str]:
+    """State-dict prefixes of R² regularizer modules attached to `model` (their parameters are training state)."""
+    try:
+        from hf_r2.range_regularizer import RangeRegularizer
+    except ImportError:  # pragma: no cover - part of the package
+        return []
+    return [f"{name}." for name, module in model.named_modules() if name and isinstance(module, RangeRegularizer)]
+
+
+def _save_model(model: nn.Module, folder: Path) -> list[str]:
+    """`save_pretrained` without regularizer parameters; returns the state-dict keys left out."""
+    prefixes = _regularizer_prefixes(model)
+    if not prefixes:
+        model.save_pretrained(folder)
+        return []
+    state = model.state_dict()
+    dropped = [k for k in state if k.startswith(tuple(prefixes))]
+    model.save_pretrained(folder, state_dict={k: v for k, v in state.items() if k not in dropped})
+    return dropped
+
+
+def _atomic_replace_dir(tmp: Path, folder: Path) -> None:
+    """Moves the finished `tmp` folder to `folder`; an existing `folder` is replaced only once `tmp` is complete."""
+    backup = None
+    if folder.exists():
+        backup = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if backup.exists():
+            shutil.rmtree(backup)
+        os.replace(folder, backup)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, folder)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def verify_publish_folder(
+    folder: str | os.PathLike,
+    model: nn.Module,
+    *,
+    inputs: Mapping[str, torch.Tensor] | None = None,
+    ignore_keys: Sequence[str] = (),
+    atol: float = 0.0,
+) -> nn.Module:
+    """Loads `folder` with `type(model).from_pretrained` and checks it reproduces `model`.
+
+    Checks: no missing, unexpected or mismatched key; and either identical outputs on `inputs` (within `atol`) or,
+    without inputs, identical tensors for every state-dict entry except `ignore_keys`.
+
+    Returns:
+        The loaded model (in eval mode).
+
+    Raises:
+        ValueError: Naming what differs.
+    """
+    loaded, info = type(model).from_pretrained(str(folder), output_loading_info=True)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise ValueError(f"The folder {folder} does not load back cleanly into {type(model).__name__}: {problems}.")
+    loaded.eval()
+    if inputs is not None:
+        was_training = model.training
+        model.eval()
+        try:
+            device = next(model.parameters()).device
+            loaded.to(device)
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            with torch.no_grad():
+                want, got = model(**inputs), loaded(**inputs)
+        finally:
+            model.train(was_training)
+        want_logits, got_logits = _first_tensor(want), _first_tensor(got)
+        if want_logits.shape != got_logits.shape or not torch.allclose(want_logits, got_logits, atol=atol, rtol=0):
+            diff = (want_logits - got_logits).abs().max().item() if want_logits.shape == got_logits.shape else "shape"
+            raise ValueError(f"The folder {folder} loads back with different outputs (max abs difference {diff}).")
+    else:
+        want_state, got_state = model.state_dict(), loaded.state_dict()
+        ignored = set(ignore_keys)
+        differing = [
+            k for k, v in want_state.items()
+            if k not in ignored and (k not in got_state or got_state[k].shape != v.shape
+                                     or not torch.equal(got_state[k].to(v.device), v))
+        ]
+        if differing:
+            raise ValueError(f"The folder {folder} loads back with different tensors: {differing[:10]}.")
+    return loaded
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if getattr(output, "logits", None) is not None:
+        return output.logits
+    values = output.values() if isinstance(output, Mapping) else output
+    return next(v for v in values if isinstance(v, torch.Tensor))
+
+
+def prepare_publish_folder(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    model_name: str | None = None,
+    r2: Mapping[str, Any] | None = None,
+    compression: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    reference_weights: Mapping[str, torch.Tensor] | None = None,
+    reference_ranges: Mapping[str, LayerWeightStats] | None = None,
+    reference_label: str = "start of this run",
+    histogram_layers: int = 4,
+    float32_bytes: int | None = None,
+    size_report: str | None = None,
+    verify: bool = True,
+    verify_inputs: Mapping[str, torch.Tensor] | None = None,
+    verify_atol: float = 0.0,
+    **card_kwargs: Any,
+) -> Path:
+    """Writes the exact folder to publish, atomically, and (by default) checks it loads back identically.
+
+    Contents: the `save_pretrained` weights (safetensors) and config without any R² regularizer parameter,
+    `tokenizer` (a tokenizer or image processor) if given, `README.md` (see `build_model_card`) and
+    `weight_histograms.png` when `histogram_layers > 0`.
+
+    Args:
+        model (`PreTrainedModel`): The trained (and, if compressed, finalized) model.
+        folder (`str` or `os.PathLike`): Destination; replaced only once the new folder is complete.
+        tokenizer (*optional*): Tokenizer or image processor to save with the model.
+        model_name (`str`, *optional*): Card title; defaults to the folder name.
+        r2, compression, metrics, training: See `build_model_card`.
+        reference_weights (`Mapping[str, torch.Tensor]`, *optional*): Weights of the histogram layers to overlay
+            (e.g. `hf_r2.plotting.layer_weights(model, names)` taken before training); their names choose the
+            histogram layers.
+        reference_ranges (`Mapping[str, LayerWeightStats]`, *optional*): `hf_r2.analysis.weight_ranges` of the
+            reference (same layers as the model's).
+        reference_label (`str`, *optional*, defaults to `"start of this run"`): How the reference is named.
+        histogram_layers (`int`, *optional*, defaults to 4): Layers in the figure when `reference_weights` is not
+            given; 0 for no figure.
+        float32_bytes (`int`, *optional*): Size of the uncompressed float32 weights, for the size table.
+        size_report (`str`, *optional*): Extra size report shown verbatim in the compression section.
+        verify (`bool`, *optional*, defaults to `True`): Load the written folder back and compare (see
+            `verify_publish_folder`) before it replaces `folder`.
+        verify_inputs (`Mapping[str, torch.Tensor]`, *optional*): Model inputs for the output comparison.
+        verify_atol (`float`, *optional*, defaults to 0): Largest absolute output difference accepted (0: identical).
+        **card_kwargs: Passed to `build_model_card` (`base_model`, `dataset`, `pipeline_tag`, `auto_class`,
+            `repo_id`, `license`, `language`, `extra_tags`).
+
+    Returns:
+        `Path`: The folder.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        dropped = _save_model(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+        figure = None
+        if reference_weights:
+            names = list(reference_weights)
+        elif histogram_layers > 0:
+            names = pick_histogram_layers(model, histogram_layers)
+        else:
+            names = []
+        if names:
+            plot_weight_histograms(
+                layer_weights(model, names),
+                tmp / HISTOGRAM_FILE,
+                reference=reference_weights,
+                label="this model",
+                reference_label=reference_label,
+                title=model_name,
+            )
+            figure = HISTOGRAM_FILE
+
+        size = {"checkpoint_bytes": folder_size_bytes(tmp), "label": "this checkpoint (safetensors on disk)"}
+        if float32_bytes:
+            size["float32_bytes"] = float32_bytes
+        card = build_model_card(
+            model_name=model_name or folder.name,
+            r2=r2,
+            compression=compression,
+            metrics=metrics,
+            ranges=weight_ranges(model),
+            reference_ranges=reference_ranges,
+            reference_label=reference_label,
+            figure=figure,
+            size=size,
+            size_report=size_report,
+            training=training,
+            auto_class=card_kwargs.pop("auto_class", _auto_class_name(model)),
+            **card_kwargs,
+        )
+        card.save(tmp / CARD_FILE)
+        if verify:
+            verify_publish_folder(tmp, model, inputs=verify_inputs, ignore_keys=dropped, atol=verify_atol)
+        _atomic_replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _auto_class_name(model: nn.Module) -> str:
+    for suffix, auto in (
+        ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+        ("ForImageClassification", "AutoModelForImageClassification"),
+        ("ForMaskedLM", "AutoModelForMaskedLM"),
+        ("ForCausalLM", "AutoModelForCausalLM"),
+        ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ):
+        if type(model).__name__.endswith(suffix):
+            return auto
+    return "AutoModel"
+
+
+# ------------------------------------------------------------------------------------------------------------ push
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload hf_r2 checkpoint",
+    endpoint: str | None = None,
+    api: Any = None,
+) -> Any:
+    """Creates `repo_id` (if it does not exist) and uploads `folder` to it as one commit.
+
+    Args:
+        folder (`str` or `os.PathLike`): A folder written by `prepare_publish_folder`.
+        repo_id (`str`): `"user/name"` or `"org/name"`.
+        token (`str`, *optional*): Hub token; defaults to the logged-in one.
+        private (`bool`, *optional*): Visibility when the repository is created.
+        revision (`str`, *optional*): Branch to commit to.
+        commit_message (`str`, *optional*): Commit message.
+        endpoint (`str`, *optional*): Hub endpoint (e.g. a private Hub); defaults to huggingface.co / `HF_ENDPOINT`.
+        api (`huggingface_hub.HfApi`, *optional*): Client to use instead of `HfApi(endpoint, token)`.
+
+    Returns:
+        The `CommitInfo` of the upload.
+
+    Raises:
+        FileNotFoundError: If `folder` lacks the card, the config or the safetensors weights.
+    """
+    folder = Path(folder)
+    missing = [n for n in (CARD_FILE, "config.json") if not (folder / n).is_file()]
+    if not list(folder.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a publish folder: {missing} missing (use prepare_publish_folder).")
+    if not isinstance(repo_id, str) or not repo_id.strip("/") or repo_id.count("/") > 1:
+        raise ValueError(f"repo_id must look like 'name' or 'user/name', got {repo_id!r}.")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=endpoint, token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    target = getattr(url, "repo_id", None) or repo_id
+    return api.upload_folder(
+        repo_id=target, folder_path=str(folder), commit_message=commit_message, revision=revision, repo_type="model"
+    )
+
+
+def read_card_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """The YAML metadata of the card in `folder` (as a dict), e.g. to check its tags."""
+    card = ModelCard.load(Path(folder) / CARD_FILE)
+    return json.loads(json.dumps(card.data.to_dict()))
