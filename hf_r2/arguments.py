@@ -26,6 +26,7 @@ import dataclasses
 import importlib
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -103,7 +104,7 @@ class CompressionArguments:
         default=None,
         metadata={"help": "Softmax temperature of DKM's soft assignment (> 0). Defaults to hf_r2.palettization's."},
     )
-    dkm_iterations: int | None = field(
+    dkm_kmeans_iters: int | None = field(
         default=None,
         metadata={"help": "Differentiable k-means iterations per forward (>= 1). Defaults to hf_r2.palettization's."},
     )
@@ -161,8 +162,8 @@ class CompressionArguments:
             raise ValueError(f"--dkm_cluster_dim must be an integer >= 1, got {self.dkm_cluster_dim!r}.")
         if self.dkm_temperature is not None and not (math.isfinite(self.dkm_temperature) and self.dkm_temperature > 0):
             raise ValueError(f"--dkm_temperature must be a finite number > 0, got {self.dkm_temperature!r}.")
-        if self.dkm_iterations is not None and self.dkm_iterations < 1:
-            raise ValueError(f"--dkm_iterations must be >= 1, got {self.dkm_iterations!r}.")
+        if self.dkm_kmeans_iters is not None and self.dkm_kmeans_iters < 1:
+            raise ValueError(f"--dkm_kmeans_iters must be >= 1, got {self.dkm_kmeans_iters!r}.")
         if self.quant_method not in QUANT_METHODS:
             raise ValueError(f"--quant_method {self.quant_method!r} is not one of {list(QUANT_METHODS)}.")
         if self.dkm_bits is not None and self.quant_method != "none":
@@ -171,7 +172,9 @@ class CompressionArguments:
                 "palettization and quantization each replace the same layers. Run them as separate stages "
                 "(e.g. an R² run, then a DKM run from its output)."
             )
-        dkm_only = {"dkm_cluster_dim", "dkm_temperature", "dkm_iterations", "dkm_target_modules", "dkm_exclude_modules"}
+        dkm_only = {
+            "dkm_cluster_dim", "dkm_temperature", "dkm_kmeans_iters", "dkm_target_modules", "dkm_exclude_modules"
+        }
         quant_only = {
             "w_bits", "a_bits", "quant_per_channel", "quant_symmetric", "quant_target_modules", "quant_exclude_modules"
         }
@@ -213,7 +216,7 @@ class CompressionArguments:
             n_bits=self.dkm_bits,
             cluster_dim=self.dkm_cluster_dim,
             temperature=self.dkm_temperature,
-            iterations=self.dkm_iterations,
+            kmeans_iters=self.dkm_kmeans_iters,
             target_modules=parse_module_pattern(self.dkm_target_modules),
             exclude_modules=parse_module_pattern(self.dkm_exclude_modules),
         )
@@ -255,14 +258,24 @@ class CompressionArguments:
             result = quantization.quantize(model, self.quantization_config())
         return model if result is None or not isinstance(result, nn.Module) else result
 
-    def finalize(self, model: nn.Module) -> nn.Module:
+    def finalize(self, model: nn.Module, calibration_batches: Iterable[Any] | None = None) -> nn.Module:
         """After training: hard-assigns DKM weights to centroids, or turns fake-quantized layers into integer weights
-        and scales (applying PTQ first when that is the method). Returns the model (changed in place)."""
+        and scales (applying PTQ first when that is the method). Returns the model (changed in place).
+
+        Args:
+            model (`nn.Module`): The trained model.
+            calibration_batches (`Iterable`, *optional*): Model inputs (dicts) that set PTQ activation ranges;
+                required for `--quant_method ptq` with `--a_bits`.
+        """
         method = self.method
         if method is None:
             return model
         if method == "ptq":
             model = self.apply(model, before_training=False)
+            if self.a_bits is not None:
+                if calibration_batches is None:
+                    raise ValueError("--quant_method ptq with --a_bits needs calibration batches (activation ranges).")
+                importlib.import_module("hf_r2.quantization").calibrate(model, calibration_batches)
         package = importlib.import_module("hf_r2.palettization" if method == "dkm" else "hf_r2.quantization")
         result = package.finalize(model)
         return model if result is None or not isinstance(result, nn.Module) else result
