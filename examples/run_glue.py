@@ -288,7 +288,30 @@ def check_num_labels(config: Any, num_labels: int, model_args: ModelArguments) -
         )
 
 
+def check_publishable(compression_args: CompressionArguments, want_publish: bool) -> None:
+    """Fails before training if the run's result could not be published as a checkpoint `from_pretrained` loads."""
+    if want_publish and compression_args.method not in (None, "dkm"):
+        raise ValueError(
+            f"--quant_method {compression_args.method} checkpoints (integer weights + scales) have no from_pretrained "
+            "loader yet, so they cannot be published: drop --publish_dir/--push_to_hub, or publish the R² (float) "
+            "or the DKM-palettized checkpoint."
+        )
+
+
 # --------------------------------------------------------------------------------------------------------- main
+def model_inputs(collator: Any, dataset: Any, n_batches: int, batch_size: int = 8) -> list[dict[str, Any]]:
+    """Up to `n_batches` collated batches of model inputs (no labels) from `dataset`, for calibration and checks."""
+    if dataset is None or len(dataset) == 0:
+        return []
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    batches = []
+    for start in range(0, min(len(dataset), n_batches * batch_size), batch_size):
+        stop = min(start + batch_size, len(dataset))
+        rows = [{k: v for k, v in dataset[i].items() if k in keys} for i in range(start, stop)]
+        batches.append(dict(collator(rows)))
+    return batches
+
+
 def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments) -> tuple[Any, dict[str, str]]:
     files = {
         split: path
@@ -344,6 +367,8 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     # The Trainer would push raw checkpoints of output_dir; hf_r2 pushes the checked publish folder instead.
     push = training_args.push_to_hub
     training_args.push_to_hub = False
+    want_publish = publish_args.publish_dir is not None or push
+    check_publishable(compression_args, want_publish)
 
     last_checkpoint = None
     if os.path.isdir(training_args.output_dir) and training_args.do_train:
@@ -417,7 +442,6 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         logger.info(f"Training a {config.model_type} from its config: {model.num_parameters() / 1e6:.2f}M parameters.")
 
     # What the card compares against: the weights this run starts from.
-    want_publish = publish_args.publish_dir is not None or push
     reference_weights = reference_ranges = None
     if want_publish and publish_args.card_compare_initial:
         reference_ranges = weight_ranges(model)
@@ -461,7 +485,9 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             metrics = trainer.evaluate(metric_key_prefix="eval_float")
             trainer.log_metrics("eval_float", metrics)
             all_metrics.update(metrics)
-        trainer.model = compression_args.finalize(trainer.model)
+        trainer.model = compression_args.finalize(
+            trainer.model, calibration_batches=model_inputs(collator, train_dataset or eval_dataset, n_batches=4)
+        )
         trainer.model_wrapped = trainer.model
         trainer.save_model()
         logger.info(f"Finalized {compression_args.method}; saved the compressed model to {training_args.output_dir}.")
@@ -491,11 +517,8 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
 
     if want_publish and trainer.is_world_process_zero():
         publish_dir = publish_args.publish_dir or os.path.join(training_args.output_dir, "publish")
-        sample = eval_dataset or train_dataset or predict_dataset
-        verify_inputs = None
-        if sample is not None:
-            batch = collator([sample[i] for i in range(min(2, len(sample)))])
-            verify_inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        batches = model_inputs(collator, eval_dataset or train_dataset or predict_dataset, n_batches=1, batch_size=2)
+        verify_inputs = batches[0] if batches else None
         repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
         prepare_publish_folder(
             trainer.model,
