@@ -1,0 +1,149 @@
+"""`hf_r2.arguments`: flags -> configs of the compression packages, validation, apply/finalize on a tiny model."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser
+
+from hf_r2.arguments import CompressionArguments, PublishArguments, parse_module_pattern
+
+
+def parse(*argv):
+    return HfArgumentParser((CompressionArguments, PublishArguments)).parse_args_into_dataclasses(list(argv))
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=2,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (3, 10), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_module_pattern_names_commas_and_regex():
+    assert parse_module_pattern(None) is None
+    assert parse_module_pattern(["query", "key"]) == ["query", "key"]
+    assert parse_module_pattern(["query,key", "value"]) == ["query", "key", "value"]
+    assert parse_module_pattern(["bert.encoder.layer.0.attention.self.query"]) == [
+        "bert.encoder.layer.0.attention.self.query"
+    ]
+    assert parse_module_pattern([".*attention.*"]) == ".*attention.*"
+    with pytest.raises(Exception, match="unterminated|missing"):
+        parse_module_pattern(["(query"])
+
+
+def test_dkm_flags_build_the_dkm_config():
+    compression, _ = parse("--dkm_bits", "2", "--dkm_cluster_dim", "2", "--dkm_temperature", "0.001",
+                           "--dkm_kmeans_iters", "5", "--dkm_exclude_modules", "classifier")
+    assert compression.method == "dkm" and compression.trains_compressed
+    config = compression.dkm_config()
+    assert (config.n_bits, config.cluster_dim, config.temperature, config.kmeans_iters) == (2, 2, 0.001, 5)
+    assert config.exclude_modules == ["classifier"]
+    info = compression.card_info()
+    assert info["bits_per_weight"] == 1.0 and info["n_bits"] == 2
+
+
+def test_quant_flags_build_the_method_config():
+    compression, _ = parse("--quant_method", "lsq", "--w_bits", "2", "--a_bits", "3",
+                           "--quant_target_modules", ".*layer.*")
+    config = compression.quantization_config()
+    assert type(config).__name__ == "LSQConfig"
+    assert (config.w_bits, config.a_bits, config.target_modules) == (2, 3, ".*layer.*")
+    compression, _ = parse("--quant_method", "ptq", "--w_bits", "4", "--quant_per_channel", "false")
+    config = compression.quantization_config()
+    assert type(config).__name__ == "PTQConfig" and config.per_channel is False
+    assert not compression.trains_compressed
+
+
+def test_quant_option_the_method_lacks_is_refused():
+    compression, _ = parse("--quant_method", "lsq", "--quant_per_channel", "true")
+    with pytest.raises(ValueError, match="per_channel"):
+        compression.quantization_config()
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--dkm_bits", "2", "--quant_method", "lsq"], "mutually exclusive"),
+        (["--dkm_bits", "0"], "dkm_bits must be an integer from 1 to 8, got 0"),
+        (["--dkm_bits", "9"], "got 9"),
+        (["--quant_method", "lsq", "--w_bits", "12"], "w_bits .* got 12"),
+        (["--a_bits", "2"], "--a_bits given without --quant_method"),
+        (["--dkm_cluster_dim", "2"], "--dkm_cluster_dim given without --dkm_bits"),
+        (["--dkm_bits", "2", "--dkm_cluster_dim", "0"], "dkm_cluster_dim must be an integer >= 1, got 0"),
+        (["--dkm_bits", "2", "--dkm_temperature", "-1"], "dkm_temperature .* got -1"),
+        (["--card_histogram_layers", "-1"], "card_histogram_layers .* got -1"),
+    ],
+)
+def test_bad_flags_fail_clearly(argv, match):
+    with pytest.raises(ValueError, match=match):
+        parse(*argv)
+
+
+def test_unknown_quant_method_in_python_is_refused():
+    # argparse enforces the choices; constructing in Python must too.
+    with pytest.raises(ValueError, match="'gptq' is not one of"):
+        CompressionArguments(quant_method="gptq")
+
+
+def test_no_compression_is_a_no_op():
+    compression, _ = parse()
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert compression.method is None and compression.card_info() is None
+    assert compression.finalize(compression.apply(model)) is model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_dkm_apply_then_finalize_leaves_at_most_2_to_the_b_values():
+    compression, _ = parse("--dkm_bits", "2", "--dkm_exclude_modules", "word_embeddings")
+    model = compression.apply(tiny_bert())
+    from hf_r2.palettization import dkm_layers
+
+    names = list(dkm_layers(model))
+    assert "bert.encoder.layer.0.attention.self.query" in names and "classifier" in names
+    assert "bert.embeddings.word_embeddings" not in names
+    with torch.no_grad():
+        model(**batch())
+    model = compression.finalize(model)
+    assert not dkm_layers(model)
+    query = model.get_submodule("bert.encoder.layer.0.attention.self.query")
+    assert query.weight.unique().numel() <= 4
+
+
+def test_qat_apply_then_finalize_matches_fake_quantized_outputs():
+    compression, _ = parse("--quant_method", "lsq", "--w_bits", "2", "--a_bits", "4")
+    model = compression.apply(tiny_bert())
+    from hf_r2.quantization import quantized_layers
+
+    assert "classifier" in quantized_layers(model)  # last layer included, as in the paper
+    with torch.no_grad():
+        fake = model(**batch()).logits
+        model = compression.finalize(model)
+        final = model(**batch()).logits
+    assert not quantized_layers(model)
+    torch.testing.assert_close(final, fake)
+
+
+def test_ptq_applies_after_training_with_calibration():
+    compression, _ = parse("--quant_method", "ptq", "--w_bits", "4", "--a_bits", "8")
+    model = tiny_bert()
+    with torch.no_grad():
+        float_logits = model(**batch()).logits
+    assert compression.apply(model) is model  # before training: nothing to do for PTQ
+    from hf_r2.quantization import quantized_layers
+
+    assert not quantized_layers(model)
+    with pytest.raises(ValueError, match="calibration batches"):
+        compression.finalize(tiny_bert())
+    model = compression.finalize(model, calibration_batches=[batch(2), batch(3)])
+    with torch.no_grad():
+        ptq_logits = model(**batch()).logits
+    assert not torch.equal(ptq_logits, float_logits)  # quantized ...
+    torch.testing.assert_close(ptq_logits, float_logits, atol=0.15, rtol=0)  # ... but close at 4/8 bits
