@@ -1,0 +1,45 @@
+"""2-process DDP (torchrun, gloo, CPU) parity of R2Trainer with a 1-process run at the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_trainer import assert_logs_equal, assert_tensors_close
+from train_parity import GLOBAL_BATCH, run
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "train_parity.py")
+STEPS = 3
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    out = tmp_path / "ddp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Two layouts of the same global batch of 8 in one launch (start-up dominates): 2 x 4 x GA 1 and 2 x 2 x GA 2.
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        SCRIPT, "--out", str(out), "--layouts", "4x1", "2x2", "--steps", str(STEPS), "--r2_type", "soft_min_max",
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    rank0 = torch.load(out, weights_only=False)
+    rank1 = torch.load(f"{out}.rank1", weights_only=False)
+    torch.set_num_threads(1)
+    single = run(str(tmp_path / "single"), per_device=GLOBAL_BATCH, ga=1, steps=STEPS, r2_type="soft_min_max")
+    assert single["world_size"] == 1
+
+    for layout in ("4x1", "2x2"):
+        ddp = rank0[layout]
+        assert ddp["world_size"] == 2, "torchrun did not start one 2-process job"
+        assert len(ddp["logs"]) == STEPS
+        assert_logs_equal(single["logs"], ddp["logs"])
+        assert_tensors_close(single["weights"], ddp["weights"])
+        assert_tensors_close(single["r2_state"], ddp["r2_state"])
+        # The regularizer's parameters are not in DDP: the ranks agree because they compute the same gradient.
+        assert_tensors_close(ddp["r2_state"], rank1[layout]["r2_state"], atol=0)
+        assert_tensors_close(ddp["weights"], rank1[layout]["weights"], atol=0)
