@@ -17,6 +17,15 @@ from hf_r2.quantization import (
 from hf_r2.quantization.functional import dequantize, dorefa_weight_encode, lsq_encode, round_ewgs
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids oversubscription on a shared machine (several times faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _heavy_tailed(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g)

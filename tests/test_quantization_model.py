@@ -22,7 +22,17 @@ from hf_r2.quantization import (
     finalize,
     get_quantization_config,
     quantize,
+    quantizer_parameter_names,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids oversubscription on a shared machine (several times faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TinyNet(nn.Module):
@@ -96,6 +106,11 @@ def test_quantize_train_then_finalize_is_exact(config):
     # Integer codes must never load silently into a float model.
     with pytest.raises(RuntimeError, match="weight"):
         TinyNet().load_state_dict(sd)
+    # They reload into the same architecture quantized with the same config and finalized.
+    reloaded = finalize(quantize(TinyNet(), config)).eval()
+    reloaded.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), final)
 
 
 def test_exclude_and_target_modules():
@@ -162,6 +177,16 @@ def test_unsupported_layer_named_explicitly_and_other_model_errors():
         model(_data()[0])
     with pytest.raises(ValueError, match="a_bits >= 2"):
         quantize(TinyNet(), LSQConfig(a_bits=1))(_data()[0])  # the first conv's input is signed
+
+
+def test_quantizer_parameter_names():
+    model = quantize(TinyNet(), LSQConfig(a_bits=4))
+    assert quantizer_parameter_names(model) == [
+        f"{layer}.{q}.step" for layer in ("conv1", "conv2", "fc") for q in ("weight_quantizer", "input_quantizer")
+    ]
+    assert quantizer_parameter_names(quantize(TinyNet(), PACTConfig(a_bits=4))) == [
+        f"{layer}.input_quantizer.alpha" for layer in ("conv1", "conv2", "fc")
+    ]
 
 
 def test_quantized_layers_can_be_turned_back_to_float():
@@ -235,3 +260,29 @@ def test_training_through_r2trainer_updates_quantizer_parameters(tmp_path):
     assert len(changed) == len(steps_before) == 6
     assert all(p.item() > 0 for n, p in model.named_parameters() if n.endswith("step"))
     assert len(callback.history) == 2 and all(math.isfinite(d) and d >= 0 for d in callback.history[0].values())
+
+
+def test_transformers_model_keeps_its_keys_and_finalizes_exactly():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=3,
+    )
+    model = BertForSequenceClassification(config)
+    keys = set(model.state_dict())
+    quantize(model, get_quantization_config("lsq", w_bits=4, a_bits=8))
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert "classifier" in linear_names and "bert.encoder.layer.0.attention.self.query" in linear_names
+    assert keys <= set(model.state_dict())
+    batch = {"input_ids": torch.randint(0, 50, (4, 10)), "labels": torch.tensor([0, 1, 2, 0])}
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.classifier.weight_quantizer.step.grad is not None
+    model.eval()
+    with torch.no_grad():
+        fake = model(**batch).logits
+        final = finalize(model)(**batch).logits
+    assert torch.equal(fake, final)

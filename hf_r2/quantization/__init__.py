@@ -44,6 +44,7 @@ from hf_r2.quantization.model import (
     finalize,
     quantize,
     quantized_layers,
+    quantizer_parameter_names,
     register_quantize_handler,
 )
 
@@ -71,6 +72,7 @@ __all__ = [
     "get_quantization_config",
     "quantize",
     "quantized_layers",
+    "quantizer_parameter_names",
     "register_quantization_config",
     "register_quantize_handler",
 ]

@@ -135,6 +135,17 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d)}
 
 
+def quantizer_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the quantizers' own parameters (LSQ/EWGS steps, PACT alphas), e.g. to exclude them from weight
+    decay in `Trainer.get_decay_parameter_names` (the Trainer decays them by default: their names contain no
+    `bias`/`norm`)."""
+    names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, WeightQuantizer | LSQInputQuantizer | PACTInputQuantizer):
+            names += [f"{module_name}.{n}" for n, _ in module.named_parameters()]
+    return names
+
+
 def _call(model: nn.Module, batch: Any):
     if isinstance(batch, dict):
         return model(**batch)
