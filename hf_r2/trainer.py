@@ -162,6 +162,11 @@ class R2TrainingArguments(TrainingArguments):
         self._validate_r2()
         if self.r2_type != "none" and self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False
+        elif self.r2_type != "none" and self.ddp_find_unused_parameters:
+            logger.warning(
+                "ddp_find_unused_parameters=True with R²: a multi-process run fails on its first backward if a "
+                "regularized layer is not used in the forward pass; False is the safe setting."
+            )
         super().__post_init__()
 
     def _validate_r2(self) -> None:
@@ -296,6 +301,8 @@ class R2Trainer(Trainer):
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
+        if not hasattr(self, "_r2_given"):  # called from Trainer.__init__: `_setup_r2` runs right after it
+            return model
         if self._r2_given is not None:
             raise ValueError("A given r2_regularizer is tied to one model and cannot be used with model_init.")
         # The regularizer must read the weights of the fresh model, not of the one it was built on.

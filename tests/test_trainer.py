@@ -359,3 +359,12 @@ def test_training_with_r2_shrinks_every_layer_range(shrink_runs, r2_type):
     grown = {n: (ranges[n].range, baseline[n].range) for n in ranges if not ranges[n].range < baseline[n].range}
     assert not grown, f"{r2_type}: layers whose range did not shrink (with R², without): {grown}"
     assert task == pytest.approx(baseline_task, abs=0.05), "similar task loss"
+
+
+def test_model_init_rebuilds_the_regularizer_on_the_fresh_model(tmp_path):
+    args = make_args(str(tmp_path), per_device=8, ga=1, steps=2, r2_type="linf")
+    trainer = R2Trainer(model_init=lambda: tiny_bert(), args=args, train_dataset=TokenDataset())
+    trainer.train()
+    # The regularizer reads the weights of the model that was trained, not of the one built in __init__.
+    assert trainer.r2_regularizer.weights()[0] is trainer.model.bert.embeddings.word_embeddings.weight
+    assert math.isfinite(train_logs(trainer)[-1]["r2_loss"])
