@@ -22,6 +22,7 @@ from hf_r2.quantization.layers import (
     RTNInputQuantizer,
     RTNWeightQuantizer,
     WeightQuantizer,
+    _all_reduce_mean,
 )
 from hf_r2.utils import select_modules
 
@@ -116,8 +117,8 @@ def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
         ```
     """
     handler = _handler(config)
-    already = [n for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d | QuantizedLinear)]
-    already += [n for n, m in model.named_modules() if isinstance(m, QuantizedConv2d)]
+    done = QuantLinear | QuantConv2d | QuantizedLinear | QuantizedConv2d
+    already = [n for n, m in model.named_modules() if isinstance(m, done)]
     if already:
         raise ValueError(f"Model is already quantized (e.g. {already[0]!r}); quantize a float model.")
     selected = select_modules(
@@ -295,9 +296,11 @@ def estimate_ewgs_deltas(
         sigma = float(g.detach().std()) if g is not None and g.numel() > 1 else 0.0
         # Hessian and gradient are taken in step units; the paper's normalized domain is step units / levels, which
         # multiplies Tr(H)/N by levels^2 and std(g) by levels.
-        delta = levels * traces[i] / values[i].numel() / (3 * sigma) if sigma > 0 else 0.0
-        q.ewgs_delta = max(delta, 0.0)
-        deltas[name] = q.ewgs_delta
+        deltas[name] = levels * traces[i] / values[i].numel() / (3 * sigma) if sigma > 0 else 0.0
+    # Under DDP each process probes its own batch: average, so that every process scales gradients alike.
+    averaged = _all_reduce_mean(torch.tensor(list(deltas.values()), dtype=torch.float64)).tolist()
+    for name, delta in zip(names, averaged, strict=True):
+        quantizers[name].ewgs_delta = deltas[name] = max(delta, 0.0)
     return deltas
 
 
