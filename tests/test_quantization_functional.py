@@ -55,11 +55,13 @@ def test_lsq_and_ewgs_weights_take_at_most_2_pow_b_levels(bits):
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("signed", [False, True])
 def test_lsq_inputs_take_at_most_2_pow_b_levels(bits, signed):
-    if signed and bits == 1:
-        pytest.skip("signed 1-bit LSQ is rejected (tested in the model tests)")
     x = _heavy_tailed(16, 50)
     x = x if signed else x.relu()
     q = LSQInputQuantizer(bits)
+    if signed and bits == 1:
+        with pytest.raises(ValueError, match="a_bits >= 2"):  # a signed 1-bit grid would be {-s, 0}
+            q(x)
+        return
     y = q(x)
     assert bool(q.signed) == signed
     assert 2 <= _n_levels(y) <= 2**bits
