@@ -49,7 +49,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_r2.analysis import weight_ranges
-from hf_r2.arguments import CompressionArguments, PublishArguments
+from hf_r2.arguments import CompressionArguments, PublishArguments, config_with_overrides
 from hf_r2.hub import prepare_publish_folder, push_folder, r2_info_from_args, training_info_from_args
 from hf_r2.plotting import layer_weights, pick_histogram_layers
 from hf_r2.trainer import R2Trainer, R2TrainingArguments
@@ -209,7 +209,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Override config values, e.g. 'num_hidden_layers=2,hidden_dropout_prob=0.0' (comma-separated "
-            "key=value, as PretrainedConfig.update_from_string takes)."
+            "key=value; JSON values such as lists allowed)."
         },
     )
     tokenizer_name: str | None = field(
@@ -288,16 +288,6 @@ def check_num_labels(config: Any, num_labels: int, model_args: ModelArguments) -
         )
 
 
-def check_publishable(compression_args: CompressionArguments, want_publish: bool) -> None:
-    """Fails before training if the run's result could not be published as a checkpoint `from_pretrained` loads."""
-    if want_publish and compression_args.method not in (None, "dkm"):
-        raise ValueError(
-            f"--quant_method {compression_args.method} checkpoints (integer weights + scales) have no from_pretrained "
-            "loader yet, so they cannot be published: drop --publish_dir/--push_to_hub, or publish the R² (float) "
-            "or the DKM-palettized checkpoint."
-        )
-
-
 # --------------------------------------------------------------------------------------------------------- main
 def model_inputs(collator: Any, dataset: Any, n_batches: int, batch_size: int = 8) -> list[dict[str, Any]]:
     """Up to `n_batches` collated batches of model inputs (no labels) from `dataset`, for calibration and checks."""
@@ -338,9 +328,8 @@ def build_config(model_args: ModelArguments, num_labels: int, task_name: str):
     if source:
         config = AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code, **common)
     else:
-        config = AutoConfig.for_model(model_args.model_type)
-    if model_args.config_overrides:
-        config.update_from_string(model_args.config_overrides)
+        config = model_args.model_type
+    config = config_with_overrides(config, model_args.config_overrides)
     check_num_labels(config, num_labels, model_args)
     config.num_labels = num_labels
     config.finetuning_task = task_name
@@ -368,7 +357,8 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     push = training_args.push_to_hub
     training_args.push_to_hub = False
     want_publish = publish_args.publish_dir is not None or push
-    check_publishable(compression_args, want_publish)
+    if want_publish:
+        compression_args.check_publishable()
 
     last_checkpoint = None
     if os.path.isdir(training_args.output_dir) and training_args.do_train:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
 import re
 from collections.abc import Iterable
@@ -60,6 +61,68 @@ def parse_module_pattern(value: list[str] | str | None) -> list[str] | str | Non
     if not names:
         raise ValueError(f"Empty module pattern {value!r}: give module names or one regular expression.")
     return names
+
+
+def parse_config_overrides(overrides: str | None) -> dict[str, Any]:
+    """Parses `--config_overrides` such as `num_hidden_layers=2,hidden_sizes=[16,32],hidden_act=relu` into a dict.
+
+    Like `PretrainedConfig.update_from_string`, but values may be JSON lists (vision configs need them: ResNet's
+    `hidden_sizes`, `depths`); other values are parsed as JSON (numbers, `true`/`false`, `null`), Python booleans
+    (`True`/`False`) or kept as strings.
+
+    Raises:
+        ValueError: On an entry without `=`.
+    """
+    if not overrides:
+        return {}
+    entries, depth, current = [], 0, ""
+    for char in overrides:  # split on commas outside brackets
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            entries.append(current)
+            current = ""
+        else:
+            current += char
+    entries.append(current)
+    parsed: dict[str, Any] = {}
+    for entry in (e.strip() for e in entries if e.strip()):
+        key, sep, raw = entry.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key:
+            raise ValueError(f"--config_overrides entry {entry!r} is not key=value.")
+        if raw in ("True", "False"):
+            parsed[key] = raw == "True"
+            continue
+        try:
+            parsed[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[key] = raw
+    return parsed
+
+
+def config_with_overrides(config_or_type: Any, overrides: str | None) -> Any:
+    """A config with `--config_overrides` applied.
+
+    Given a model type (`"resnet"`), the config is built with the overrides as constructor arguments, so values
+    derived from them (ResNet's `stage_names` from `depths`) stay consistent. Given a loaded config, the overrides
+    are set as attributes (as `update_from_string` does).
+
+    Raises:
+        ValueError: On a key the config does not have.
+    """
+    from transformers import AutoConfig
+
+    values = parse_config_overrides(overrides)
+    base = AutoConfig.for_model(config_or_type) if isinstance(config_or_type, str) else config_or_type
+    unknown = sorted(k for k in values if not hasattr(base, k))
+    if unknown:
+        raise ValueError(f"--config_overrides keys {unknown} are not attributes of {type(base).__name__}.")
+    if isinstance(config_or_type, str):
+        return AutoConfig.for_model(config_or_type, **values)
+    for key, value in values.items():
+        setattr(base, key, value)
+    return base
 
 
 def _check_bits(name: str, value: int | None) -> None:
@@ -191,6 +254,19 @@ class CompressionArguments:
         if orphans:
             raise ValueError(
                 f"{', '.join(orphans)} given without {switch}: these flags only apply when {switch} is set."
+            )
+
+    def check_publishable(self) -> None:
+        """Raises if the compressed checkpoint could not be published as one that `from_pretrained` loads.
+
+        DKM checkpoints load back after `import hf_r2`; quantized ones (integer weights + scales) have no
+        `from_pretrained` loader in `hf_r2.quantization` yet, so publishing them would give random weights.
+        """
+        if self.method not in (None, "dkm"):
+            raise ValueError(
+                f"--quant_method {self.method} checkpoints (integer weights + scales) have no from_pretrained loader "
+                "yet, so they cannot be published: drop --publish_dir/--push_to_hub, or publish the float (R²) or "
+                "the DKM-palettized checkpoint."
             )
 
     @property
