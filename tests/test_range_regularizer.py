@@ -1,0 +1,313 @@
+"""Tests of `RangeRegularizer` (the fused, chunked implementation) against plain float64 per-layer references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import hf_r2.range_regularizer as RR
+from hf_r2.range_regularizer import R2Config, RangeRegularizer
+
+R2_TYPES = ["linf", "margin", "soft_min_max"]
+
+
+class TinyNet(nn.Module):
+    """One layer of every supported kind; three same-shape Linears share a chunk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 8)
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+        self.norm = nn.LayerNorm(8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv1d = nn.Conv1d(8, 4, 1)
+        self.gpt = Conv1D(8, 4)  # weight stored (in=4, out=8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)  # (b, t, 8)
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        x = self.norm(x)
+        x = self.conv(x.transpose(1, 2)[..., None]).squeeze(-1)  # (b, 8, t)
+        x = self.conv1d(x).transpose(1, 2).contiguous()  # (b, t, 4)
+        x = self.gpt(x)  # (b, t, 8)
+        return self.head(x).mean(dim=1)
+
+
+def make_model(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+# ---- plain float64 reference, one layer at a time -------------------------------------------------------------------
+
+
+def output_first(name: str, module: nn.Module) -> torch.Tensor:
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def ref_layer(weight: torch.Tensor, r2_type: str, d: int, param: torch.Tensor | None) -> torch.Tensor:
+    """Per-coordinate loss written from the paper's equations: coordinate c = output channels c, c+d, c+2d, ..."""
+    w = weight.double()
+    total = torch.zeros((), dtype=torch.float64)
+    for c in range(d):
+        col = w[c::d].reshape(-1)  # output channels g*d + c, every input position
+        if r2_type == "linf":
+            total = total + col.abs().max()
+        elif r2_type == "margin":
+            m = param[c].double().abs()
+            total = total + m + torch.clamp(col.abs() - m, min=0).sum()
+        else:
+            a = param[c].double()
+            e_max = torch.exp(a * (col - col.max()))
+            e_min = torch.exp(-a * (col - col.min()))
+            s_max = (col * e_max).sum() / e_max.sum()
+            s_min = (col * e_min).sum() / e_min.sum()
+            total = total + s_max - s_min + torch.exp(-a)
+    return total
+
+
+def reg_param(reg: RangeRegularizer) -> torch.Tensor | None:
+    return {"linf": None, "margin": getattr(reg, "margins", None), "soft_min_max": getattr(reg, "alphas", None)}[
+        reg.config.r2_type
+    ]
+
+
+def randomize(reg: RangeRegularizer, seed: int = 1) -> None:
+    """Moves margins / temperatures away from their init so that every code path is exercised."""
+    p = reg_param(reg)
+    if p is not None:
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed)
+            if reg.config.r2_type == "margin":  # between 0.5x and 1.5x the init, one negative
+                p.mul_(0.5 + torch.rand(p.shape, generator=gen))
+                p[0].neg_()
+            else:
+                p.copy_(torch.rand(p.shape, generator=gen) * 20 + 0.05)
+
+
+# ---- values and gradients -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 64])
+@pytest.mark.parametrize("d", [1, 2, 4])
+@pytest.mark.parametrize("r2_type", R2_TYPES)
+def test_total_and_gradients_match_reference(r2_type, d, chunk_elements, monkeypatch):
+    if chunk_elements is not None:  # one layer per chunk instead of stacked groups
+        monkeypatch.setattr(RR, "_CHUNK_ELEMENTS", chunk_elements)
+    model = make_model()
+    reg = RangeRegularizer(model, R2Config(r2_type=r2_type, cluster_dim=d))
+    randomize(reg)
+    modules = dict(model.named_modules())
+
+    total = reg()
+    total.backward()
+    fused_w = {n: modules[n].weight.grad.clone() for n in reg.layer_names}
+    fused_p = None if reg_param(reg) is None else reg_param(reg).grad.clone()
+
+    model.zero_grad(set_to_none=True)
+    param = reg_param(reg)
+    p64 = None if param is None else param.detach().double().requires_grad_(True)
+    w64 = {n: modules[n].weight.detach().double().requires_grad_(True) for n in reg.layer_names}
+    per_layer = [
+        ref_layer(w64[n].t() if isinstance(modules[n], Conv1D) else w64[n], r2_type, d, None if p64 is None else p64[i])
+        for i, n in enumerate(reg.layer_names)
+    ]
+    expected = torch.stack(per_layer).sum()
+    expected.backward()
+
+    assert total.dtype == torch.float32 and total.dim() == 0
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    losses = reg.per_layer_losses()
+    assert list(losses) == reg.layer_names
+    for name, ref in zip(reg.layer_names, per_layer, strict=True):
+        assert losses[name] == pytest.approx(ref.item(), rel=1e-5, abs=1e-6), name
+        torch.testing.assert_close(fused_w[name].double(), w64[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    if p64 is not None:
+        torch.testing.assert_close(fused_p.double(), p64.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("r2_type", R2_TYPES)
+def test_range_gradient_adds_to_task_gradient(r2_type):
+    """Task + 0.01 × range in one backward (dense + sparse accumulation) == the two gradients computed apart."""
+    ids = torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(0))
+    model = make_model()
+    reg = RangeRegularizer(model, R2Config(r2_type=r2_type))
+    model(ids).square().sum().backward()
+    task = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    (0.01 * reg()).backward()
+    range_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert all(g.layout == torch.strided for g in range_grads.values())
+    model.zero_grad(set_to_none=True)
+    (model(ids).square().sum() + 0.01 * reg()).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, task[n] + range_grads.get(n, 0), rtol=1e-6, atol=1e-7, msg=n)
+
+
+# ---- properties of the fused path -----------------------------------------------------------------------------------
+
+
+def test_linf_gradient_only_on_extreme_element():
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(6, 4))  # same shape: one stacked chunk
+    with torch.no_grad():
+        model[0].weight[1, 2] = 5.0
+        model[1].weight[3, 0] = -7.0
+    RangeRegularizer(model, R2Config("linf"))().backward()
+    for layer, (r, c, s) in zip(model, [(1, 2, 1.0), (3, 0, -1.0)], strict=True):
+        expected = torch.zeros(4, 6)
+        expected[r, c] = s
+        assert torch.equal(layer.weight.grad, expected)
+
+
+def test_margin_gradient_zero_inside_margin():
+    model = nn.Sequential(nn.Linear(16, 16))
+    with torch.no_grad():  # Gaussian weights: ~5% outside 2 std (a uniform init has none)
+        model[0].weight.copy_(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    reg = RangeRegularizer(model, R2Config("margin"))
+    reg().backward()
+    w, m = model[0].weight.detach(), reg.margins.detach().abs().item()
+    inside = w.abs() < m
+    assert m == pytest.approx(2 * w.std(correction=0).item(), rel=1e-6)
+    assert inside.any() and (~inside).any()
+    assert torch.all(model[0].weight.grad[inside] == 0)
+    assert torch.equal(model[0].weight.grad[~inside], w[~inside].sign())
+    assert reg.margins.grad.item() == 1.0 - (~inside).sum().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("r2_type", R2_TYPES)
+def test_stable_in_low_precision_and_large_alpha(r2_type, dtype):
+    model = make_model()
+    reg = RangeRegularizer(model, R2Config(r2_type=r2_type, cluster_dim=2))
+    if r2_type == "soft_min_max":
+        with torch.no_grad():
+            reg.alphas.fill_(1e4)
+    model.to(dtype)  # after construction: the regularizer reads the current weights
+    total = reg()
+    total.backward()
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    for name, module in model.named_modules():
+        if name in reg.layer_names:
+            assert module.weight.grad.dtype == dtype and torch.isfinite(module.weight.grad).all(), name
+    if reg_param(reg) is not None:
+        assert torch.isfinite(reg_param(reg).grad).all()
+
+
+def test_state_dict_holds_only_own_parameters():
+    model = make_model()
+    n = len(RangeRegularizer(model, R2Config("linf")).layer_names)
+    assert RangeRegularizer(model, R2Config("linf")).state_dict() == {}
+    margin = RangeRegularizer(model, R2Config("margin", cluster_dim=2, margin_init_std=3.0))
+    assert list(margin.state_dict()) == ["margins"] and margin.margins.shape == (n, 2)
+    emb = model.emb.weight.detach()
+    even, odd = emb[0::2].std(correction=0), emb[1::2].std(correction=0)
+    torch.testing.assert_close(margin.margins[0], 3 * torch.stack([even, odd]))
+    smm = RangeRegularizer(model, R2Config("soft_min_max", alpha_init=0.3))
+    assert list(smm.state_dict()) == ["alphas"] and torch.all(smm.alphas == 0.3) and smm.alphas.shape == (n, 1)
+    assert len(list(smm.parameters())) == 1
+
+
+def test_default_and_explicit_module_selection():
+    model = make_model()
+    reg = RangeRegularizer(model, R2Config("linf"))
+    assert reg.layer_names == ["emb", "blocks.0", "blocks.1", "blocks.2", "conv", "conv1d", "gpt", "head"]
+    reg = RangeRegularizer(model, R2Config("linf", exclude_modules=["emb", "head"]))
+    assert reg.layer_names == ["blocks.0", "blocks.1", "blocks.2", "conv", "conv1d", "gpt"]
+    reg = RangeRegularizer(model, R2Config("linf", target_modules=r"blocks\.\d"))
+    assert reg.layer_names == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_unused_weight_gets_dense_gradient_and_optimizer_steps():
+    model = make_model()
+    reg = RangeRegularizer(model, R2Config("linf"))
+    optimizer = torch.optim.AdamW([*model.parameters(), *reg.parameters()], lr=0.1)
+    before = model.head.weight.detach().clone()
+    reg().backward()  # no task loss: the sparse range gradient is the only one
+    assert model.head.weight.grad.layout == torch.strided
+    optimizer.step()
+    assert not torch.equal(model.head.weight, before)
+
+
+def test_loss_decreases_the_range_when_trained():
+    model = make_model()
+    for r2_type in R2_TYPES:
+        reg = RangeRegularizer(model, R2Config(r2_type))
+        optimizer = torch.optim.SGD([*model.parameters(), *reg.parameters()], lr=1e-2)
+        start = reg().item()
+        for _ in range(5):
+            optimizer.zero_grad()
+            reg().backward()
+            optimizer.step()
+        assert reg().item() < start, r2_type
+
+
+def test_works_under_ddp(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = make_model()
+        reg = RangeRegularizer(model, R2Config("margin"))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        ids = torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(0))
+        (ddp(ids).square().sum() + 0.01 * reg()).backward()
+        assert reg.margins.grad is not None and model.head.weight.grad.layout == torch.strided
+        assert reg.layer_names == RangeRegularizer(ddp.module, R2Config("margin")).layer_names
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_r2_type_raises():
+    with pytest.raises(ValueError, match=r"Unknown r2_type 'l2'; allowed: \['linf', 'margin', 'soft_min_max'\]"):
+        R2Config("l2")
+
+
+@pytest.mark.parametrize("bad", [0, -2])
+def test_cluster_dim_below_one_raises(bad):
+    with pytest.raises(ValueError, match=f"cluster_dim must be an integer >= 1, got {bad}"):
+        R2Config("linf", cluster_dim=bad)
+
+
+def test_cluster_dim_not_dividing_names_layer():
+    # emb has 12 output channels (divisible by 3); blocks.0 is the first layer with 8.
+    with pytest.raises(ValueError, match=r"cluster_dim=3 does not divide the 8 output channels of blocks\.0\.weight"):
+        RangeRegularizer(make_model(), R2Config("margin", cluster_dim=3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"margin_init_std": -1.0}, "margin_init_std must be a finite number > 0, got -1.0"),
+        ({"alpha_init": math.inf}, "alpha_init must be a finite number, got inf"),
+        ({"target_modules": []}, "target_modules must be None, a regex string or a non-empty list"),
+    ],
+)
+def test_bad_config_values_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        R2Config("margin", **kwargs)
+
+
+def test_no_targeted_layer_raises():
+    with pytest.raises(ValueError, match="R² range regularization found no layer to apply to in Sequential"):
+        RangeRegularizer(nn.Sequential(nn.LayerNorm(4), nn.ReLU()), R2Config("linf"))
+    with pytest.raises(ValueError, match=r"target_modules \['nope'\] match no module"):
+        RangeRegularizer(make_model(), R2Config("linf", target_modules=["nope"]))
+
+
+@pytest.mark.parametrize("r2_type", R2_TYPES)
+def test_non_finite_loss_raises_naming_layer(r2_type):
+    model = make_model()
+    reg = RangeRegularizer(model, R2Config(r2_type))
+    with torch.no_grad():
+        model.blocks[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"R² {r2_type} range loss is not finite \(nan\) for layer 'blocks\.1'"):
+        reg()
