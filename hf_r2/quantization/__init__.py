@@ -23,7 +23,7 @@ from hf_r2.quantization.config import (
     PTQConfig,
     QuantizationConfig,
     get_quantization_config,
-    register_quantization_config,
+    register_quantization_method,
 )
 from hf_r2.quantization.layers import (
     DoReFaWeightQuantizer,
@@ -73,6 +73,6 @@ __all__ = [
     "quantize",
     "quantized_layers",
     "quantizer_parameter_names",
-    "register_quantization_config",
+    "register_quantization_method",
     "register_quantize_handler",
 ]

@@ -11,7 +11,7 @@ from hf_r2.quantization.functional import check_bits
 QUANTIZATION_CONFIGS: dict[str, type[QuantizationConfig]] = {}
 
 
-def register_quantization_config(name: str):
+def register_quantization_method(name: str):
     """Class decorator registering a config class under `name` (the `--quant_method` value)."""
 
     def wrap(cls):
@@ -77,7 +77,7 @@ def _check_signed(value, name: str) -> None:
         raise ValueError(f"{name} must be True, False or None (decide from the first batch), got {value!r}.")
 
 
-@register_quantization_config("lsq")
+@register_quantization_method("lsq")
 @dataclass
 class LSQConfig(QuantizationConfig):
     """Learned step size quantization (Esser et al., 2020) of weights (signed) and optionally activations.
@@ -106,7 +106,7 @@ class LSQConfig(QuantizationConfig):
             raise ValueError(f"eps must be > 0, got {self.eps!r}.")
 
 
-@register_quantization_config("ewgs")
+@register_quantization_method("ewgs")
 @dataclass
 class EWGSConfig(LSQConfig):
     """LSQ quantizer trained with element-wise gradient scaling (Lee et al., 2021).
@@ -125,7 +125,7 @@ class EWGSConfig(LSQConfig):
             raise ValueError(f"delta must be a number >= 0, got {self.delta!r}.")
 
 
-@register_quantization_config("pact")
+@register_quantization_method("pact")
 @dataclass
 class PACTConfig(QuantizationConfig):
     """PACT activations (Choi et al., 2018) with DoReFa weights.
@@ -162,7 +162,7 @@ class PACTConfig(QuantizationConfig):
         _check_signed(self.a_signed, "a_signed")
 
 
-@register_quantization_config("ptq")
+@register_quantization_method("ptq")
 @dataclass
 class PTQConfig(QuantizationConfig):
     """Round-to-nearest post-training quantization, min/max ranges (torch.ao's MinMaxObserver conventions).
