@@ -313,8 +313,17 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
         if path is not None
     }
     if files:
-        fmt = "csv" if all(p.endswith(".csv") for p in files.values()) else "json"
-        raw = load_dataset(fmt, data_files=files, cache_dir=model_args.cache_dir)
+        # One load per file: loaded together, files with different columns fail inside `datasets` with an unclear
+        # schema error instead of `check_columns`' message.
+        raw = datasets.DatasetDict({
+            split: load_dataset(
+                "csv" if path.endswith(".csv") else "json",
+                data_files=path,
+                split="train",
+                cache_dir=model_args.cache_dir,
+            )
+            for split, path in files.items()
+        })
     else:
         raw = load_dataset(data_args.dataset_name, data_args.task_name, cache_dir=model_args.cache_dir)
         if data_args.task_name == "mnli":  # GLUE MNLI names its splits validation_matched / test_matched

