@@ -92,20 +92,22 @@ def pack_indices(indices: torch.Tensor, n_bits: int) -> torch.Tensor:
         )
     if n_bits == 8:
         return indices.to(torch.uint8)
+    chunks = [_pack_chunk(indices[start : start + _CHUNK], n_bits) for start in range(0, indices.numel(), _CHUNK)]
+    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8, device=indices.device)
+
+
+def _pack_chunk(indices: torch.Tensor, n_bits: int) -> torch.Tensor:
     device = indices.device
-    bit_shifts = torch.arange(n_bits, device=device, dtype=torch.int32)
-    byte_shifts = torch.arange(8, device=device, dtype=torch.int32)
-    out = []
-    for start in range(0, indices.numel(), _CHUNK):
-        chunk = indices[start : start + _CHUNK].to(torch.int32)
-        bits = ((chunk.unsqueeze(1) >> bit_shifts) & 1).reshape(-1)
-        pad = (-bits.numel()) % 8
-        if pad:
-            bits = torch.cat([bits, bits.new_zeros(pad)])
-        out.append((bits.view(-1, 8) << byte_shifts).sum(dim=1).to(torch.uint8))
-    if not out:
-        return torch.empty(0, dtype=torch.uint8, device=device)
-    return torch.cat(out)
+    values = indices.to(torch.int32)
+    if 8 % n_bits == 0:
+        # 1, 2 or 4 bits: whole indices per byte, so one shift-and-sum per byte suffices.
+        per_byte = 8 // n_bits
+        values = torch.cat([values, values.new_zeros(-values.numel() % per_byte)])
+        shifts = torch.arange(per_byte, device=device, dtype=torch.int32) * n_bits
+        return (values.view(-1, per_byte) << shifts).sum(dim=1).to(torch.uint8)
+    bits = ((values.unsqueeze(1) >> torch.arange(n_bits, device=device, dtype=torch.int32)) & 1).reshape(-1)
+    bits = torch.cat([bits, bits.new_zeros(-bits.numel() % 8)])
+    return (bits.view(-1, 8) << torch.arange(8, device=device, dtype=torch.int32)).sum(dim=1).to(torch.uint8)
 
 
 def unpack_indices(packed: torch.Tensor, num_indices: int, n_bits: int) -> torch.Tensor:
@@ -133,19 +135,23 @@ def unpack_indices(packed: torch.Tensor, num_indices: int, n_bits: int) -> torch
         )
     if n_bits == 8:
         return packed.long()
-    device = packed.device
-    bit_shifts = torch.arange(n_bits, device=device, dtype=torch.int64)
-    byte_shifts = torch.arange(8, device=device, dtype=torch.int32)
-    out = []
-    for start in range(0, num_indices, _CHUNK):
+    chunks = []
+    for start in range(0, num_indices, _CHUNK):  # _CHUNK is a multiple of 8: each chunk starts on a byte boundary
         count = min(_CHUNK, num_indices - start)
         first_byte = start * n_bits // 8
-        chunk = packed[first_byte : first_byte + (count * n_bits + 7) // 8].to(torch.int32)
-        bits = ((chunk.unsqueeze(1) >> byte_shifts) & 1).reshape(-1)[: count * n_bits]
-        out.append((bits.view(count, n_bits).long() << bit_shifts).sum(dim=1))
-    if not out:
-        return torch.empty(0, dtype=torch.long, device=device)
-    return torch.cat(out)
+        chunks.append(_unpack_chunk(packed[first_byte : first_byte + (count * n_bits + 7) // 8], count, n_bits))
+    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.long, device=packed.device)
+
+
+def _unpack_chunk(packed: torch.Tensor, count: int, n_bits: int) -> torch.Tensor:
+    device = packed.device
+    values = packed.to(torch.int32)
+    if 8 % n_bits == 0:
+        shifts = torch.arange(8 // n_bits, device=device, dtype=torch.int32) * n_bits
+        return ((values.unsqueeze(1) >> shifts) & ((1 << n_bits) - 1)).reshape(-1)[:count].long()
+    bits = ((values.unsqueeze(1) >> torch.arange(8, device=device, dtype=torch.int32)) & 1).reshape(-1)
+    weights = 1 << torch.arange(n_bits, device=device, dtype=torch.int32)
+    return (bits[: count * n_bits].view(count, n_bits) * weights).sum(dim=1).long()
 
 
 def _layer_label(name: str | None) -> str:
@@ -246,6 +252,17 @@ class PalettizedMixin:
         self.register_buffer(
             "weight_packed_indices", torch.zeros(num_bytes, device=device, dtype=torch.uint8), persistent=False
         )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # transformers' loader assigns every checkpoint tensor with setattr. The packed indices arrive under `weight`
+        # (1-D: never a valid dense Linear/Conv2d/Embedding weight) and must not replace the dense-shaped weight
+        # placeholder, which the model's own `_init_weights` still inspects (fan-in, ...) before hf_r2 decodes it.
+        if name == "weight" and isinstance(value, torch.Tensor) and value.dim() == 1 and hasattr(self, "n_bits"):
+            # A plain attribute, not the `weight_packed_indices` buffer: transformers re-creates non-persistent
+            # buffers after loading. The quantizer validates and decodes it once loading is done.
+            super().__setattr__("_loaded_packed_weight", value.detach())
+            return
+        super().__setattr__(name, value)
 
     @property
     def num_vectors(self) -> int:

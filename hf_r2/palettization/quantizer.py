@@ -179,14 +179,20 @@ class PalettizationHfQuantizer(HfQuantizer):
             module = model.get_submodule(name)
             if not isinstance(module, PalettizedMixin):
                 raise ValueError(f"palettized layer {name!r} was replaced during loading; cannot decode it.")
-            packed, lut = module.weight, module.weight_lut
-            for what, tensor in (("packed indices ('.weight')", packed), ("LUT ('.weight_lut')", lut)):
-                if not getattr(tensor, "_is_hf_initialized", False):
-                    raise ValueError(
-                        f"palettized layer {name!r}: the checkpoint has no {what} for it (missing key): corrupt or "
-                        "incomplete checkpoint."
-                    )
-            module._load_palettized(packed.detach(), lut.detach())
+            packed = getattr(module, "_loaded_packed_weight", None)
+            if packed is None:
+                raise ValueError(
+                    f"palettized layer {name!r}: the checkpoint has no packed indices ('.weight' as a 1-D uint8 "
+                    "tensor) for it: the key is missing or holds a dense weight (corrupt checkpoint, or a config.json "
+                    "that does not belong to these weights)."
+                )
+            if not getattr(module.weight_lut, "_is_hf_initialized", False):
+                raise ValueError(
+                    f"palettized layer {name!r}: the checkpoint has no LUT ('.weight_lut') for it (missing key): "
+                    "corrupt or incomplete checkpoint."
+                )
+            del module._loaded_packed_weight
+            module._load_palettized(packed, module.weight_lut.detach())
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
