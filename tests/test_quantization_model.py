@@ -101,11 +101,15 @@ def test_quantize_train_then_finalize_is_exact(config):
     for layer in ("conv1", "conv2", "fc"):
         codes = sd[f"{layer}.weight_int"]
         assert codes.dtype in (torch.int8, torch.uint8)
-        assert f"{layer}.weight" not in sd
+        assert sd[f"{layer}.weight"].numel() == 0  # placeholder: unaware loaders fail on its shape
         assert torch.unique(codes).numel() <= 2**config.w_bits
-    # Integer codes must never load silently into a float model.
-    with pytest.raises(RuntimeError, match="weight"):
-        TinyNet().load_state_dict(sd)
+    # Integer codes must never load silently into a float model, nor float weights into a finalized one.
+    with pytest.raises(RuntimeError, match="size mismatch for conv1.weight"):
+        TinyNet().load_state_dict(sd, strict=False)
+    with pytest.raises(RuntimeError, match="dense weight"):
+        finalize(quantize(TinyNet(), config)).load_state_dict(TinyNet().state_dict(), strict=False)
+    with pytest.raises(AttributeError, match="derived from weight_int"):
+        model.fc.weight = nn.Parameter(torch.zeros(5, 128))
     # They reload into the same architecture quantized with the same config and finalized.
     reloaded = finalize(quantize(TinyNet(), config)).eval()
     reloaded.load_state_dict(sd, strict=True)

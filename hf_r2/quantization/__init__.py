@@ -25,6 +25,7 @@ from hf_r2.quantization.config import (
     get_quantization_config,
     register_quantization_method,
 )
+from hf_r2.quantization.hf_quantizer import HF_QUANT_METHOD, HfR2QuantizationConfig, HfR2Quantizer
 from hf_r2.quantization.layers import (
     DoReFaWeightQuantizer,
     LSQInputQuantizer,
@@ -49,6 +50,9 @@ from hf_r2.quantization.model import (
 )
 
 __all__ = [
+    "HF_QUANT_METHOD",
+    "HfR2QuantizationConfig",
+    "HfR2Quantizer",
     "QUANTIZATION_CONFIGS",
     "DoReFaWeightQuantizer",
     "EWGSConfig",

@@ -332,8 +332,9 @@ class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
 class _QuantizedLayerMixin:
     """Finalized layer: `weight_int` codes, `weight_scale`, `weight_zero_point` buffers; `weight` dequantizes them.
 
-    The weight is stored under `weight_int` (not `weight`) on purpose: loading these integer codes into a float
-    layer then fails on a missing `weight` key instead of silently casting codes to floats.
+    The codes are stored under `weight_int`, and the state dict's `weight` entry is an empty placeholder: a loader
+    that does not know this format (a float `nn.Linear`, or `from_pretrained` without hf_r2 imported) then fails on a
+    size mismatch instead of silently casting codes to floats or initializing random weights.
     """
 
     input_quantizer: nn.Module | None
@@ -349,7 +350,8 @@ class _QuantizedLayerMixin:
         new = _shell(cls, module, cls._ATTRS)
         new.register_buffer("weight_int", codes.detach().round().to(dtype))
         new.register_buffer("weight_scale", scale.clone())
-        new.register_buffer("weight_zero_point", torch.as_tensor(zero_point, dtype=scale.dtype).detach().clone())
+        zero_point = torch.as_tensor(zero_point, dtype=scale.dtype, device=scale.device)
+        new.register_buffer("weight_zero_point", zero_point.detach().clone())
         new.weight_bits = module.weight_quantizer.bits
         if module.input_quantizer is not None:
             module.input_quantizer.requires_grad_(False)
@@ -359,6 +361,35 @@ class _QuantizedLayerMixin:
     @property
     def weight(self) -> torch.Tensor:
         return dequantize(self.weight_int, self.weight_scale, self.weight_zero_point)
+
+    def __setattr__(self, name, value):
+        if name == "weight":
+            # transformers' loader assigns every checkpoint entry, the placeholder included: accept only that.
+            if isinstance(value, torch.Tensor) and value.numel() == 0:
+                return
+            raise AttributeError(
+                f"{type(self).__name__}.weight is derived from weight_int, weight_scale and weight_zero_point; "
+                "assign those instead."
+            )
+        super().__setattr__(name, value)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = torch.zeros(0, dtype=torch.uint8, device=self.weight_int.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        placeholder = state_dict.get(prefix + "weight")
+        if placeholder is not None and placeholder.numel() == 0:
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+        elif placeholder is not None:
+            errors.append(
+                f"{prefix}weight holds a dense weight of shape {tuple(placeholder.shape)}, but {type(self).__name__} "
+                "loads integer codes (weight_int) and scales: this is a float checkpoint, not a finalized one."
+            )
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from hf_r2.quantization.config import EWGSConfig, LSQConfig, PACTConfig, PTQConfig, QuantizationConfig
+from hf_r2.quantization.hf_quantizer import attach_hf_quantization_config
 from hf_r2.quantization.layers import (
     DoReFaWeightQuantizer,
     LSQInputQuantizer,
@@ -128,6 +129,8 @@ def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
         base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
         weight_q, input_q = handler(module, config)
         _replace(model, name, _QUANT_TYPES[base].from_float(module, weight_q, input_q))
+    # Kept for `finalize`, which records it in a transformers model's config (a plain attribute, not state).
+    model.hf_r2_quantization_config = config
     return model
 
 
@@ -202,7 +205,9 @@ def finalize(model: nn.Module) -> nn.Module:
     Each `QuantLinear` / `QuantConv2d` becomes a `QuantizedLinear` / `QuantizedConv2d` with buffers `weight_int`
     (`int8` for signed grids, `uint8` for unsigned ones), `weight_scale` and `weight_zero_point` (per tensor or per
     output channel) such that `(weight_int - weight_zero_point) * weight_scale` is exactly the fake-quantized weight;
-    input quantizers stay (frozen), so the finalized model's outputs equal the fake-quantized model's.
+    input quantizers stay (frozen), so the finalized model's outputs equal the fake-quantized model's. A transformers
+    model also gets `config.quantization_config` (`HfR2QuantizationConfig`), so `save_pretrained` /
+    `from_pretrained` round-trip it (with `hf_r2.quantization` imported).
 
     Returns:
         `nn.Module`: `model` itself.
@@ -216,6 +221,9 @@ def finalize(model: nn.Module) -> nn.Module:
     for name, layer in layers.items():
         cls = QuantizedConv2d if isinstance(layer, QuantConv2d) else QuantizedLinear
         _replace(model, name, cls.from_quant(layer))
+    config = getattr(model, "hf_r2_quantization_config", None)
+    if config is not None:
+        attach_hf_quantization_config(model, config, list(layers))
     return model
 
 

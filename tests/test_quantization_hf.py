@@ -1,0 +1,83 @@
+"""Finalized quantized transformers checkpoints: save_pretrained / from_pretrained round trip, and loud failures."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertForSequenceClassification
+
+from hf_r2.quantization import (
+    HfR2QuantizationConfig,
+    QuantizedLinear,
+    calibrate,
+    finalize,
+    get_quantization_config,
+    quantize,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_bert():
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=3,
+    )
+    return BertForSequenceClassification(config)
+
+
+BATCH = {"input_ids": torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(0))}
+
+
+def _saved(tmp_path, method, **kwargs):
+    model = quantize(_tiny_bert(), get_quantization_config(method, exclude_modules=["pooler.dense"], **kwargs))
+    calibrate(model, [BATCH])
+    model.eval()
+    finalize(model)
+    assert isinstance(model.config.quantization_config, HfR2QuantizationConfig)
+    with torch.no_grad():
+        logits = model(**BATCH).logits
+    model.save_pretrained(tmp_path)
+    return logits
+
+
+@pytest.mark.parametrize("method,kwargs", [("ptq", {"w_bits": 4, "a_bits": 8}), ("lsq", {"w_bits": 2, "a_bits": 2})])
+def test_from_pretrained_restores_the_finalized_model_exactly(tmp_path, method, kwargs):
+    logits = _saved(tmp_path, method, **kwargs)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "hf_r2_quantization" and saved["method_config"]["quant_method"] == method
+    assert "bert.pooler.dense" not in saved["layers"] and "classifier" in saved["layers"]
+    loaded = BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.classifier, QuantizedLinear)
+    assert type(loaded.bert.pooler.dense) is torch.nn.Linear
+    assert loaded.classifier.weight_int.dtype == torch.int8
+    with torch.no_grad():
+        assert torch.equal(loaded(**BATCH).logits, logits)
+
+
+def test_a_checkpoint_missing_a_quantized_tensor_refuses_to_load(tmp_path):
+    _saved(tmp_path, "ptq", w_bits=4, a_bits=8)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["classifier.weight_scale"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\).*classifier.weight_scale"):
+        BertForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_without_the_quantization_config_loading_fails_instead_of_random_weights(tmp_path):
+    # What transformers does when hf_r2 is not imported: it skips the unknown method and loads a plain model.
+    _saved(tmp_path, "ptq", w_bits=4)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="size mismatch|mismatch"):
+        BertForSequenceClassification.from_pretrained(tmp_path)
