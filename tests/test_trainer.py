@@ -173,8 +173,11 @@ def test_stock_trainer_loss_scale_changes_with_accumulation_and_r2_trainer_does_
         trainer.train()
         return train_logs(trainer)[0]["loss"]
 
-    assert first_loss(Trainer, 2) == pytest.approx(2 * first_loss(Trainer, 1), rel=1e-4)
     assert first_loss(R2Trainer, 2) == pytest.approx(first_loss(R2Trainer, 1), rel=1e-5)
+    stock_ga1, stock_ga2 = first_loss(Trainer, 1), first_loss(Trainer, 2)
+    if stock_ga2 == pytest.approx(stock_ga1, rel=1e-5):
+        pytest.skip("this transformers version fixed the loss scale: the control no longer shows the bug")
+    assert stock_ga2 == pytest.approx(2 * stock_ga1, rel=1e-4)  # transformers 5.x: not divided by the GA steps
 
 
 def test_logged_r2_loss_is_the_mean_over_micro_batches(tmp_path):
@@ -370,3 +373,13 @@ def test_model_init_rebuilds_the_regularizer_on_the_fresh_model(tmp_path):
     # The regularizer reads the weights of the model that was trained, not of the one built in __init__.
     assert trainer.r2_regularizer.weights()[0] is trainer.model.bert.embeddings.word_embeddings.weight
     assert math.isfinite(train_logs(trainer)[-1]["r2_loss"])
+
+
+def test_non_finite_range_loss_stops_training_naming_the_layer(tmp_path):
+    model = tiny_bert()
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    args = make_args(str(tmp_path), per_device=8, ga=1, steps=1, r2_type="margin")
+    trainer = R2Trainer(model=model, args=args, train_dataset=TokenDataset())
+    with pytest.raises(ValueError, match="classifier"):
+        trainer.train()
