@@ -580,13 +580,14 @@ def test_dkm_finalize_round_trip(tmp_path):
     from hf_r2.palettization import DKMConfig, finalize, palettize
 
     model = mobilebert(vocab_size=500)
-    palettize(model, DKMConfig(n_bits=2, cluster_dim=1))
+    targets = ["word_embeddings", "query", "classifier"]
+    palettize(model, DKMConfig(n_bits=2, cluster_dim=1, init="quantile", init_iters=2, target_modules=targets))
     finalize(model)
     model.eval()
     inputs = {"input_ids": torch.randint(0, 500, (2, 8), generator=torch.Generator().manual_seed(3))}
     with torch.no_grad():
         expected = model(**inputs).logits
-    assert palettized_modules(model)
+    assert len(palettized_modules(model)) == 4 and isinstance(model.classifier, PalettizedLinear)
     save_palettized(model, tmp_path / "dkm")
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dkm")
     with torch.no_grad():

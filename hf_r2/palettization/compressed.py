@@ -91,8 +91,10 @@ def pack_indices(indices: torch.Tensor, n_bits: int) -> torch.Tensor:
             f"[{int(indices.min())}, {int(indices.max())}]."
         )
     if n_bits == 8:
-        return indices.to(torch.uint8)
+        return indices.to(torch.uint8, copy=True)
     chunks = [_pack_chunk(indices[start : start + _CHUNK], n_bits) for start in range(0, indices.numel(), _CHUNK)]
+    if len(chunks) == 1:
+        return chunks[0]
     return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8, device=indices.device)
 
 
@@ -140,6 +142,8 @@ def unpack_indices(packed: torch.Tensor, num_indices: int, n_bits: int) -> torch
         count = min(_CHUNK, num_indices - start)
         first_byte = start * n_bits // 8
         chunks.append(_unpack_chunk(packed[first_byte : first_byte + (count * n_bits + 7) // 8], count, n_bits))
+    if len(chunks) == 1:
+        return chunks[0]
     return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.long, device=packed.device)
 
 
@@ -147,8 +151,10 @@ def _unpack_chunk(packed: torch.Tensor, count: int, n_bits: int) -> torch.Tensor
     device = packed.device
     values = packed.to(torch.int32)
     if 8 % n_bits == 0:
-        shifts = torch.arange(8 // n_bits, device=device, dtype=torch.int32) * n_bits
-        return ((values.unsqueeze(1) >> shifts) & ((1 << n_bits) - 1)).reshape(-1)[:count].long()
+        # 1, 2 or 4 bits: one table lookup per byte gives its 8 // n_bits indices.
+        shifts = torch.arange(8 // n_bits, device=device) * n_bits
+        table = (torch.arange(256, device=device).unsqueeze(1) >> shifts) & ((1 << n_bits) - 1)
+        return table.index_select(0, values).reshape(-1)[:count]
     bits = ((values.unsqueeze(1) >> torch.arange(8, device=device, dtype=torch.int32)) & 1).reshape(-1)
     weights = 1 << torch.arange(n_bits, device=device, dtype=torch.int32)
     return (bits[: count * n_bits].view(count, n_bits) * weights).sum(dim=1).long()
