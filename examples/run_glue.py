@@ -50,7 +50,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from hf_r2.analysis import weight_ranges
 from hf_r2.arguments import CompressionArguments, PublishArguments, config_with_overrides
-from hf_r2.hub import prepare_publish_folder, push_folder, r2_info_from_args, training_info_from_args
+from hf_r2.hub import dkm_size_report, prepare_publish_folder, push_folder, r2_info_from_args, training_info_from_args
 from hf_r2.plotting import layer_weights, pick_histogram_layers
 from hf_r2.trainer import R2Trainer, R2TrainingArguments
 
@@ -366,8 +366,6 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     push = training_args.push_to_hub
     training_args.push_to_hub = False
     want_publish = publish_args.publish_dir is not None or push
-    if want_publish:
-        compression_args.check_publishable()
 
     last_checkpoint = None
     if os.path.isdir(training_args.output_dir) and training_args.do_train:
@@ -532,10 +530,11 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             reference_ranges=reference_ranges,
             histogram_layers=publish_args.card_histogram_layers,
             float32_bytes=float32_bytes,
+            size_report=dkm_size_report(compression_args),
             verify_inputs=verify_inputs,
             verify_atol=0.0 if compression_args.method is None else 1e-5,
             base_model=model_args.model_name_or_path,
-            dataset=data_args.train_file or f"{data_args.dataset_name}/{task}",
+            dataset=data_args.train_file or data_args.validation_file or data_args.dataset_name,
             pipeline_tag="text-classification",
             repo_id=repo_id,
         )

@@ -256,19 +256,6 @@ class CompressionArguments:
                 f"{', '.join(orphans)} given without {switch}: these flags only apply when {switch} is set."
             )
 
-    def check_publishable(self) -> None:
-        """Raises if the compressed checkpoint could not be published as one that `from_pretrained` loads.
-
-        DKM checkpoints load back after `import hf_r2`; quantized ones (integer weights + scales) have no
-        `from_pretrained` loader in `hf_r2.quantization` yet, so publishing them would give random weights.
-        """
-        if self.method not in (None, "dkm"):
-            raise ValueError(
-                f"--quant_method {self.method} checkpoints (integer weights + scales) have no from_pretrained loader "
-                "yet, so they cannot be published: drop --publish_dir/--push_to_hub, or publish the float (R²) or "
-                "the DKM-palettized checkpoint."
-            )
-
     @property
     def method(self) -> str | None:
         """`"dkm"`, the quantization method name, or `None` when no compression was asked for."""

@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +183,7 @@ def build_model_card(
         library_name="transformers",
         tags=tags,
         base_model=hub_base,
-        datasets=[dataset] if dataset and not os.path.exists(dataset) and "/" not in dataset.strip("/") else None,
+        datasets=[dataset] if dataset and not os.path.exists(dataset) and dataset.count("/") <= 1 else None,
         pipeline_tag=pipeline_tag,
         license=license,
         language=language,
@@ -211,7 +211,7 @@ def build_model_card(
         if size:
             body.append(_size_table(size))
         if size_report:
-            body.append(size_report)
+            body.append(f"```text\n{size_report.strip()}\n```")
         parts += body
     elif size:
         parts += [SECTIONS["compression"], "Not compressed.", _size_table(size)]
@@ -377,7 +377,7 @@ def prepare_publish_folder(
     reference_label: str = "start of this run",
     histogram_layers: int = 4,
     float32_bytes: int | None = None,
-    size_report: str | None = None,
+    size_report: str | Callable[[Path], str] | None = None,
     verify: bool = True,
     verify_inputs: Mapping[str, torch.Tensor] | None = None,
     verify_atol: float = 0.0,
@@ -404,7 +404,8 @@ def prepare_publish_folder(
         histogram_layers (`int`, *optional*, defaults to 4): Layers in the figure when `reference_weights` is not
             given; 0 for no figure.
         float32_bytes (`int`, *optional*): Size of the uncompressed float32 weights, for the size table.
-        size_report (`str`, *optional*): Extra size report shown verbatim in the compression section.
+        size_report (`str` or `Callable[[Path], str]`, *optional*): Extra size report shown verbatim in the
+            compression section, or a function computing it from the written folder (e.g. `dkm_size_report`).
         verify (`bool`, *optional*, defaults to `True`): Load the written folder back and compare (see
             `verify_publish_folder`) before it replaces `folder`.
         verify_inputs (`Mapping[str, torch.Tensor]`, *optional*): Model inputs for the output comparison.
@@ -444,6 +445,8 @@ def prepare_publish_folder(
         size = {"checkpoint_bytes": folder_size_bytes(tmp), "label": "this checkpoint (safetensors on disk)"}
         if float32_bytes:
             size["float32_bytes"] = float32_bytes
+        if callable(size_report):
+            size_report = size_report(tmp)
         card = build_model_card(
             model_name=model_name or folder.name,
             r2=r2,
@@ -467,6 +470,22 @@ def prepare_publish_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def dkm_size_report(compression: Any) -> Callable[[Path], str] | None:
+    """For a DKM run (`CompressionArguments` with `dkm_bits`), a function giving the paper's Table 2 for a written
+    folder (`hf_r2.palettization` size report at 32/4/2/1 bits, first and last layers in or out, actual file size);
+    `None` otherwise."""
+    if getattr(compression, "method", None) != "dkm":
+        return None
+    cluster_dim = getattr(compression, "dkm_cluster_dim", None) or 1
+
+    def report(folder: Path) -> str:
+        from hf_r2.palettization.serialization import palettized_size_report
+
+        return palettized_size_report(folder, cluster_dim=cluster_dim).to_table()
+
+    return report
 
 
 def _auto_class_name(model: nn.Module) -> str:

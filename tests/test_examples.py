@@ -175,6 +175,7 @@ def test_run_glue_dkm_after_r2_publishes_a_compact_checkpoint(glue_r2, tmp_path)
     assert "quantization_config" in config  # the compact palettized format
     text = card_text(tmp_path / "pub")
     assert SECTIONS["compression"] in text and "DKM palettization (2-bit" in text and "import hf_r2" in text
+    assert "Quant excl. F & L" in text and "2 bit" in text  # the paper's Table 2 layout
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pub").eval()
     query = loaded.get_submodule("mobilebert.encoder.layer.0.attention.self.query")
     assert query.weight.unique().numel() <= 4
@@ -183,9 +184,12 @@ def test_run_glue_dkm_after_r2_publishes_a_compact_checkpoint(glue_r2, tmp_path)
 def test_run_glue_qat_and_ptq(glue_r2, tmp_path):
     metrics = run_glue.main(glue_args(
         tmp_path / "lsq", "--do_train", "--do_eval", "--max_steps", "2", "--quant_method", "lsq", "--w_bits", "2",
-        "--a_bits", "4",
+        "--a_bits", "4", "--publish_dir", str(tmp_path / "lsq" / "pub"),
     ))
     assert np.isfinite(metrics["eval_loss"])
+    text = card_text(tmp_path / "lsq" / "pub")  # published only after loading back with the same outputs
+    assert "LSQ quantization (weights 2-bit, activations 4-bit)" in text
+    assert {"quantization", "lsq"} <= set(read_card_metadata(tmp_path / "lsq" / "pub")["tags"])
     metrics = run_glue.main(glue_args(
         tmp_path / "ptq", "--do_eval", "--quant_method", "ptq", "--w_bits", "4", "--a_bits", "8",
         model=("--model_name_or_path", str(glue_r2[0])),
@@ -248,11 +252,6 @@ def test_run_glue_head_with_other_label_count(tmp_path, no_training):
         run_glue.main(glue_args(tmp_path / "out2", "--do_train", "--config_overrides", "num_labels=3",
                                 model=("--model_type", "mobilebert", "--tokenizer_name", MINILM)))
     assert not (tmp_path / "out" / "trainer_state.json").exists()
-
-
-def test_run_glue_refuses_to_publish_quantized_checkpoints(tmp_path, no_training):
-    with pytest.raises(ValueError, match="--quant_method lsq checkpoints .* cannot be published"):
-        run_glue.main(glue_args(tmp_path, "--do_train", "--quant_method", "lsq", "--publish_dir", str(tmp_path / "p")))
 
 
 # ------------------------------------------------------------------------------------------ run_image_classification
