@@ -37,6 +37,7 @@ from hf_r2.palettization.compressed import (
     palettized_modules,
     to_palettized,
     unpack_indices,
+    unpalettize,
 )
 from hf_r2.palettization.quantizer import PalettizationQuantizationConfig
 from hf_r2.palettization.serialization import palettized_size_report, save_palettized
@@ -408,7 +409,19 @@ def test_resnet_round_trip_is_exact_and_compact(tmp_path):
     size = weights_size(tmp_path / "resnet")
     assert ideal <= size <= 1.05 * ideal, (size, ideal)
 
-    # A Trainer accepts the loaded model (palettized weights frozen, the rest trainable).
+    # `dequantize` gives back plain layers and a dense checkpoint that loads without hf_r2's quantizer.
+    loaded.dequantize()
+    assert not palettized_modules(loaded) and type(loaded.classifier[1]) is nn.Linear
+    assert getattr(loaded.config, "quantization_config", None) is None
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).logits, expected)
+    loaded.save_pretrained(tmp_path / "dense")
+    assert weights_size(tmp_path / "dense") > 7 * size
+    dense_again = AutoModelForImageClassification.from_pretrained(tmp_path / "dense")
+    assert type(dense_again.resnet.embedder.embedder.convolution) is nn.Conv2d
+
+    # A Trainer accepts a loaded palettized model (palettized weights frozen, the rest trainable).
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "resnet")
     from transformers.trainer_utils import validate_quantization_for_training
 
     validate_quantization_for_training(loaded)
@@ -592,3 +605,19 @@ def test_dkm_finalize_round_trip(tmp_path):
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dkm")
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, expected)
+
+
+def test_unpalettize_restores_plain_trainable_layers():
+    model = mobilebert(vocab_size=500)
+    layers = palettize_model(model, lambda name, module: (2, 1))
+    inputs = {"input_ids": torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(4))}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    unpalettize(model)
+    assert not palettized_modules(model) and getattr(model.config, "quantization_config", None) is None
+    assert type(model.classifier) is nn.Linear and model.classifier.weight.requires_grad
+    assert type(model.mobilebert.embeddings.word_embeddings) is nn.Embedding
+    assert not any(key.endswith("weight_lut") for key in model.state_dict())
+    assert all(model.state_dict()[f"{name}.weight"].is_floating_point() for name in layers)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)

@@ -43,6 +43,7 @@ __all__ = [
     "palettized_modules",
     "to_palettized",
     "unpack_indices",
+    "unpalettize",
 ]
 
 PALETTIZATION_FORMAT_VERSION = 1
@@ -582,6 +583,10 @@ def attach_palettization_config(model: nn.Module, layers: Mapping[str, Mapping[s
     """
     from hf_r2.palettization.quantizer import PalettizationQuantizationConfig
 
+    if getattr(model, "config", None) is None:
+        raise ValueError(
+            f"{type(model).__name__} has no `config`: attach_palettization_config needs a transformers PreTrainedModel."
+        )
     found = palettized_modules(model)
     if not found:
         raise ValueError(f"{type(model).__name__} has no palettized layer: run DKM finalize (or to_palettized) first.")
@@ -612,6 +617,32 @@ def attach_palettization_config(model: nn.Module, layers: Mapping[str, Mapping[s
     config = PalettizationQuantizationConfig(layers=specs)
     model.config.quantization_config = config
     return config
+
+
+def unpalettize(model: nn.Module) -> nn.Module:
+    """Turns every palettized layer of `model` back into its plain class, in place.
+
+    Each layer keeps its decoded dense weight, now trainable again, and drops its LUT and packed indices; the model's
+    `quantization_config` is removed, so `save_pretrained` then writes an ordinary dense checkpoint (e.g. for export
+    tools that expect plain layers). For a model loaded with `from_pretrained`, `model.dequantize()` does the same.
+
+    Returns:
+        `nn.Module`: `model`.
+    """
+    for module in palettized_modules(model).values():
+        plain = next(base for base, palettized in _PALETTIZED_CLASSES if isinstance(module, palettized))
+        for buffer in ("weight_lut", "weight_packed_indices"):
+            del module._buffers[buffer]
+            module._non_persistent_buffers_set.discard(buffer)
+        for attribute in ("n_bits", "cluster_dim", "layer_name", "_dense_shape", "_loaded_packed_weight"):
+            module.__dict__.pop(attribute, None)
+        module.__class__ = plain
+        module.weight.requires_grad_(True)
+    config = getattr(model, "config", None)
+    quantization_config = getattr(config, "quantization_config", None)
+    if quantization_config is not None and dict(quantization_config).get("quant_method") == "hf_r2_palettization":
+        del config.quantization_config
+    return model
 
 
 def _tied_weight_names(model: nn.Module) -> set[str]:

@@ -29,6 +29,7 @@ from hf_r2.palettization.compressed import (
     SUPPORTED_LAYER_TYPES,
     PalettizedMixin,
     palettized_class_for,
+    unpalettize,
 )
 
 __all__ = ["QUANT_METHOD", "PalettizationHfQuantizer", "PalettizationQuantizationConfig"]
@@ -194,6 +195,11 @@ class PalettizationHfQuantizer(HfQuantizer):
             del module._loaded_packed_weight
             module._load_palettized(packed, module.weight_lut.detach())
         return model
+
+    def _dequantize(self, model, dtype=None):
+        # `model.dequantize()`: plain layers holding the decoded weights (transformers then drops the config).
+        unpalettize(model)
+        return model if dtype is None else model.to(dtype)
 
     def is_serializable(self, *args, **kwargs) -> bool:
         return True
