@@ -1,0 +1,213 @@
+"""DKM training step cost: plain step vs hf_r2's DKM vs coremltools 9.0's DKMPalettizer, side by side.
+
+Model: `MobileBertForSequenceClassification(MobileBertConfig(num_hidden_layers=4))` (random init), batch 8 x 128,
+every `nn.Linear` palettized (63 layers, 3.8M weights), SGD. Cases: 2-bit and 4-bit scalar, 2-bit with cluster_dim 2.
+
+Method (each case in its own fresh process, so allocations of one never hide another's):
+
+* Time: the process builds the DKM model and a plain copy (same seed) and alternates their training steps
+  (forward + backward + optimizer step, plus `palettizer.step()` for coremltools); the ratio is median(DKM step) /
+  median(plain step), so both see the same machine load.
+* Memory: peak resident memory of one training step minus the resident memory just before it, after a warm-up step.
+  The process runs with `MALLOC_MMAP_THRESHOLD_=65536`, so glibc serves every large tensor with mmap and returns it to
+  the OS on free (RSS then follows the live tensors), and resets the kernel's peak counter (`/proc/self/clear_refs`)
+  right before the measured step. The DKM model's peak extra is divided by the plain model's (measured the same way in
+  its own process).
+* Accuracy: one step's weight gradients of the 'grid' backend against the 'exact' backend (exact DKM gradient through
+  all iterations), same weights and batch: relative L2 error over all palettized layers.
+
+coremltools is optional (`pip install coremltools==9.0`, the `bench` extra); without it its rows are skipped. Its
+k-means initialisation is set to one k-means++ run (`kmeans_init="kmeans++"`, `kmeans_n_init=1`), which only shortens
+its first step; its per-step DKM (3 iterations, tau 1e-4, squared distance) is its default, as is ours.
+
+Usage:
+    python benchmarks/dkm.py [--steps 3] [--threads 1] [--skip_coremltools] [--skip_accuracy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = [(2, 1), (4, 1), (2, 2)]
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _build(kind: str, bits: int, dim: int):
+    import torch
+    from torch import nn
+    from transformers import MobileBertConfig, MobileBertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = MobileBertForSequenceClassification(MobileBertConfig(num_hidden_layers=4))
+    model.train()
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    after_step = None
+    if kind in ("ours", "grid", "exact"):
+        from hf_r2.palettization import DKMConfig, palettize
+
+        backend = "auto" if kind == "ours" else kind
+        palettize(model, DKMConfig(n_bits=bits, cluster_dim=dim, target_modules=linears, backend=backend))
+    elif kind == "coremltools":
+        from coremltools.optimize.torch.palettization import (
+            DKMPalettizer,
+            DKMPalettizerConfig,
+            ModuleDKMPalettizerConfig,
+        )
+
+        module_config = ModuleDKMPalettizerConfig(
+            n_bits=bits, cluster_dim=dim, weight_threshold=0, kmeans_init="kmeans++", kmeans_n_init=1
+        )
+        palettizer = DKMPalettizer(model, DKMPalettizerConfig(module_type_configs={nn.Linear: module_config}))
+        model = palettizer.prepare()
+        after_step = palettizer.step
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    batch = {
+        "input_ids": torch.randint(0, model.config.vocab_size, (8, 128), generator=generator),
+        "labels": torch.randint(0, 2, (8,), generator=generator),
+    }
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+
+    return model, step
+
+
+def worker(kind: str, bits: int, dim: int, steps: int, threads: int) -> dict:
+    """One case in this process: peak extra memory of a step, then interleaved timing against a plain model."""
+    import torch
+
+    torch.set_num_threads(threads)
+    _, step = _build(kind, bits, dim)
+    step()  # warm-up: k-means initialisation (coremltools), allocator, gradients
+    gc.collect()
+    before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    step()
+    extra_mib = (_rss_kib("VmHWM") - before) / 1024
+    result = {"kind": kind, "bits": bits, "dim": dim, "extra_mib": extra_mib}
+    if kind != "plain":
+        _, plain_step = _build("plain", bits, dim)
+        plain_step()
+        times, plain_times = [], []
+        for _ in range(steps):
+            for fn, bucket in ((plain_step, plain_times), (step, times)):
+                start = time.perf_counter()
+                fn()
+                bucket.append(time.perf_counter() - start)
+        result.update(step_s=statistics.median(times), plain_step_s=statistics.median(plain_times))
+    return result
+
+
+def accuracy(bits: int, dim: int, threads: int) -> float:
+    """Relative L2 error of the default ('auto': grid where it pays) weight gradients against the exact DKM gradients (one batch)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    grads = {}
+    for kind in ("ours", "exact"):
+        model, _ = _build(kind, bits, dim)
+        generator = torch.Generator().manual_seed(1)
+        batch = {
+            "input_ids": torch.randint(0, model.config.vocab_size, (8, 128), generator=generator),
+            "labels": torch.randint(0, 2, (8,), generator=generator),
+        }
+        model(**batch).loss.backward()
+        from hf_r2.palettization import dkm_layers
+
+        grads["grid" if kind == "ours" else kind] = torch.cat([m.weight.grad.flatten() for m in dkm_layers(model).values()])
+    return ((grads["grid"] - grads["exact"]).norm() / grads["exact"].norm()).item()
+
+
+def _run_worker(args: list[str]) -> dict | None:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--_worker", *args], env=env, capture_output=True, text=True, check=False
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"  [{' '.join(args)}] failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3, help="Timed steps per model (median reported).")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process.")
+    parser.add_argument("--skip_coremltools", action="store_true")
+    parser.add_argument("--skip_accuracy", action="store_true")
+    parser.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._worker:
+        kind = args._worker[0]
+        if kind == "accuracy":
+            print(json.dumps({"rel_err": accuracy(int(args._worker[1]), int(args._worker[2]), args.threads)}))
+        else:
+            bits, dim = int(args._worker[1]), int(args._worker[2])
+            print(json.dumps(worker(kind, bits, dim, args.steps, args.threads)))
+        return
+
+    kinds = ["ours"]
+    if args.skip_coremltools:
+        print("coremltools: skipped (--skip_coremltools)")
+    else:
+        try:
+            import importlib.util
+
+            if importlib.util.find_spec("coremltools") is None:
+                raise ImportError
+            kinds.append("coremltools")
+        except ImportError:
+            print("coremltools: not installed, its rows are skipped (pip install coremltools==9.0)")
+    common = ["--steps", str(args.steps), "--threads", str(args.threads)]
+    plain = _run_worker(["plain", "0", "1", *common])
+    if plain is None:
+        sys.exit("plain step failed")
+    print(f"plain step: peak extra memory {plain['extra_mib']:.0f} MiB  (threads={args.threads})")
+    header = f"{'case':<14}{'method':<14}{'step s':>9}{'plain s':>9}{'time x':>9}{'extra MiB':>11}{'memory x':>10}"
+    print(header)
+    print("-" * len(header))
+    for bits, dim in CASES:
+        for kind in kinds:
+            r = _run_worker([kind, str(bits), str(dim), *common])
+            case = f"{bits}-bit d={dim}"
+            if r is None:
+                print(f"{case:<14}{kind:<14}{'failed':>9}")
+                continue
+            print(
+                f"{case:<14}{kind:<14}{r['step_s']:>9.3f}{r['plain_step_s']:>9.3f}"
+                f"{r['step_s'] / r['plain_step_s']:>9.2f}{r['extra_mib']:>11.0f}"
+                f"{r['extra_mib'] / plain['extra_mib']:>10.2f}",
+                flush=True,
+            )
+    if not args.skip_accuracy:
+        for bits in (2, 4):
+            r = _run_worker(["accuracy", str(bits), "1", "--threads", str(args.threads)])
+            if r is not None:
+                print(f"grid vs exact DKM gradient, {bits}-bit: relative L2 error {r['rel_err']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

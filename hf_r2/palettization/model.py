@@ -1,0 +1,141 @@
+"""`palettize` / `finalize`: the model-level DKM lifecycle."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+from torch import nn
+
+from ..utils import check_cluster_dim, select_modules
+from .config import DKMConfig
+from .layers import DKM_LAYERS, DKMLayerMixin
+
+logger = logging.getLogger(__name__)
+
+
+def _validate(name: str, module: nn.Module, config: DKMConfig) -> None:
+    if type(module) not in DKM_LAYERS:
+        if isinstance(module, DKMLayerMixin):
+            raise ValueError(f"Module {name!r} is already palettized ({type(module).__name__}).")
+        supported = ", ".join(t.__name__ for t in DKM_LAYERS)
+        raise ValueError(
+            f"Module {name!r} is a {type(module).__name__}, a subclass DKM cannot wrap safely (supported exactly: "
+            f"{supported}); leave it out with exclude_modules=[{name!r}]."
+        )
+    check_cluster_dim(config.cluster_dim, module.weight.shape, f"{name}.weight")
+    n_vectors = module.weight.numel() // config.cluster_dim
+    if n_vectors < config.n_clusters:
+        raise ValueError(
+            f"{name}.weight (shape {tuple(module.weight.shape)}) has {n_vectors} weight vectors of dimension "
+            f"{config.cluster_dim}, fewer than the 2**{config.n_bits} = {config.n_clusters} centroids; lower n_bits, "
+            f"exclude the layer, or set weight_threshold above {module.weight.numel()}."
+        )
+
+
+def palettize(model: nn.Module, config: DKMConfig) -> nn.Module:
+    """Prepares `model` for DKM training, in place: every targeted layer becomes its DKM subclass.
+
+    Each `nn.Linear` / `nn.Conv2d` / `nn.Embedding` selected by `config.target_modules` / `config.exclude_modules`
+    (default: all of them) with at least `config.weight_threshold` weights becomes a `DKMLinear` / `DKMConv2d` /
+    `DKMEmbedding`, with centroids initialised by k-means on its weights. Train as usual (any `Trainer`, no callback);
+    then call `finalize`. All layers are validated before any is changed.
+
+    Args:
+        model (`nn.Module`): The model (e.g. a `PreTrainedModel`), modified in place.
+        config (`DKMConfig`): The settings.
+
+    Returns:
+        `nn.Module`: `model`, with `model.dkm_config` set.
+
+    Raises:
+        ValueError: On a layer whose output channels `cluster_dim` does not divide, a layer with fewer weight vectors
+            than `2**n_bits`, an unsupported or already palettized layer, or a selection that matches nothing.
+
+    Example:
+        ```python
+        >>> from transformers import MobileBertConfig, MobileBertForSequenceClassification
+        >>> model = MobileBertForSequenceClassification(MobileBertConfig(num_hidden_layers=2))
+        >>> model = palettize(model, DKMConfig(n_bits=4, exclude_modules=["classifier"]))
+        >>> # ... train with transformers.Trainer / hf_r2.trainer.R2Trainer ...
+        >>> model = finalize(model)  # weights hard-assigned: 16 distinct values per layer
+        ```
+    """
+    if not isinstance(config, DKMConfig):
+        raise TypeError(f"config must be a DKMConfig, got {type(config).__name__}.")
+    selected = select_modules(
+        model, tuple(DKM_LAYERS), config.target_modules, config.exclude_modules, what="DKM palettization"
+    )
+    selected = {n: m for n, m in selected.items() if m.weight.numel() >= config.weight_threshold}
+    if not selected:
+        raise ValueError(f"No layer has at least weight_threshold={config.weight_threshold} weights to palettize.")
+    for name, module in selected.items():
+        _validate(name, module, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    for module in selected.values():
+        module.__class__ = DKM_LAYERS[type(module)]
+        module._setup_dkm(config, generator)
+    model.dkm_config = config
+    logger.info("DKM: palettizing %d layers at %d bits, cluster_dim %d.", len(selected), config.n_bits,
+                config.cluster_dim)
+    return model
+
+
+def dkm_layers(model: nn.Module) -> dict[str, DKMLayerMixin]:
+    """The DKM layers of `model`, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, DKMLayerMixin)}
+
+
+def _compressed_available() -> bool:
+    return importlib.util.find_spec(f"{__package__}.compressed") is not None
+
+
+@torch.no_grad()
+def finalize(model: nn.Module, compress: bool | None = None) -> nn.Module:
+    """Ends DKM training: hard-assigns every weight vector to its nearest final centroid, in place.
+
+    The centroids are first refreshed by one more DKM pass on the final weights. Each DKM layer then either becomes a
+    compressed layer (LUT + packed `n_bits` indices, `hf_r2.palettization.compressed.to_palettized`, and the model's
+    `config.quantization_config` is set so `save_pretrained` / `from_pretrained` keep the compact form), or, with
+    `compress=False`, returns to its plain class with a weight holding at most `2**n_bits` distinct vectors.
+
+    Args:
+        model (`nn.Module`): A model prepared by `palettize`.
+        compress (`bool`, *optional*): Defaults to `True` when the compressed layers are available.
+
+    Returns:
+        `nn.Module`: `model`.
+    """
+    layers = dkm_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no DKM layer: call palettize(model, config) first.")
+    available = _compressed_available()
+    if compress is None:
+        compress = available
+    if compress and not available:
+        raise ImportError("finalize(compress=True) needs hf_r2.palettization.compressed, which is not available.")
+    specs = {}
+    for name, layer in layers.items():
+        config = layer.dkm_config
+        was_training = layer.training
+        layer.soft_weight(update=True)  # centroids of the final weights
+        lut, indices = layer.hard_assignment()
+        layer.weight.copy_(layer.hard_weight())
+        layer.__class__ = layer.base_class
+        del layer.centroids, layer.dkm_config
+        layer.train(was_training)
+        specs[name] = {"n_bits": config.n_bits, "cluster_dim": config.cluster_dim}
+        if compress:
+            from .compressed import to_palettized
+
+            new = to_palettized(layer, lut, indices, config.n_bits, config.cluster_dim)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    if hasattr(model, "dkm_config"):
+        del model.dkm_config
+    if compress:
+        from .compressed import attach_palettization_config
+
+        attach_palettization_config(model, specs)
+    return model
