@@ -580,6 +580,11 @@ def test_size_report_counts_like_table_2(tmp_path):
     assert from_dir.ideal_mib == pytest.approx(ideal_bytes(dense, model, layers) / MIB)
     assert palettized_size_report(model).ideal_mib == pytest.approx(from_dir.ideal_mib)
     assert "vs ideal" in from_dir.to_table()
+    # d=2 halves the index bits of every layer except the 5-output classifier, which 2 does not divide (kept at d=1).
+    vector = palettized_size_report(model, bits=(2,), cluster_dim=2)
+    vector_layers = sum(n / 2 * 2 / 8 + 4 * 2 * 4 for name, n in weights.items() if name != "classifier.1")
+    expected = other * 4 + vector_layers + (weights["classifier.1"] * 2 / 8 + 4 * 1 * 4)
+    assert vector.quant_all_mib[0] == pytest.approx(expected / MIB)
     with pytest.raises(ValueError, match="bits must be 32 or in 1..8, got 16"):
         palettized_size_report(model, bits=(32, 16))
 

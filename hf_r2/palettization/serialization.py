@@ -236,7 +236,8 @@ def palettized_size_report(
             folder (a palettized one is read without loading its weights).
         bits (`tuple[int]`, *optional*, defaults to `(32, 4, 2, 1)`): Rows of the table; 32 means uncompressed, others
             must be in 1..8.
-        cluster_dim (`int`, *optional*, defaults to 1): Vector dimension assumed for the rows.
+        cluster_dim (`int`, *optional*, defaults to 1): Vector dimension assumed for the rows; layers whose output
+            channels it does not divide are counted with 1.
 
     Returns:
         `PalettizedSizeReport`: Print it (or call `to_table()`) for the table.
@@ -270,9 +271,9 @@ def palettized_size_report(
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYER_TYPES)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no nn.Linear, nn.Conv2d or nn.Embedding layer to palettize.")
-    for name, module in layers:
-        if module.weight.shape[0] % cluster_dim:
-            raise ValueError(f"cluster_dim={cluster_dim} does not divide the output channels of {name!r}.")
+    # A layer whose output channels cluster_dim does not divide (a 2-label classifier at d=4) can only be palettized
+    # with scalar vectors: count it at d=1.
+    dims = {n: cluster_dim if m.weight.shape[0] % cluster_dim == 0 else 1 for n, m in layers}
     first, last = layers[0][0], layers[-1][0]
     layer_names = {n for n, _ in layers}
     weight_numel = {n: m.weight.numel() for n, m in layers}
@@ -280,10 +281,10 @@ def palettized_size_report(
 
     quant_all, quant_excl = [], []
     for b in bits:
-        all_bytes = other * 4.0 + sum(_bytes_at(numel, b, cluster_dim) for numel in weight_numel.values())
+        all_bytes = other * 4.0 + sum(_bytes_at(numel, b, dims[n]) for n, numel in weight_numel.items())
         excl_bytes = all_bytes
         for edge in {first, last}:
-            excl_bytes += _bytes_at(weight_numel[edge], 32, cluster_dim) - _bytes_at(weight_numel[edge], b, cluster_dim)
+            excl_bytes += _bytes_at(weight_numel[edge], 32, 1) - _bytes_at(weight_numel[edge], b, dims[edge])
         quant_all.append(all_bytes / MIB)
         quant_excl.append(excl_bytes / MIB)
 
