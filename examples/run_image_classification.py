@@ -49,10 +49,15 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_r2.analysis import weight_ranges
 from hf_r2.arguments import CompressionArguments, PublishArguments, config_with_overrides
-from hf_r2.hub import dkm_size_report, prepare_publish_folder, push_folder, r2_info_from_args, training_info_from_args
-from hf_r2.plotting import layer_weights, pick_histogram_layers
+from hf_r2.hub import (
+    card_reference,
+    dkm_size_report,
+    prepare_publish_folder,
+    push_folder,
+    r2_info_from_args,
+    training_info_from_args,
+)
 from hf_r2.trainer import R2Trainer, R2TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -353,11 +358,16 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         model = AutoModelForImageClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)
         logger.info(f"Training a {config.model_type} from scratch: {model.num_parameters() / 1e6:.3f}M parameters.")
 
+    # What the card compares against: another checkpoint (e.g. trained without R²), or the starting weights.
     reference_weights = reference_ranges = None
-    if want_publish and publish_args.card_compare_initial:
-        reference_ranges = weight_ranges(model)
-        if publish_args.card_histogram_layers:
-            reference_weights = layer_weights(model, pick_histogram_layers(model, publish_args.card_histogram_layers))
+    reference_label = "start of this run"
+    if want_publish and publish_args.card_reference_model:
+        reference = AutoModelForImageClassification.from_pretrained(publish_args.card_reference_model, **common)
+        reference_ranges, reference_weights = card_reference(model, reference, publish_args.card_histogram_layers)
+        reference_label = publish_args.card_reference_label
+        del reference
+    elif want_publish and publish_args.card_compare_initial:
+        reference_ranges, reference_weights = card_reference(model, model, publish_args.card_histogram_layers)
     float32_bytes = 4 * sum(p.numel() for p in model.parameters())
 
     model = compression_args.apply(model)
@@ -428,6 +438,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             training=training_info_from_args(training_args) if training_args.do_train else None,
             reference_weights=reference_weights,
             reference_ranges=reference_ranges,
+            reference_label=reference_label,
             histogram_layers=publish_args.card_histogram_layers,
             float32_bytes=float32_bytes,
             size_report=dkm_size_report(compression_args),

@@ -391,6 +391,16 @@ class PublishArguments:
             "card's weight ranges table and histograms."
         },
     )
+    card_reference_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Compare against this checkpoint instead (name or path, same architecture), e.g. the same model "
+            "trained without R², as in the paper's Table 6 and Figure 2."
+        },
+    )
+    card_reference_label: str = field(
+        default="without R²", metadata={"help": "How the card names --card_reference_model."}
+    )
 
     def __post_init__(self):
         if isinstance(self.card_histogram_layers, bool) or not isinstance(self.card_histogram_layers, int) or (

@@ -472,6 +472,37 @@ def prepare_publish_folder(
     return folder
 
 
+def card_reference(
+    model: nn.Module, reference: nn.Module, histogram_layers: int = 4
+) -> tuple[dict[str, LayerWeightStats], dict[str, torch.Tensor] | None]:
+    """Weight ranges and histogram weights of `reference` for the layers `model`'s card will show.
+
+    Call it before training (with the model about to be trained, or a copy of another checkpoint) so that a
+    reference that does not match fails early rather than after training.
+
+    Args:
+        model (`nn.Module`): The model to be published.
+        reference (`nn.Module`): The model to compare with (e.g. the starting weights, or a run without R²).
+        histogram_layers (`int`, *optional*, defaults to 4): Layers of the figure (0: no figure).
+
+    Returns:
+        `(reference_ranges, reference_weights)` for `prepare_publish_folder`.
+
+    Raises:
+        ValueError: If `reference` does not have the same measured layers as `model`.
+    """
+    ranges, own = weight_ranges(reference), weight_ranges(model)
+    if list(ranges) != list(own):
+        only_model = [n for n in own if n not in ranges][:5]
+        only_ref = [n for n in ranges if n not in own][:5]
+        raise ValueError(
+            f"The card's reference ({type(reference).__name__}) has other layers than the model "
+            f"({type(model).__name__}): only in the model {only_model}, only in the reference {only_ref}."
+        )
+    names = pick_histogram_layers(model, histogram_layers) if histogram_layers else []
+    return ranges, (layer_weights(reference, names) if names else None)
+
+
 def dkm_size_report(compression: Any) -> Callable[[Path], str] | None:
     """For a DKM run (`CompressionArguments` with `dkm_bits`), a function giving the paper's Table 2 for a written
     folder (`hf_r2.palettization` size report at 32/4/2/1 bits, first and last layers in or out, actual file size);

@@ -308,8 +308,10 @@ def test_run_image_classification_dkm_and_ptq_after_r2(resnet_r2, digits, tmp_pa
     r2_out = resnet_r2[0]
     metrics = run_ic.main(ic_args(tmp_path / "dkm", digits, "--do_train", "--do_eval", "--max_steps", "2",
                                   "--dkm_bits", "2", "--publish_dir", str(tmp_path / "dkm" / "pub"),
+                                  "--card_reference_model", str(r2_out), "--card_reference_label", "R² checkpoint",
                                   model=("--model_name_or_path", str(r2_out))))
     assert 0 <= metrics["eval_accuracy"] <= 1
+    assert "| Layer | Weight range (this model) | Weight range (R² checkpoint) |" in card_text(tmp_path / "dkm" / "pub")
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "dkm" / "pub")
     assert loaded.classifier[1].weight.unique().numel() <= 4
     metrics = run_ic.main(ic_args(tmp_path / "ptq", digits, "--do_eval", "--quant_method", "ptq", "--w_bits", "4",
@@ -333,6 +335,13 @@ def test_run_image_classification_bad_input(digits, tmp_path, no_training):
     with pytest.raises(ValueError, match="3-class classifier but the data has 10 classes"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train",
                             model=("--model_type", "resnet", "--config_overrides", RESNET + ",num_labels=3")))
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    other = ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], num_channels=1, num_labels=10)
+    ResNetForImageClassification(other).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="reference .* has other layers than the model"):
+        run_ic.main(ic_args(tmp_path, digits, "--do_train", "--publish_dir", str(tmp_path / "pub"),
+                            "--card_reference_model", str(tmp_path / "other")))
     with pytest.raises(ValueError, match=r"keys \['depth'\] are not attributes of ResNetConfig"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train", model=("--model_type", "resnet", "--config_overrides",
                                                                     "depth=3")))
