@@ -317,7 +317,7 @@ class PalettizedMixin:
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401 (torch hook)
         super()._save_to_state_dict(destination, prefix, keep_vars)
         weight = self.weight
-        # Placeholders (meta device) or a half-loaded layer (weight still holds the packed bytes) have nothing to check.
+        # Placeholders (meta device, e.g. while transformers is loading) have nothing to check.
         if not weight.is_meta and weight.is_floating_point() and not torch.equal(weight.detach(), self.decode_weight()):
             raise RuntimeError(
                 f"{_layer_label(self.layer_name)}: `weight` no longer matches its LUT and indices, so it was modified "
