@@ -120,7 +120,7 @@ def worker(kind: str, bits: int, dim: int, steps: int, threads: int) -> dict:
 
 
 def accuracy(bits: int, dim: int, threads: int) -> float:
-    """Relative L2 error of the default ('auto': grid where it pays) weight gradients against the exact DKM gradients (one batch)."""
+    """Relative L2 error of the default ('auto') weight gradients against the exact DKM gradients, one batch."""
     import torch
 
     torch.set_num_threads(threads)
@@ -135,7 +135,8 @@ def accuracy(bits: int, dim: int, threads: int) -> float:
         model(**batch).loss.backward()
         from hf_r2.palettization import dkm_layers
 
-        grads["grid" if kind == "ours" else kind] = torch.cat([m.weight.grad.flatten() for m in dkm_layers(model).values()])
+        flat = torch.cat([m.weight.grad.flatten() for m in dkm_layers(model).values()])
+        grads["grid" if kind == "ours" else kind] = flat
     return ((grads["grid"] - grads["exact"]).norm() / grads["exact"].norm()).item()
 
 

@@ -6,14 +6,25 @@ Example:
     >>> model = palettize(model, DKMConfig(n_bits=2, cluster_dim=1))
     >>> trainer = transformers.Trainer(model=model, ...)  # no callback needed
     >>> trainer.train()
-    >>> model = finalize(model)
+    >>> model = finalize(model)  # LUT + packed indices; save_pretrained writes the compact checkpoint
+    >>> print(palettized_size_report(model))
     ```
 """
 
+from .compressed import (
+    PalettizedConv2d,
+    PalettizedEmbedding,
+    PalettizedLinear,
+    attach_palettization_config,
+    palettized_modules,
+    to_palettized,
+    unpalettize,
+)
 from .config import DKMConfig
 from .functional import dkm_exact, dkm_grid, kmeans, nearest_centroid, soft_assignment
 from .layers import DKMConv2d, DKMEmbedding, DKMLayerMixin, DKMLinear
 from .model import dkm_layers, finalize, palettize
+from .serialization import PalettizedSizeReport, palettized_size_report, save_palettized
 
 __all__ = [
     "DKMConfig",
@@ -21,6 +32,11 @@ __all__ = [
     "DKMEmbedding",
     "DKMLayerMixin",
     "DKMLinear",
+    "PalettizedConv2d",
+    "PalettizedEmbedding",
+    "PalettizedLinear",
+    "PalettizedSizeReport",
+    "attach_palettization_config",
     "dkm_exact",
     "dkm_grid",
     "dkm_layers",
@@ -28,5 +44,10 @@ __all__ = [
     "kmeans",
     "nearest_centroid",
     "palettize",
+    "palettized_modules",
+    "palettized_size_report",
+    "save_palettized",
     "soft_assignment",
+    "to_palettized",
+    "unpalettize",
 ]

@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import nn
 
-from ..utils import check_cluster_dim, select_modules
+from ..utils import check_cluster_dim, select_modules, vectors_to_weight
 from .config import DKMConfig
 from .layers import DKM_LAYERS, DKMLayerMixin
 
@@ -95,14 +95,15 @@ def _compressed_available() -> bool:
 def finalize(model: nn.Module, compress: bool | None = None) -> nn.Module:
     """Ends DKM training: hard-assigns every weight vector to its nearest final centroid, in place.
 
-    The centroids are first refreshed by one more DKM pass on the final weights. Each DKM layer then either becomes a
+    The centroids are those of the last training forward pass (what eval mode already uses). Each DKM layer becomes a
     compressed layer (LUT + packed `n_bits` indices, `hf_r2.palettization.compressed.to_palettized`, and the model's
     `config.quantization_config` is set so `save_pretrained` / `from_pretrained` keep the compact form), or, with
     `compress=False`, returns to its plain class with a weight holding at most `2**n_bits` distinct vectors.
 
     Args:
         model (`nn.Module`): A model prepared by `palettize`.
-        compress (`bool`, *optional*): Defaults to `True` when the compressed layers are available.
+        compress (`bool`, *optional*): Defaults to `True` for a model with a transformers `config` (the compressed
+            layers record themselves there), `False` otherwise.
 
     Returns:
         `nn.Module`: `model`.
@@ -111,17 +112,26 @@ def finalize(model: nn.Module, compress: bool | None = None) -> nn.Module:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no DKM layer: call palettize(model, config) first.")
     available = _compressed_available()
+    has_config = getattr(model, "config", None) is not None
     if compress is None:
-        compress = available
+        compress = available and has_config
     if compress and not available:
         raise ImportError("finalize(compress=True) needs hf_r2.palettization.compressed, which is not available.")
+    if compress and not has_config:
+        raise ValueError(
+            f"finalize(compress=True) needs a transformers PreTrainedModel (with `config`), got "
+            f"{type(model).__name__}; "
+            "use compress=False for plain layers with hard-assigned weights."
+        )
     specs = {}
     for name, layer in layers.items():
         config = layer.dkm_config
         was_training = layer.training
-        layer.soft_weight(update=True)  # centroids of the final weights
+        # The centroids of the last training forward pass, as the eval-mode forward uses: the finalized model is
+        # exactly the one evaluated during DKM training.
         lut, indices = layer.hard_assignment()
-        layer.weight.copy_(layer.hard_weight())
+        hard = vectors_to_weight(lut[indices], layer.weight.shape, config.cluster_dim)
+        layer.weight.copy_(hard.to(layer.weight.dtype))
         layer.__class__ = layer.base_class
         del layer.centroids, layer.dkm_config
         layer.train(was_training)

@@ -1,0 +1,345 @@
+"""DKM palettization: numerics against a plain unrolled DKM and scikit-learn k-means, finalize, errors, Trainer runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from torch import nn
+from transformers import MobileBertConfig, MobileBertForSequenceClassification
+
+from hf_r2.palettization import (
+    DKMConfig,
+    DKMConv2d,
+    DKMEmbedding,
+    DKMLinear,
+    dkm_exact,
+    dkm_grid,
+    dkm_layers,
+    finalize,
+    kmeans,
+    palettize,
+    palettized_modules,
+)
+from hf_r2.utils import weight_to_vectors
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_dkm(vectors, centroids, tau, iters):
+    """DKM written plainly (Cho et al., Algorithm 1), differentiated by autograd through every iteration."""
+    for _ in range(iters):
+        dist = ((vectors[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+        attention = torch.softmax(-dist / tau, dim=1)
+        new = attention.T @ vectors / attention.sum(0)[:, None]
+        previous, centroids = centroids, new
+    dist = ((vectors[:, None, :] - previous[None, :, :]) ** 2).sum(-1)
+    return torch.softmax(-dist / tau, dim=1) @ centroids, centroids
+
+
+def _data(n, d, k, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(n, d, generator=g, dtype=dtype) * 0.02
+    return vectors, vectors[torch.randperm(n, generator=g)[:k]].clone()
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        x = self.embed(ids)  # (B, L, 8)
+        x = self.conv(x.transpose(1, 2)[..., None])[..., 0].mean(-1)
+        return self.fc(x)
+
+
+def tiny_mobilebert(seed=0):
+    torch.manual_seed(seed)
+    config = MobileBertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        embedding_size=16,
+        true_hidden_size=16,
+        intra_bottleneck_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_feedforward_networks=1,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return MobileBertForSequenceClassification(config)
+
+
+# ---- numerics ----
+
+
+@pytest.mark.parametrize("d, k", [(1, 4), (1, 16), (2, 4), (4, 8)])
+def test_exact_backend_equals_unrolled_autograd(d, k):
+    vectors, start = _data(300, d, k)
+    grad = torch.randn(300, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref_v = vectors.clone().requires_grad_()
+    ref_out, ref_c = reference_dkm(ref_v, start, 1e-4, 3)
+    (ref_out * grad).sum().backward()
+    our_v = vectors.clone().requires_grad_()
+    out, c = dkm_exact(our_v, start, 1e-4, 3)
+    (out * grad).sum().backward()
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(c, ref_c, rtol=1e-10, atol=1e-12)
+    assert ref_v.grad.abs().max() > 0
+    torch.testing.assert_close(our_v.grad, ref_v.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_exact_backend_is_chunked_without_changing_results(monkeypatch):
+    import hf_r2.palettization.functional as functional
+
+    vectors, start = _data(500, 2, 4)
+    vectors.requires_grad_()
+    out, _ = dkm_exact(vectors, start, 1e-4, 2)
+    (grad,) = torch.autograd.grad(out.square().sum(), vectors)
+    monkeypatch.setattr(functional, "_CHUNK_ELEMENTS", 64)  # 8 rows per chunk
+    out2, _ = dkm_exact(vectors, start, 1e-4, 2)
+    (grad2,) = torch.autograd.grad(out2.square().sum(), vectors)
+    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(grad2, grad)
+
+
+def test_grid_backend_converges_to_exact_dkm_as_the_grid_refines():
+    vectors, start = _data(3000, 1, 16)
+    grad = torch.randn(3000, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref_v = vectors.clone().requires_grad_()
+    ref_out, ref_c = reference_dkm(ref_v, start, 1e-4, 3)
+    (ref_out[:, 0] * grad).sum().backward()
+    errors = []
+    for grid_size in (256, 1024, 8192):
+        w = vectors[:, 0].clone().requires_grad_()
+        out, c = dkm_grid(w, start, 1e-4, 3, grid_size=grid_size)
+        (out * grad).sum().backward()
+        spread = (ref_c.max() - ref_c.min()).item()
+        errors.append(
+            (
+                (out - ref_out[:, 0]).abs().max().item() / spread,
+                (c - ref_c).abs().max().item() / spread,
+                ((w.grad - ref_v.grad[:, 0]).norm() / ref_v.grad.norm()).item(),
+            )
+        )
+    for coarse, fine in zip(errors, errors[1:], strict=False):
+        assert all(f < c for f, c in zip(fine, coarse, strict=True)), errors
+    out_err, c_err, grad_err = errors[-1]
+    assert out_err < 1e-5 and c_err < 1e-5 and grad_err < 2e-3, errors
+
+
+def test_layer_grid_and_exact_backends_agree_on_a_real_layer():
+    torch.manual_seed(0)
+    base = nn.Linear(128, 256)
+    grads = {}
+    for backend in ("auto", "exact"):
+        layer = nn.Linear(128, 256)
+        layer.load_state_dict(base.state_dict())
+        model = nn.Sequential(layer)
+        palettize(model, DKMConfig(n_bits=4, backend=backend))
+        if backend == "auto":
+            assert model[0].dkm_grid_size() is not None  # the grid is what 'auto' picks for this layer
+        x = torch.randn(16, 128, generator=torch.Generator().manual_seed(1))
+        model(x).square().sum().backward()
+        grads[backend] = model[0].weight.grad
+    rel = ((grads["auto"] - grads["exact"]).norm() / grads["exact"].norm()).item()
+    assert rel < 1e-2
+
+
+def _match(ours, theirs):
+    """Max distance from each reference centroid to its nearest centroid of ours, and back."""
+    dist = torch.cdist(torch.as_tensor(theirs, dtype=torch.float64), ours.double())
+    return max(dist.min(1).values.max().item(), dist.min(0).values.max().item())
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_clustering_matches_sklearn_kmeans(d):
+    rng = np.random.default_rng(0)
+    k = 4
+    centers = rng.normal(size=(k, d)) * 0.1
+    data = np.concatenate([c + rng.normal(size=(150, d)) * 0.01 for c in centers])
+    reference = KMeans(n_clusters=k, n_init=10, random_state=0).fit(data)
+    vectors = torch.as_tensor(data, dtype=torch.float64)
+    # plain k-means initialisation
+    init = kmeans(vectors, k, 50, generator=torch.Generator().manual_seed(0)).double()
+    assert _match(init, reference.cluster_centers_) < 1e-6
+    # DKM iterations at a low temperature reach the same fixed point, also from a perturbed start
+    start = init + 0.005
+    _, centroids = dkm_exact(vectors, start, 1e-6, 30)
+    assert _match(centroids, reference.cluster_centers_) < 1e-4
+    inertia = ((vectors[:, None] - centroids[None]) ** 2).sum(-1).min(1).values.sum().item()
+    assert inertia == pytest.approx(reference.inertia_, rel=1e-3)
+
+
+# ---- layers and the model lifecycle ----
+
+
+@pytest.mark.parametrize("n_bits, cluster_dim", [(2, 1), (1, 1), (2, 2)])
+def test_finalize_leaves_at_most_2_to_the_b_values_per_layer(n_bits, cluster_dim):
+    torch.manual_seed(0)
+    model = TinyNet()
+    palettize(model, DKMConfig(n_bits=n_bits, cluster_dim=cluster_dim, init_iters=5))
+    assert isinstance(model.embed, DKMEmbedding) and isinstance(model.conv, DKMConv2d)
+    assert isinstance(model.fc, DKMLinear)
+    assert {k for k in model.state_dict() if not k.endswith("centroids")} == set(TinyNet().state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 32, (4, 6))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(2):
+        model(ids).square().mean().backward()
+        for name, layer in dkm_layers(model).items():
+            assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0, name
+        optimizer.step()
+        optimizer.zero_grad()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n.endswith("weight"))
+    model.eval()
+    eval_out = model(ids)
+    finalize(model)  # a plain nn.Module: plain layers with hard-assigned weights
+    assert type(model.fc) is nn.Linear and type(model.conv) is nn.Conv2d and type(model.embed) is nn.Embedding
+    assert not any(k.endswith("centroids") for k in model.state_dict())
+    for layer in (model.embed, model.conv, model.fc):
+        vectors = weight_to_vectors(layer.weight.detach(), cluster_dim)
+        assert 1 <= torch.unique(vectors, dim=0).shape[0] <= 2**n_bits
+    torch.testing.assert_close(model(ids), eval_out)  # eval during DKM training showed the finalized model
+
+
+def test_soft_forward_tends_to_hard_as_temperature_falls():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 64)
+    gaps = []
+    for tau in (1e-3, 1e-5, 1e-7, 1e-9):
+        model = nn.Sequential(nn.Linear(64, 64))
+        model[0].load_state_dict(base.state_dict())
+        palettize(model, DKMConfig(n_bits=2, temperature=tau, kmeans_iters=1))
+        layer = model[0]
+        with torch.no_grad():
+            soft = layer.soft_weight(update=True)
+            hard = layer.hard_weight()
+        gaps.append((soft - hard).abs().max().item())
+    assert all(b < a for a, b in zip(gaps, gaps[1:], strict=False)), gaps
+    assert gaps[-1] < 1e-5 * base.weight.abs().max().item()
+
+
+def test_finalize_with_compress_gives_the_compact_layers_and_the_same_outputs():
+    model = tiny_mobilebert()
+    palettize(model, DKMConfig(n_bits=2, init_iters=5))
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids)  # one training-mode forward: warm centroids
+    model.eval()
+    expected = model(input_ids=ids).logits
+    n_layers = len(dkm_layers(model))
+    finalize(model)
+    assert len(palettized_modules(model)) == n_layers
+    assert model.config.quantization_config is not None
+    torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+# ---- configuration and bad input ----
+
+
+def test_config_round_trips_through_a_dict():
+    config = DKMConfig(n_bits=3, cluster_dim=2, temperature=1e-5, exclude_modules=["classifier"], backend="exact")
+    assert DKMConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="Unknown DKMConfig keys \\['bits'\\]"):
+        DKMConfig.from_dict({"bits": 2})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_bits": 0}, "n_bits must be an integer in 1..8, got 0"),
+        ({"n_bits": 9}, "n_bits must be an integer in 1..8, got 9"),
+        ({"n_bits": 2.0}, "got 2.0"),
+        ({"cluster_dim": 0}, "cluster_dim must be an integer >= 1, got 0"),
+        ({"temperature": 0.0}, "temperature must be a number > 0, got 0.0"),
+        ({"kmeans_iters": 0}, "kmeans_iters must be an integer >= 1, got 0"),
+        ({"init": "random"}, "init must be one of"),
+        ({"backend": "fast"}, "backend must be one of"),
+        ({"backend": "grid", "cluster_dim": 2}, "backend='grid' needs cluster_dim=1"),
+    ],
+)
+def test_bad_config_names_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DKMConfig(**kwargs)
+
+
+def test_bad_layers_are_clear_errors_and_change_nothing():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match="cluster_dim=4 does not divide the 6 output channels of 0.weight"):
+        palettize(model, DKMConfig(n_bits=1, cluster_dim=4))
+    assert type(model[0]) is nn.Linear  # validation precedes any swap
+    with pytest.raises(ValueError, match="1.weight .* has 12 weight vectors .* fewer than the 2\\*\\*4 = 16 centroids"):
+        palettize(model, DKMConfig(n_bits=4))
+    assert type(model[0]) is nn.Linear
+    palettize(model, DKMConfig(n_bits=4, weight_threshold=13))  # skips the small layer
+    assert isinstance(model[0], DKMLinear) and type(model[1]) is nn.Linear
+    with pytest.raises(ValueError, match="already palettized"):
+        palettize(model, DKMConfig(n_bits=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="no DKM layer"):
+        finalize(nn.Sequential(nn.Linear(2, 2)))
+
+
+# ---- end to end through the Trainer ----
+
+
+class _PairDataset(torch.utils.data.Dataset):
+    """Random token pairs; label 1 when token 7 occurs."""
+
+    def __init__(self, n=16):
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(1, 64, (n, 12), generator=g)
+        self.labels = (self.ids == 7).any(1).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def test_r2_fine_tuning_then_dkm_2_bit_through_the_trainer(tmp_path):
+    from hf_r2.trainer import R2Trainer, R2TrainingArguments
+
+    def args(name, r2_type):
+        return R2TrainingArguments(
+            output_dir=str(tmp_path / name),
+            r2_type=r2_type,
+            per_device_train_batch_size=8,
+            max_steps=3,
+            learning_rate=1e-3,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+        )
+
+    model = tiny_mobilebert()
+    R2Trainer(model=model, args=args("r2", "linf"), train_dataset=_PairDataset()).train()
+    palettize(model, DKMConfig(n_bits=2))
+    before = {n: layer.weight.detach().clone() for n, layer in dkm_layers(model).items()}
+    trainer = R2Trainer(model=model, args=args("dkm", "none"), train_dataset=_PairDataset())
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    layers = dkm_layers(model)
+    assert any(not torch.equal(layers[n].weight, w) for n, w in before.items())  # gradients reached the weights
+    model.eval()
+    ids = _PairDataset().ids[:4]
+    expected = model(input_ids=ids).logits
+    finalize(model)
+    for name, module in palettized_modules(model).items():
+        vectors = weight_to_vectors(module.weight.detach(), 1)
+        assert torch.unique(vectors).numel() <= 4, name
+    torch.testing.assert_close(model(input_ids=ids).logits, expected)
