@@ -361,7 +361,13 @@ def test_mobilebert_round_trip_is_exact_and_compact(tmp_path):
     with torch.no_grad():
         expected = model(**inputs).logits
 
+    stale = tmp_path / "mobilebert"
+    stale.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "model-card.md", "vocab.txt"):
+        (stale / name).write_text("from an earlier save")
     directory = save_palettized(model, tmp_path / "mobilebert")
+    kept = ["config.json", "model-card.md", "model.safetensors", "vocab.txt"]  # stale shards and index removed
+    assert sorted(p.name for p in directory.iterdir()) == kept
     config = json.loads((directory / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "hf_r2_palettization" and config["format_version"] == 1
     assert config["layers"]["classifier"] == {"n_bits": 3, "cluster_dim": 1, "shape": [3, 128]}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -30,7 +31,8 @@ from hf_r2.palettization.compressed import SUPPORTED_LAYER_TYPES, PalettizedMixi
 __all__ = ["PalettizedSizeReport", "palettized_size_report", "save_palettized"]
 
 MIB = float(1 << 20)
-_WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+# Weight files (single, sharded, index) that an earlier save may have left and the new one would not overwrite.
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
 
 
 def save_palettized(model, save_directory: str | os.PathLike, **save_pretrained_kwargs: Any) -> Path:
@@ -63,7 +65,7 @@ def save_palettized(model, save_directory: str | os.PathLike, **save_pretrained_
         target.mkdir(exist_ok=True)
         written = sorted(p.name for p in tmp.iterdir())
         for old in target.iterdir():
-            if old.is_file() and old.name.startswith(_WEIGHT_FILE_PREFIXES) and old.name not in written:
+            if old.is_file() and _WEIGHT_FILE.fullmatch(old.name) and old.name not in written:
                 old.unlink()
         # config.json last: until it lands, a reader sees the previous complete config.
         for name in sorted(written, key=lambda n: n == "config.json"):
