@@ -395,6 +395,44 @@ class R2Trainer(Trainer):
         self._r2_sum, self._r2_count = None, 0
         return super().train(*args, **kwargs)
 
+    # ---- model card ----
+
+    def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
+        """`Trainer.create_model_card` plus the `hf-r2` / `r2-<type>` tags and a section with the R² settings.
+
+        The `r2_*` arguments are not part of the Trainer's hyperparameter list, so without this section the card would
+        not say how the model was regularized.
+        """
+        r2_type = (
+            getattr(self.args, "r2_type", "none") if self.r2_regularizer is None else self.r2_regularizer.config.r2_type
+        )
+        if r2_type != "none":
+            tags = [tags] if isinstance(tags, str) else list(tags or [])
+            tags += [t for t in ("hf-r2", f"r2-{r2_type}") if t not in tags]
+        super().create_model_card(*args, tags=tags, **kwargs)
+        if r2_type == "none" or not self.is_world_process_zero():
+            return
+        path = os.path.join(self.args.output_dir, "README.md")
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        lines = ["", "## R² range regularization", "", f"- r2_type: {r2_type}", f"- r2_weight: {self.r2_weight}"]
+        config = self.r2_regularizer.config if self.r2_regularizer is not None else None
+        if config is not None:
+            lines += [
+                f"- r2_cluster_dim: {config.cluster_dim}",
+                f"- regularized layers: {len(self.r2_regularizer.layer_names)}",
+            ]
+        last = next((e for e in reversed(self.state.log_history) if "r2_loss" in e), None)
+        if last is not None:
+            lines += [
+                f"- final r2_loss: {last['r2_loss']:.4g}",
+                f"- final max_weight_range: {last['max_weight_range']:.4g}",
+            ]
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(card.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+        os.replace(tmp, path)
+
     # ---- checkpoints ----
 
     def _r2_state(self) -> dict[str, torch.Tensor]:

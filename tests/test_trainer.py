@@ -383,3 +383,15 @@ def test_non_finite_range_loss_stops_training_naming_the_layer(tmp_path):
     trainer = R2Trainer(model=model, args=args, train_dataset=TokenDataset())
     with pytest.raises(ValueError, match="classifier"):
         trainer.train()
+
+
+def test_model_card_names_the_r2_settings(tmp_path):
+    args = make_args(str(tmp_path), per_device=8, ga=1, steps=2, r2_type="margin", r2_weight=0.02)
+    trainer = R2Trainer(model=tiny_bert(), args=args, train_dataset=TokenDataset())
+    trainer.train()
+    trainer.create_model_card(model_name="tiny-r2", tags=["mine"])
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    header = card.split("---")[1]
+    assert "hf-r2" in header and "r2-margin" in header and "mine" in header
+    assert "- r2_type: margin" in card and "- r2_weight: 0.02" in card
+    assert f"- final r2_loss: {train_logs(trainer)[-1]['r2_loss']:.4g}" in card
