@@ -112,9 +112,9 @@ def _kv_table(rows: Mapping[str, Any], header: tuple[str, str] = ("Setting", "Va
 def _size_table(size: Mapping[str, Any]) -> str:
     lines = ["| | MB |", "|---|---:|"]
     if "float32_bytes" in size:
-        lines.append(f"| float32 (32 bit) | {size['float32_bytes'] / 1e6:.2f} |")
+        lines.append(f"| float32 (32 bit) | {size['float32_bytes'] / 1e6:.3f} |")
     label = size.get("label", "this checkpoint")
-    lines.append(f"| {label} | {size['checkpoint_bytes'] / 1e6:.2f} |")
+    lines.append(f"| {label} | {size['checkpoint_bytes'] / 1e6:.3f} |")
     text = "\n".join(lines)
     if "float32_bytes" in size and size["checkpoint_bytes"]:
         text += f"\n\nCompression ratio versus float32: {size['float32_bytes'] / size['checkpoint_bytes']:.2f}×."
