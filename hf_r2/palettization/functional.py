@@ -38,14 +38,20 @@ def cluster_distances(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.T
     return (vectors[:, None, :] - centroids[None, :, :]).square().sum(-1)
 
 
-def soft_assignment(vectors: torch.Tensor, centroids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """DKM's attention `softmax(-||w_i - c_j||^2 / temperature)` over the centroids, shape `(N, k)`.
+def _attention_t(vectors: torch.Tensor, centroids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """DKM's attention, transposed: `(k, N)`.
 
-    Computed as `softmax((2 w_i.c_j - ||c_j||^2) / temperature)`: the dropped `-||w_i||^2` is constant along the
-    softmax, and what is left is one matrix product instead of an (N, k, d) difference.
+    Logits `(2 w_i.c_j - ||c_j||^2) / temperature`: the dropped `-||w_i||^2` is constant along the softmax, and what is
+    left is one matrix product instead of an (N, k, d) difference. The softmax runs along dim 0 of a `(k, N)` tensor:
+    on CPU that is up to 20x faster than along the short last dim of `(N, k)` (k = 4: 2.6 ms against 51 ms per 1M).
     """
-    bias = centroids.square().sum(1).div_(-temperature)
-    return torch.softmax(torch.addmm(bias, vectors, centroids.T, alpha=2.0 / temperature), dim=1)
+    bias = centroids.square().sum(1, keepdim=True).div_(-temperature)
+    return torch.softmax(torch.addmm(bias, centroids, vectors.T, alpha=2.0 / temperature), dim=0)
+
+
+def soft_assignment(vectors: torch.Tensor, centroids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """DKM's attention `softmax(-||w_i - c_j||^2 / temperature)` over the centroids, shape `(N, k)`."""
+    return _attention_t(vectors, centroids, temperature).T
 
 
 def nearest_centroid(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -150,7 +156,10 @@ def _chunk_rows(n_clusters: int, dim: int) -> int:
 
 
 class _DKMExact(torch.autograd.Function):
-    """Unrolled DKM iterations with an exact, recomputing, chunked backward (see the module docstring)."""
+    """Unrolled DKM iterations with an exact, recomputing, chunked backward (see the module docstring).
+
+    Attention tensors are `(k, rows)` (see `_attention_t`).
+    """
 
     @staticmethod
     def forward(ctx, vectors, centroids, temperature, iters, eps):
@@ -161,9 +170,9 @@ class _DKMExact(torch.autograd.Function):
             num = torch.zeros_like(centroids)
             den = torch.zeros(centroids.shape[0], dtype=centroids.dtype)
             for v in vectors.split(rows):
-                attention = soft_assignment(v, current, temperature)
-                num.addmm_(attention.T, v)
-                den += attention.sum(0)
+                attention = _attention_t(v, current, temperature)
+                num.addmm_(attention, v)
+                den += attention.sum(1)
             new = _update(num, den, current)
             history.append(new)
             dens.append(den)
@@ -172,7 +181,7 @@ class _DKMExact(torch.autograd.Function):
             if moved <= eps:
                 break
         last, final = history[-2], history[-1]
-        out = torch.cat([soft_assignment(v, last, temperature) @ final for v in vectors.split(rows)])
+        out = torch.cat([_attention_t(v, last, temperature).T @ final for v in vectors.split(rows)])
         ctx.save_for_backward(vectors, *history, *dens)
         ctx.temperature, ctx.n_iters = temperature, len(dens)
         final = final.clone()
@@ -189,33 +198,29 @@ class _DKMExact(torch.autograd.Function):
         # The output A_T C_T also depends on C_T, which depends on every weight: collect dL/dC_T first.
         grad_c = torch.zeros_like(history[0])
         for v, g in zip(vectors.split(rows), grad_out.split(rows), strict=True):
-            grad_c.addmm_(soft_assignment(v, history[-2], tau).T, g)
+            grad_c.addmm_(_attention_t(v, history[-2], tau), g)
         for t in range(n_iters, 0, -1):
             previous, current, den = history[t - 1], history[t], dens[t - 1]
             live = den > _TINY
             grad_live = torch.where(live[:, None], grad_c, 0.0)
             inv_den = 1.0 / den.clamp_min(_TINY)
             grad_num = grad_live * inv_den[:, None]
-            grad_den = -(grad_live * current).sum(1) * inv_den
+            grad_den = -(grad_live * current).sum(1, keepdim=True) * inv_den[:, None]
             grad_previous = torch.where(live[:, None], 0.0, grad_c)  # dead centroids were copied through
             for i, v in enumerate(vectors.split(rows)):
                 sl = slice(i * rows, i * rows + v.shape[0])
-                attention = soft_assignment(v, previous, tau)
-                grad_att = torch.addmm(grad_den.expand(v.shape[0], -1), v, grad_num.T)
-                if t == n_iters:
-                    grad_att.addmm_(grad_out[sl], current.T)
-                grad_v = attention @ grad_num
-                # softmax backward, then d(-dist/tau), folded into one (N, k) factor
-                grad_dist = attention * (grad_att - (attention * grad_att).sum(1, keepdim=True)) / -tau
-                # d||v_i - c_j||^2 = 2 (v_i - c_j) (dv_i - dc_j); the sums over j and i below avoid an (N, k, d) tensor
-                weighted = grad_dist * 2.0
-                if v.shape[1] == 1:
-                    weighted = weighted * (v - previous.reshape(1, -1))
-                    grad_v += weighted.sum(1, keepdim=True)
-                    grad_previous -= weighted.sum(0)[:, None]
-                else:
-                    grad_v += v * weighted.sum(1, keepdim=True) - weighted @ previous
-                    grad_previous -= weighted.T @ v - weighted.sum(0)[:, None] * previous
+                attention = _attention_t(v, previous, tau)
+                # through num = A^T V and den = A^T 1
+                grad_att = torch.addmm(grad_den, grad_num, v.T)
+                if t == n_iters:  # through the output A_T C_T
+                    grad_att.addmm_(current, grad_out[sl].T)
+                grad_v = attention.T @ grad_num
+                # softmax backward, then the logits -||v_i - c_j||^2 / tau: d/dv_i = -2 (v_i - c_j) / tau and
+                # d/dc_j = +2 (v_i - c_j) / tau; the sums over j and i avoid an (N, k, d) tensor
+                weighted = attention * (grad_att - (attention * grad_att).sum(0, keepdim=True))
+                weighted.mul_(-2.0 / tau)
+                grad_v += v * weighted.sum(0)[:, None] - weighted.T @ previous
+                grad_previous -= weighted @ v - weighted.sum(1, keepdim=True) * previous
                 grad_vectors[sl] += grad_v
             grad_c = grad_previous
         return grad_vectors, (grad_c if ctx.needs_input_grad[1] else None), None, None, None
@@ -240,7 +245,7 @@ def dkm_exact(
 
 
 def _grid_attention(grid: torch.Tensor, centroids: torch.Tensor, temperature: float) -> torch.Tensor:
-    return soft_assignment(grid[:, None], centroids[:, None], temperature)
+    return _attention_t(grid[:, None], centroids[:, None], temperature)  # (k, M)
 
 
 class _DKMGrid(torch.autograd.Function):
@@ -268,15 +273,15 @@ class _DKMGrid(torch.autograd.Function):
         history, dens, attentions = [centroids.reshape(-1)], [], []
         for _ in range(iters):
             attention = _grid_attention(grid, history[-1], temperature)
-            den = mass @ attention
-            new = _update((weighted @ attention)[:, None], den, history[-1][:, None])[:, 0]
+            den = attention @ mass
+            new = _update((attention @ weighted)[:, None], den, history[-1][:, None])[:, 0]
             moved = (new - history[-1]).abs().max().item()
             history.append(new)
             dens.append(den)
             attentions.append(attention)
             if moved <= eps:
                 break
-        phi = attentions[-1] @ history[-1]
+        phi = history[-1] @ attentions[-1]
         delta = phi[1:] - phi[:-1]
         # index_select is ~4x faster than phi[index] with int32 indices on CPU
         out = phi.index_select(0, index).addcmul_(frac, delta.index_select(0, index))
@@ -296,7 +301,7 @@ class _DKMGrid(torch.autograd.Function):
         grad_phi = torch.bincount(index, weights=grad_out - upper, minlength=grid_size)
         grad_phi[1:] += torch.bincount(index, weights=upper, minlength=grid_size)[:-1]
         # phi = A_T C_T
-        grad_c = grad_phi @ attentions[-1]
+        grad_c = attentions[-1] @ grad_phi
         grad_mass = torch.zeros_like(mass)
         for t in range(n, 0, -1):
             attention, previous, current, den = attentions[t - 1], history[t - 1], history[t], dens[t - 1]
@@ -304,16 +309,14 @@ class _DKMGrid(torch.autograd.Function):
             grad_live = torch.where(live, grad_c, 0.0)
             inv_den = 1.0 / den.clamp_min(_TINY)
             # d L / d(mass_b A_bj) through num_j = sum_b mass_b grid_b A_bj and den_j = sum_b mass_b A_bj
-            per_point = torch.outer(grid, grad_live * inv_den).sub_(grad_live * current * inv_den)
-            grad_mass += (attention * per_point).sum(1)
-            grad_att = per_point.mul_(mass[:, None])
+            per_point = torch.outer(grad_live * inv_den, grid).sub_((grad_live * current * inv_den)[:, None])
+            grad_mass += (attention * per_point).sum(0)
+            grad_att = per_point.mul_(mass)
             if t == n:
-                grad_att.add_(torch.outer(grad_phi, current))
+                grad_att.add_(torch.outer(current, grad_phi))
             # softmax backward, then the logits -(grid_b - c_j)^2 / tau: d/dc_j = 2 (grid_b - c_j) / tau
-            grad_logit = attention * (grad_att - (attention * grad_att).sum(1, keepdim=True))
-            grad_c = torch.where(live, 0.0, grad_c) + (grad_logit * (grid[:, None] - previous[None, :])).sum(0) * (
-                2.0 / tau
-            )
+            grad_logit = attention * (grad_att - (attention * grad_att).sum(0, keepdim=True))
+            grad_c = torch.where(live, 0.0, grad_c) + (grad_logit * (grid - previous[:, None])).sum(1) * (2.0 / tau)
         # direct path: slope of the interpolation; centroid path: d(splat weights)/dw = -+1/step
         slope = (phi[1:] - phi[:-1]).div_(ctx.step)
         mass_slope = (grad_mass[1:] - grad_mass[:-1]).div_(ctx.step)
