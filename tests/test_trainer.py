@@ -395,3 +395,29 @@ def test_model_card_names_the_r2_settings(tmp_path):
     assert "hf-r2" in header and "r2-margin" in header and "mine" in header
     assert "- r2_type: margin" in card and "- r2_weight: 0.02" in card
     assert f"- final r2_loss: {train_logs(trainer)[-1]['r2_loss']:.4g}" in card
+
+
+def test_accumulation_parity_with_a_loss_normalized_over_the_accumulated_batch(tmp_path):
+    """With `compute_loss_func` the Trainer does not divide by the GA steps: the range term must then be divided."""
+
+    def summed_cross_entropy(outputs, labels, num_items_in_batch=None):
+        return nn.functional.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+    def logs(per_device, ga):
+        args = make_args(str(tmp_path / f"{ga}"), per_device=per_device, ga=ga, steps=2, r2_type="linf", r2_weight=0.3)
+        trainer = R2Trainer(
+            model=tiny_bert(), args=args, train_dataset=TokenDataset(), compute_loss_func=summed_cross_entropy
+        )
+        trainer.train()
+        return train_logs(trainer)
+
+    one, two = logs(8, 1), logs(4, 2)
+    assert_logs_equal(one, two)
+    # The logged loss is task + 0.3 x range, with the task loss of the plain (unregularized) model at step 1.
+    model = tiny_bert()
+    batch = {
+        k: torch.stack([TokenDataset()[i][k] for i in range(8)]) for k in ("input_ids", "attention_mask", "labels")
+    }
+    with torch.no_grad():
+        task = model(**batch).loss.item()
+    assert one[0]["task_loss"] == pytest.approx(task, rel=1e-5)
