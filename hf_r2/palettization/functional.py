@@ -176,9 +176,9 @@ class _DKMExact(torch.autograd.Function):
             new = _update(num, den, current)
             history.append(new)
             dens.append(den)
-            moved = (new - current).abs().max().item()
+            converged = eps > 0 and (new - current).abs().max().item() <= eps
             current = new
-            if moved <= eps:
+            if converged:
                 break
         last, final = history[-2], history[-1]
         out = torch.cat([_attention_t(v, last, temperature).T @ final for v in vectors.split(rows)])
@@ -275,11 +275,11 @@ class _DKMGrid(torch.autograd.Function):
             attention = _grid_attention(grid, history[-1], temperature)
             den = attention @ mass
             new = _update((attention @ weighted)[:, None], den, history[-1][:, None])[:, 0]
-            moved = (new - history[-1]).abs().max().item()
+            converged = eps > 0 and (new - history[-1]).abs().max().item() <= eps
             history.append(new)
             dens.append(den)
             attentions.append(attention)
-            if moved <= eps:
+            if converged:
                 break
         phi = history[-1] @ attentions[-1]
         delta = phi[1:] - phi[:-1]
@@ -287,6 +287,7 @@ class _DKMGrid(torch.autograd.Function):
         out = phi.index_select(0, index).addcmul_(frac, delta.index_select(0, index))
         ctx.save_for_backward(index, frac, mass, grid, phi, *history, *dens, *attentions)
         ctx.temperature, ctx.step, ctx.n_iters = temperature, step, len(dens)
+        ctx.all_live = [bool(den.min() > _TINY) for den in dens]
         final = history[-1].reshape(-1, 1).clone()
         ctx.mark_non_differentiable(final)
         return out, final
@@ -305,9 +306,10 @@ class _DKMGrid(torch.autograd.Function):
         grad_mass = torch.zeros_like(mass)
         for t in range(n, 0, -1):
             attention, previous, current, den = attentions[t - 1], history[t - 1], history[t], dens[t - 1]
-            live = den > _TINY
-            grad_live = torch.where(live, grad_c, 0.0)
-            inv_den = 1.0 / den.clamp_min(_TINY)
+            inv_den = den.clamp_min(_TINY).reciprocal_()
+            all_live = ctx.all_live[t - 1]
+            live = None if all_live else den > _TINY
+            grad_live = grad_c if all_live else torch.where(live, grad_c, 0.0)
             # d L / d(mass_b A_bj) through num_j = sum_b mass_b grid_b A_bj and den_j = sum_b mass_b A_bj
             per_point = torch.outer(grad_live * inv_den, grid).sub_((grad_live * current * inv_den)[:, None])
             grad_mass += (attention * per_point).sum(0)
@@ -316,7 +318,8 @@ class _DKMGrid(torch.autograd.Function):
                 grad_att.add_(torch.outer(current, grad_phi))
             # softmax backward, then the logits -(grid_b - c_j)^2 / tau: d/dc_j = 2 (grid_b - c_j) / tau
             grad_logit = attention * (grad_att - (attention * grad_att).sum(0, keepdim=True))
-            grad_c = torch.where(live, 0.0, grad_c) + (grad_logit * (grid - previous[:, None])).sum(1) * (2.0 / tau)
+            grad_c_new = (grad_logit * (grid - previous[:, None])).sum(1).mul_(2.0 / tau)
+            grad_c = grad_c_new if all_live else grad_c_new.add_(torch.where(live, 0.0, grad_c))
         # direct path: slope of the interpolation; centroid path: d(splat weights)/dw = -+1/step
         slope = (phi[1:] - phi[:-1]).div_(ctx.step)
         mass_slope = (grad_mass[1:] - grad_mass[:-1]).div_(ctx.step)

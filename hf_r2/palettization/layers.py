@@ -48,7 +48,7 @@ class DKMLayerMixin:
         if config.backend == "grid":
             return config.grid_size
         if bounds is None:
-            bounds = tuple(x.item() for x in torch.aminmax(self.weight.detach()))
+            bounds = tuple(torch.stack(torch.aminmax(self.weight.detach())).tolist())
         needed = grid_points_needed(bounds, self.centroids, config.temperature)
         size = max(256, -(-needed // 64) * 64)
         return size if size <= config.grid_size and 8 * size <= self.weight.numel() else None
@@ -60,7 +60,7 @@ class DKMLayerMixin:
         start = self.centroids.float().clone()  # saved for backward, while the buffer is updated in place
         bounds = None
         if config.cluster_dim == 1 and config.backend != "exact":
-            bounds = tuple(x.item() for x in torch.aminmax(weight.detach()))
+            bounds = tuple(torch.stack(torch.aminmax(weight.detach())).tolist())
         grid_size = self.dkm_grid_size(bounds)
         if grid_size is not None:
             soft, new = dkm_grid(
