@@ -109,7 +109,7 @@ class R2Config:
 #   place, touching one element, where a dense zero-filled gradient would cost two full passes over every weight;
 # * margin: `sign(w)` outside the margin, zero inside (dense: measured faster than a sparse gradient with ~5% of
 #   non-zeros at the 2·std init, whose `nonzero` and index arithmetic cost more than they save);
-# * soft_min_max: dense (every weight has a softmax share).
+# * soft_min_max: dense (every weight has a softmax share), computed in the forward where the softmaxes are at hand.
 #
 # Layout of a chunk: `(layers, d, K)` float32, `[l, c, k]` = coordinate `c` of vector `k` of `weight_to_vectors`
 # (vector `k = g * rest + p` holds output channels `g*d .. g*d+d-1` at input position `p`).
@@ -174,6 +174,25 @@ def _scatter_layers(values: list[torch.Tensor], chunks: list[list[int]], n: int,
     return out
 
 
+_ABS_MAX_BLOCK = 1024
+
+
+def _abs_max(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`max |x|` over dim 2 and its (first) position, like `chunk.abs().max(dim=2)` but 2-3x faster on CPU.
+
+    Reductions that return indices are not vectorized on CPU, `amax` / `amin` are: take them per block of up to
+    `_ABS_MAX_BLOCK` elements, then search for the index only inside the winning block.
+    """
+    n, d, k = chunk.shape
+    block = math.gcd(k, _ABS_MAX_BLOCK)
+    if block < 64:
+        return chunk.abs().max(dim=2)
+    blocks = chunk.reshape(n, d, k // block, block)
+    peak, which = torch.maximum(blocks.amax(dim=3), blocks.amin(dim=3).neg_()).max(dim=2)
+    winner = blocks.gather(2, which[:, :, None, None].expand(n, d, 1, block)).squeeze(2)
+    return peak, which * block + winner.abs_().argmax(dim=2)
+
+
 class _LinfLosses(torch.autograd.Function):
     """Per-layer `Σ_c max |w_c|`. Gradient: `sign(w)` on the extreme element (the first one if there are ties)."""
 
@@ -182,8 +201,7 @@ class _LinfLosses(torch.autograd.Function):
         chunks = _chunks(weights)
         losses, positions = [], []
         for idx in chunks:
-            chunk, fresh = _stack([weights[i] for i in idx], d)
-            peak, where = (chunk.abs_() if fresh else chunk.abs()).max(dim=2)
+            peak, where = _abs_max(_stack([weights[i] for i in idx], d)[0])
             losses.append(peak.sum(dim=1))
             positions.append(where)
         ctx.d, ctx.chunks, ctx.positions = d, chunks, positions
@@ -260,66 +278,62 @@ class _SoftMinMaxLosses(torch.autograd.Function):
 
     With `p = softmax(α w)`, `q = softmax(-α w)`: `ds_max/dw_i = p_i (1 + α (w_i - s_max))`,
     `ds_min/dw_i = q_i (1 - α (w_i - s_min))`, `ds_max/dα = Σ p_i w_i² - s_max²`, `ds_min/dα = -(Σ q_i w_i² - s_min²)`.
-    The forward keeps, per layer and coordinate, `s` and the log-normaliser `log Σ e^(βw)` of each softmax, from which
-    the backward recomputes `p` and `q` exactly.
+
+    The loss of a layer depends on nothing but its weight and α, so the forward, which has `p` and `q` at hand, also
+    computes `∂loss/∂w` (one float32 tensor per chunk: together the size of the gradient itself); the backward only
+    scales it by the incoming gradient, instead of recomputing both softmaxes.
     """
 
     @staticmethod
-    def _side(chunk: torch.Tensor, beta: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-        """Softmax of `β w` per layer and coordinate: returns `(s, Σ p w², log Σ e^(βw))`, each `(layers, d)`."""
-        # Subtract max(β w) (= β max w for β >= 0, β min w otherwise) so that no exponential overflows.
-        shift = torch.where(beta >= 0, beta * hi, beta * lo)
-        e = (chunk * beta[:, :, None]).sub_(shift[:, :, None]).exp_()
-        z = e.sum(dim=2)
-        ew = e.mul_(chunk)
-        s1 = ew.sum(dim=2)
-        s2 = ew.mul_(chunk).sum(dim=2)
-        return s1 / z, s2 / z, shift + z.log()
+    def _moments(e: torch.Tensor, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalises `e` in place into softmax probabilities `p`; returns `(p, Σ p w, Σ p w²)`."""
+        p = e.div_(e.sum(dim=2, keepdim=True))
+        pw = p * chunk
+        s1 = pw.sum(dim=2)
+        return p, s1, pw.mul_(chunk).sum(dim=2)
 
     @staticmethod
-    def forward(ctx, d: int, alphas: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, d: int, with_grad: bool, alphas: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         chunks = _chunks(weights)
-        losses, stats = [], []
+        losses, stats, grads = [], [], []
         for idx in chunks:
             chunk, _ = _stack([weights[i] for i in idx], d)
             a = alphas.detach()[idx].to(device=chunk.device, dtype=torch.float32)
-            lo, hi = torch.aminmax(chunk, dim=2)
-            s_max, m2_max, log_z_max = _SoftMinMaxLosses._side(chunk, a, lo, hi)
-            s_min, m2_min, log_z_min = _SoftMinMaxLosses._side(chunk, -a, lo, hi)
+            lo, hi = chunk.amin(dim=2), chunk.amax(dim=2)  # 4x faster than aminmax(dim=2) on CPU
+            aw = chunk * a[:, :, None]
+            # Subtract max(±α w) so that no exponential overflows: max(α w) = α max w for α >= 0, α min w otherwise.
+            top, bottom = torch.where(a >= 0, a * hi, a * lo), torch.where(a >= 0, a * lo, a * hi)
+            p, s_max, m2_max = _SoftMinMaxLosses._moments(torch.sub(aw, top[:, :, None]).exp_(), chunk)
+            q, s_min, m2_min = _SoftMinMaxLosses._moments(torch.sub(aw, bottom[:, :, None]).neg_().exp_(), chunk)
             losses.append((s_max - s_min + torch.exp(-a)).sum(dim=1))
-            stats.append(torch.stack([s_max, s_min, m2_max, m2_min, log_z_max, log_z_min], dim=1))
-        ctx.d, ctx.chunks = d, chunks
-        ctx.stats = _scatter_layers(stats, chunks, len(weights), alphas.device)  # (n_layers, 6, d)
+            stats.append(torch.stack([s_max, s_min, m2_max, m2_min], dim=1))
+            if with_grad and any(ctx.needs_input_grad[i + 3] for i in idx):
+                # p (1 + α (w - s_max)) - q (1 - α (w - s_min)) = p (αw + 1 - α s_max) + q (αw - 1 - α s_min)
+                up = torch.add(aw, (1 - a * s_max)[:, :, None]).mul_(p)
+                grads.append(up.add_(aw.sub_((1 + a * s_min)[:, :, None]).mul_(q)))
+            else:
+                grads.append(None)
+        ctx.d, ctx.chunks, ctx.grads = d, chunks, grads
+        ctx.stats = _scatter_layers(stats, chunks, len(weights), alphas.device)  # (n_layers, 4, d)
         ctx.save_for_backward(alphas, *weights)
         return _scatter_layers(losses, chunks, len(weights), alphas.device)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         alphas, *weights = ctx.saved_tensors
-        d, stats = ctx.d, ctx.stats
-        grads: list[torch.Tensor | None] = [None, None] + [None] * len(weights)
-        if ctx.needs_input_grad[1]:
-            s_max, s_min, m2_max, m2_min = stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3]
+        grads: list[torch.Tensor | None] = [None, None, None] + [None] * len(weights)
+        if ctx.needs_input_grad[2]:
+            s_max, s_min, m2_max, m2_min = ctx.stats.unbind(1)
             d_alpha = (m2_max - s_max**2) + (m2_min - s_min**2) - torch.exp(-alphas.float())
-            grads[1] = (grad_out[:, None] * d_alpha).to(alphas.dtype)
-        for idx in ctx.chunks:
-            if not any(ctx.needs_input_grad[i + 2] for i in idx):
+            grads[2] = (grad_out[:, None] * d_alpha).to(alphas.dtype)
+        for idx, local in zip(ctx.chunks, ctx.grads, strict=True):
+            if local is None:
                 continue
             ws = [weights[i] for i in idx]
-            chunk, _ = _stack(ws, d)
-            rows = torch.tensor(idx, device=alphas.device)
-            a = alphas.detach()[rows].to(device=chunk.device, dtype=torch.float32)[:, :, None]
-            s_max, s_min, _, _, log_z_max, log_z_min = stats[rows].to(chunk.device)[:, :, :, None].unbind(1)
-            # p (1 + α (w - s_max)) = p (α w + 1 - α s_max) with p = exp(α w - log Z_max); likewise q with -α.
-            up = chunk * a
-            p = torch.sub(up, log_z_max).exp_()
-            up.add_(1 - a * s_max).mul_(p)
-            down = chunk * -a
-            q = torch.sub(down, log_z_min, out=p).exp_()
-            down.add_(1 + a * s_min).mul_(q)
-            g = grad_out[rows.to(grad_out.device)].to(chunk.device)[:, None, None]
-            for i, grad in zip(idx, _unstack(up.sub_(down).mul_(g), ws, d), strict=True):
-                grads[i + 2] = grad if ctx.needs_input_grad[i + 2] else None
+            g = grad_out[torch.tensor(idx, device=grad_out.device)].to(local.device)[:, None, None]
+            # Not in place: a second backward through a retained graph must see the same cached gradient.
+            for i, grad in zip(idx, _unstack(local * g, ws, ctx.d), strict=True):
+                grads[i + 3] = grad if ctx.needs_input_grad[i + 3] else None
         return tuple(grads)
 
 
@@ -396,7 +410,7 @@ class RangeRegularizer(nn.Module):
             return _LinfLosses.apply(d, *weights)
         if self.config.r2_type == "margin":
             return _MarginLosses.apply(d, self.margins, *weights)
-        return _SoftMinMaxLosses.apply(d, self.alphas, *weights)
+        return _SoftMinMaxLosses.apply(d, torch.is_grad_enabled(), self.alphas, *weights)
 
     def forward(self) -> torch.Tensor:
         """Returns the total range loss, a differentiable scalar `float32` tensor.

@@ -247,10 +247,14 @@ def test_loss_decreases_the_range_when_trained():
         assert reg().item() < start, r2_type
 
 
-def test_works_under_ddp(tmp_path):
+def test_works_under_ddp(tmp_path, monkeypatch):
+    import datetime
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # no host-name lookup
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
     try:
         model = make_model()
         reg = RangeRegularizer(model, R2Config("margin"))
