@@ -315,3 +315,28 @@ def test_non_finite_loss_raises_naming_layer(r2_type):
         model.blocks[1].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=rf"R² {r2_type} range loss is not finite \(nan\) for layer 'blocks\.1'"):
         reg()
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4096), (2, 1, 3072), (2, 1, 100), (1, 4, 640)])
+def test_blockwise_abs_max_matches_torch(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x[0, 0, -1] = -50.0  # the extreme element is negative and in the last block
+    x[0, 0, 7] = 50.0  # a tie: the first position wins, as in `max`
+    peak, where = RR._abs_max(x)
+    ref_peak, _ = x.abs().max(dim=2)
+    assert torch.equal(peak, ref_peak)
+    assert where[0, 0].item() == 7
+    assert torch.equal(x.abs().gather(2, where[:, :, None]).squeeze(2), ref_peak)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_large_layers_linf_gradient_matches_reference(d):
+    """Layers big enough for the blockwise search (K >= 64 per coordinate), stacked in one chunk."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 8), nn.Linear(256, 8))
+    reg = RangeRegularizer(model, R2Config("linf", cluster_dim=d))
+    reg().backward()
+    for layer in model:
+        w = layer.weight.detach().double().requires_grad_(True)
+        ref_layer(w, "linf", d, None).backward()
+        torch.testing.assert_close(layer.weight.grad.double(), w.grad)
