@@ -154,7 +154,7 @@ class R2TrainingArguments(TrainingArguments):
             "would never move, at 1e-2 it grows by ~1 per 100 steps, the pace the paper's SGD (lr 0.2-1.0, "
             "r2_weight 0.01) gives it. A margin is in weight units (~2 x std(W), 0.05-0.1): at 1e-2 it jumps above "
             "the largest weight within a few steps and its hinge goes idle (measured on a tiny BERT: worst-layer "
-            "range reduction 3% at 1e-2, 19% at the model's 1e-3), so it moves at the weights' own rate."
+            "range reduction 3%% at 1e-2, 19%% at the model's 1e-3), so it moves at the weights' own rate."
         },
     )
 

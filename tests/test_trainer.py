@@ -421,3 +421,13 @@ def test_accumulation_parity_with_a_loss_normalized_over_the_accumulated_batch(t
     with torch.no_grad():
         task = model(**batch).loss.item()
     assert one[0]["task_loss"] == pytest.approx(task, rel=1e-5)
+
+
+def test_help_text_renders_through_argparse():
+    # argparse %-formats help strings: a bare "%" in a field's help crashes `--help` of every script using the class.
+    from transformers import HfArgumentParser
+
+    from hf_r2.arguments import CompressionArguments, PublishArguments
+
+    text = HfArgumentParser((R2TrainingArguments, CompressionArguments, PublishArguments)).format_help()
+    assert "--r2_learning_rate" in text and "--dkm_bits" in text and "--publish_dir" in text
