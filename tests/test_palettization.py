@@ -343,3 +343,18 @@ def test_r2_fine_tuning_then_dkm_2_bit_through_the_trainer(tmp_path):
         vectors = weight_to_vectors(module.weight.detach(), 1)
         assert torch.unique(vectors).numel() <= 4, name
     torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("backend", ["grid", "exact"])
+def test_bfloat16_weights_train_and_finalize(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128)).to(torch.bfloat16)
+    palettize(model, DKMConfig(n_bits=2, backend=backend, grid_size=256))
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert model[0].weight.grad.dtype == torch.bfloat16 and model[0].weight.grad.abs().sum() > 0
+    assert model[0].centroids.dtype == torch.float32
+    finalize(model)
+    assert model[0].weight.dtype == torch.bfloat16 and torch.unique(model[0].weight).numel() <= 4

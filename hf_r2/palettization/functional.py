@@ -168,7 +168,7 @@ class _DKMExact(torch.autograd.Function):
         current = centroids
         for _ in range(iters):
             num = torch.zeros_like(centroids)
-            den = torch.zeros(centroids.shape[0], dtype=centroids.dtype)
+            den = torch.zeros(centroids.shape[0], dtype=centroids.dtype, device=centroids.device)
             for v in vectors.split(rows):
                 attention = _attention_t(v, current, temperature)
                 num.addmm_(attention, v)
@@ -268,7 +268,7 @@ class _DKMGrid(torch.autograd.Function):
         upper = torch.bincount(index, weights=frac, minlength=grid_size)
         mass = torch.bincount(index, minlength=grid_size).to(weights.dtype) - upper
         mass[1:] += upper[:-1]
-        grid = torch.arange(grid_size, dtype=weights.dtype).mul_(step).add_(lo)
+        grid = torch.arange(grid_size, dtype=weights.dtype, device=weights.device).mul_(step).add_(lo)
         weighted = grid * mass
         history, dens, attentions = [centroids.reshape(-1)], [], []
         for _ in range(iters):
