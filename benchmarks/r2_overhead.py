@@ -132,7 +132,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device) -> dict[str, l
         common = dict(
             per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps, learning_rate=1e-5,
             logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=device.type == "cpu",
-            dataloader_num_workers=0,
+            dataloader_num_workers=0, disable_tqdm=True,
         )
         with tempfile.TemporaryDirectory() as out:
             if mode == "none":

@@ -102,8 +102,8 @@ class R2Config:
 # intermediates (|W|, softmax probabilities, ...) alive until backward: on a 366-layer MobileBERT that costs 4-60% of
 # a CPU training step and thousands of kernel launches on a GPU. Here each regularizer is ONE autograd node for all
 # layers. Layers of the same shape, dtype and device are stacked into chunks of at most `_CHUNK_ELEMENTS` elements
-# and reduced with a handful of batched ops per chunk; the forward keeps a few numbers per layer, and the backward
-# recomputes what it needs and writes the closed-form gradients:
+# and reduced with a handful of batched ops per chunk. No weight-sized float32 intermediate outlives the forward
+# except soft_min_max's gradient; the gradients are the closed forms:
 #
 # * linf: `sign(w)` on the extreme element only, as a sparse tensor: autograd adds it into the dense task gradient in
 #   place, touching one element, where a dense zero-filled gradient would cost two full passes over every weight;
@@ -131,16 +131,16 @@ def _chunks(weights: tuple[torch.Tensor, ...]) -> list[list[int]]:
     return chunks
 
 
-def _stack(ws: list[torch.Tensor], d: int) -> tuple[torch.Tensor, bool]:
-    """Returns the chunk in the `(layers, d, K)` float32 layout, and whether it is a fresh copy (safe to modify)."""
+def _stack(ws: list[torch.Tensor], d: int) -> torch.Tensor:
+    """Returns the chunk in the `(layers, d, K)` float32 layout (may be a view of the weight: do not modify it)."""
     out = ws[0].shape[0]
     if d == 1:
         if len(ws) == 1 and ws[0].dtype == torch.float32 and ws[0].is_contiguous():
-            return ws[0].reshape(1, 1, -1), False  # a big single layer (embeddings): no copy
+            return ws[0].reshape(1, 1, -1)  # a big single layer (embeddings): no copy
         stacked = torch.stack([w.reshape(-1) for w in ws])
     else:
         stacked = torch.stack([w.reshape(out // d, d, -1).transpose(0, 1) for w in ws])
-    return stacked.float().reshape(len(ws), d, -1), True
+    return stacked.float().reshape(len(ws), d, -1)
 
 
 def _unstack(grad: torch.Tensor, ws: list[torch.Tensor], d: int) -> tuple[torch.Tensor, ...]:
@@ -202,7 +202,7 @@ class _LinfLosses(torch.autograd.Function):
         chunks = _chunks(weights)
         losses, positions = [], []
         for idx in chunks:
-            peak, where = _abs_max(_stack([weights[i] for i in idx], d)[0])
+            peak, where = _abs_max(_stack([weights[i] for i in idx], d))
             losses.append(peak.sum(dim=1))
             positions.append(where)
         ctx.d, ctx.chunks, ctx.positions = d, chunks, positions
@@ -244,7 +244,7 @@ class _MarginLosses(torch.autograd.Function):
         chunks = _chunks(weights)
         losses, outside, directions = [], [], []
         for idx in chunks:
-            chunk, _ = _stack([weights[i] for i in idx], d)
+            chunk = _stack([weights[i] for i in idx], d)
             m = margins.detach()[idx].to(device=chunk.device, dtype=torch.float32).abs()
             excess = chunk.abs().sub_(m[:, :, None]).clamp_min_(0)
             losses.append(m.sum(dim=1) + excess.sum(dim=(1, 2)))
@@ -298,7 +298,7 @@ class _SoftMinMaxLosses(torch.autograd.Function):
         chunks = _chunks(weights)
         losses, stats, grads = [], [], []
         for idx in chunks:
-            chunk, _ = _stack([weights[i] for i in idx], d)
+            chunk = _stack([weights[i] for i in idx], d)
             a = alphas.detach()[idx].to(device=chunk.device, dtype=torch.float32)
             lo, hi = chunk.amin(dim=2), chunk.amax(dim=2)  # 4x faster than aminmax(dim=2) on CPU
             aw = chunk * a[:, :, None]
