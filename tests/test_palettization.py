@@ -287,6 +287,10 @@ def test_bad_layers_are_clear_errors_and_change_nothing():
     assert isinstance(model[0], DKMLinear) and type(model[1]) is nn.Linear
     with pytest.raises(ValueError, match="already palettized"):
         palettize(model, DKMConfig(n_bits=2, target_modules=["0"]))
+    tied = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8, bias=False))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match="1.weight is tied to 0.weight"):
+        palettize(tied, DKMConfig(n_bits=1))
     with pytest.raises(ValueError, match="no DKM layer"):
         finalize(nn.Sequential(nn.Linear(2, 2)))
 

@@ -70,8 +70,15 @@ def palettize(model: nn.Module, config: DKMConfig) -> nn.Module:
     selected = {n: m for n, m in selected.items() if m.weight.numel() >= config.weight_threshold}
     if not selected:
         raise ValueError(f"No layer has at least weight_threshold={config.weight_threshold} weights to palettize.")
+    owners: dict[int, str] = {}
     for name, module in selected.items():
         _validate(name, module, config)
+        first = owners.setdefault(id(module.weight), name)
+        if first != name:
+            # Two DKM layers on one tied weight would cluster it twice, with two LUTs, and finalize would overwrite one.
+            raise ValueError(
+                f"{name}.weight is tied to {first}.weight; palettize one of them: exclude_modules=[{name!r}]."
+            )
     generator = torch.Generator().manual_seed(config.seed)
     for module in selected.values():
         module.__class__ = DKM_LAYERS[type(module)]
