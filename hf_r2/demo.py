@@ -13,7 +13,7 @@ the Trainer, then `finalize`) and with round-to-nearest PTQ, and writes into `--
 Why the defaults are what they are (measured numbers in `docs/RESULTS.md`): a pretrained BERT-style encoder carries a
 few huge weights (MiniLM's `output.dense` layers span up to 8.5 while 99.9% of their weights lie within ±0.25). Adam
 moves a weight by about the learning rate per step whatever the size of its gradient, so a fine-tune of `n` steps can
-shrink a range by at most about `n × lr` (1024 pairs, batch 16, lr 1e-4: 0.006 per side): R² cannot remove those
+shrink a range by at most about `n × lr` (768 pairs, batch 16, lr 1e-4: 0.005 per side): R² cannot remove those
 pretrained outliers in a short Adam fine-tune, and the demo reports that honestly. `r2_weight` (1.0 here, against the
 paper's 0.01 for SGD from scratch) decides only which weights the range term dominates over the task gradient. SGD
 (`--optim sgd --optim_args momentum=0.9,nesterov=True --learning_rate 0.02`), whose steps scale with `r2_weight`,
@@ -92,7 +92,7 @@ class DemoArguments:
     )
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per pair after truncation (padding per batch)."})
     train_samples: int | None = field(
-        default=1024, metadata={"help": "Use this many training pairs (a fixed random subset); 0 or None: all 1,892."}
+        default=768, metadata={"help": "Use this many training pairs (a fixed random subset); 0 or None: all 1,892."}
     )
     eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation pairs."})
     batch_size: int = field(default=16, metadata={"help": "Training batch size of every stage."})
@@ -115,7 +115,7 @@ class DemoArguments:
         default=0.01, metadata={"help": "Learning rate of the regularizers' margins and temperatures."}
     )
     dkm_bits: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "DKM palette sizes (bits)."})
-    dkm_steps: int = field(default=30, metadata={"help": "Steps of each DKM fine-tune."})
+    dkm_steps: int = field(default=8, metadata={"help": "Steps of each DKM fine-tune."})
     dkm_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate (AdamW) of the DKM fine-tunes."})
     ptq_bits: list[int] = field(default_factory=lambda: [4, 2], metadata={"help": "Weight bits of the PTQ columns."})
     ptq_per_channel: bool = field(

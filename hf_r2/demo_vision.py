@@ -57,10 +57,10 @@ class VisionDemoArguments:
     r2_types: list[str] = field(
         default_factory=lambda: list(R2_ROWS), metadata={"help": f"Table rows, a subset of {list(R2_ROWS)}."}
     )
-    train_samples: int | None = field(default=12000, metadata={"help": "Training images used (None: all)."})
+    train_samples: int | None = field(default=20000, metadata={"help": "Training images used (None: all)."})
     eval_samples: int | None = field(default=None, metadata={"help": "Test images used (None: all)."})
     hidden_sizes: list[int] = field(default_factory=lambda: [16, 32], metadata={"help": "ResNet stage widths."})
-    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of each from-scratch training."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs of each from-scratch training."})
     max_steps: int = field(default=-1, metadata={"help": "If > 0, steps of each from-scratch training (overrides)."})
     batch_size: int = field(default=64, metadata={"help": "Training batch size of every stage."})
     learning_rate: float = field(default=0.1, metadata={"help": "SGD learning rate of the from-scratch trainings."})
