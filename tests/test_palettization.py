@@ -101,14 +101,17 @@ def test_exact_backend_equals_unrolled_autograd(d, k):
     torch.testing.assert_close(our_v.grad, ref_v.grad, rtol=1e-8, atol=1e-10)
 
 
-def test_exact_backend_is_chunked_without_changing_results(monkeypatch):
+@pytest.mark.parametrize("keep", [True, False])
+def test_exact_backend_is_chunked_without_changing_results(monkeypatch, keep):
     import hf_r2.palettization.functional as functional
 
     vectors, start = _data(500, 2, 4)
     vectors.requires_grad_()
-    out, _ = dkm_exact(vectors, start, 1e-4, 2)
+    out, _ = reference_dkm(vectors, start, 1e-4, 2)
     (grad,) = torch.autograd.grad(out.square().sum(), vectors)
     monkeypatch.setattr(functional, "_CHUNK_ELEMENTS", 64)  # 8 rows per chunk
+    if not keep:  # recompute the last attention instead of keeping it
+        monkeypatch.setattr(functional, "_KEEP_ELEMENTS", 0)
     out2, _ = dkm_exact(vectors, start, 1e-4, 2)
     (grad2,) = torch.autograd.grad(out2.square().sum(), vectors)
     torch.testing.assert_close(out2, out)

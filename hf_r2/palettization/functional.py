@@ -29,6 +29,8 @@ import torch
 
 _TINY = 1e-30
 _CHUNK_ELEMENTS = 1 << 20
+# A layer's whole attention (k x N) is kept for reuse within one forward or backward call only up to this size.
+_KEEP_ELEMENTS = 1 << 22
 
 
 def cluster_distances(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -164,15 +166,19 @@ class _DKMExact(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vectors, centroids, temperature, iters, eps):
         rows = _chunk_rows(*centroids.shape)
-        history, dens = [centroids], []
+        # The last iteration's attention is also the output's: keep it when it is small instead of recomputing it.
+        keep = eps <= 0 and centroids.shape[0] * vectors.shape[0] <= _KEEP_ELEMENTS
+        history, dens, kept = [centroids], [], []
         current = centroids
-        for _ in range(iters):
+        for i in range(iters):
             num = torch.zeros_like(centroids)
             den = torch.zeros(centroids.shape[0], dtype=centroids.dtype, device=centroids.device)
             for v in vectors.split(rows):
                 attention = _attention_t(v, current, temperature)
                 num.addmm_(attention, v)
                 den += attention.sum(1)
+                if keep and i == iters - 1:
+                    kept.append(attention)
             new = _update(num, den, current)
             history.append(new)
             dens.append(den)
@@ -181,7 +187,11 @@ class _DKMExact(torch.autograd.Function):
             if converged:
                 break
         last, final = history[-2], history[-1]
-        out = torch.cat([_attention_t(v, last, temperature).T @ final for v in vectors.split(rows)])
+        if kept:
+            out = torch.cat([attention.T @ final for attention in kept])
+        else:
+            out = torch.cat([_attention_t(v, last, temperature).T @ final for v in vectors.split(rows)])
+        del kept
         ctx.save_for_backward(vectors, *history, *dens)
         ctx.temperature, ctx.n_iters = temperature, len(dens)
         final = final.clone()
@@ -197,8 +207,13 @@ class _DKMExact(torch.autograd.Function):
         grad_vectors = torch.zeros_like(vectors)
         # The output A_T C_T also depends on C_T, which depends on every weight: collect dL/dC_T first.
         grad_c = torch.zeros_like(history[0])
+        keep = history[0].shape[0] * vectors.shape[0] <= _KEEP_ELEMENTS
+        kept = []
         for v, g in zip(vectors.split(rows), grad_out.split(rows), strict=True):
-            grad_c.addmm_(_attention_t(v, history[-2], tau), g)
+            attention = _attention_t(v, history[-2], tau)
+            grad_c.addmm_(attention, g)
+            if keep:
+                kept.append(attention)
         for t in range(n_iters, 0, -1):
             previous, current, den = history[t - 1], history[t], dens[t - 1]
             live = den > _TINY
@@ -209,7 +224,7 @@ class _DKMExact(torch.autograd.Function):
             grad_previous = torch.where(live[:, None], 0.0, grad_c)  # dead centroids were copied through
             for i, v in enumerate(vectors.split(rows)):
                 sl = slice(i * rows, i * rows + v.shape[0])
-                attention = _attention_t(v, previous, tau)
+                attention = kept[i] if t == n_iters and kept else _attention_t(v, previous, tau)
                 # through num = A^T V and den = A^T 1
                 grad_att = torch.addmm(grad_den, grad_num, v.T)
                 if t == n_iters:  # through the output A_T C_T
@@ -223,6 +238,7 @@ class _DKMExact(torch.autograd.Function):
                 grad_previous -= weighted @ v - weighted.sum(1, keepdim=True) * previous
                 grad_vectors[sl] += grad_v
             grad_c = grad_previous
+            kept = []
         return grad_vectors, (grad_c if ctx.needs_input_grad[1] else None), None, None, None
 
 
