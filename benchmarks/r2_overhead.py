@@ -144,11 +144,12 @@ def bench_trainer(args: argparse.Namespace, device: torch.device) -> dict[str, l
             trainer.train()
         return timer.times[args.warmup:]
 
-    # Alternate the runs (none, type, none, type, ...) so slow drifts in machine load hit both sides alike.
-    times: dict[str, list[float]] = {"none": []}
+    # Each r2_type is compared with a plain Trainer run right next to it (pairs), so that slow drifts in machine
+    # load hit both sides of a ratio alike.
+    times: dict[str, list[float]] = {}
     for mode in args.r2_types:
+        times[f"none (paired with {mode})"] = run("none")
         times[mode] = run(mode)
-        times["none"] += run("none")
     return times
 
 
@@ -172,13 +173,17 @@ def main(argv: list[str] | None = None) -> None:
           f"batch {args.batch_size}x{args.seq_len}, steps {args.steps} (+{args.warmup} warm-up)", flush=True)
 
     times = bench_loop(args, device) if args.mode == "loop" else bench_trainer(args, device)
-    base = statistics.median(times["none"])
-    print(f"\n{'mode':<32} {'median step (ms)':>17} {'overhead vs none':>17}")
+    print(f"\n{'mode':<36} {'median step (ms)':>17} {'overhead vs none':>17}")
     for mode, values in times.items():
         med = statistics.median(values)
-        extra = med / base - 1 if "alone" not in mode else med / base
-        label = f"{extra * 100:+.2f}%" if "alone" not in mode else f"{extra * 100:.2f}% of step"
-        print(f"{mode:<32} {med * 1e3:>17.1f} {label:>17}")
+        if mode.startswith("none"):
+            label = "baseline"
+        elif "alone" in mode:
+            label = f"{med / statistics.median(times['none']) * 100:.2f}% of step"
+        else:
+            base = statistics.median(times.get(f"none (paired with {mode})", times.get("none", [])))
+            label = f"{(med / base - 1) * 100:+.2f}%"
+        print(f"{mode:<36} {med * 1e3:>17.1f} {label:>17}")
     sys.stdout.flush()
 
 
