@@ -28,11 +28,13 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -324,7 +326,7 @@ def run_pipeline(
 
     Returns:
         `dict` with `accuracy[row][column] = [acc per seed]`, `weight_stats[row]` (seed `seeds[0]`, from
-        `hf_r2.analysis.weight_ranges`), `histogram_weights[row]` (the same models' weights) and `timing_s`.
+        `hf_r2.analysis.weight_ranges`), `models[row]` (those models) and `timing_s` (seconds per stage).
     """
     from hf_r2.analysis import weight_ranges
 
@@ -391,8 +393,8 @@ def histogram_layers(stats: Mapping[str, Any], max_layers: int = 4) -> list[str]
     """First layer, the widest-range layer of the baseline, a middle layer and the last layer (Figure 2's choice)."""
     names = list(stats)
     widest = max(names, key=lambda n: stats[n].range)
-    picks = [names[0], widest, names[len(names) // 2], names[-1]]
-    return list(dict.fromkeys(picks))[:max_layers]
+    picks = {names[0], widest, names[len(names) // 2], names[-1]}
+    return [n for n in names if n in picks][:max_layers]
 
 
 def stats_to_json(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -539,6 +541,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(prefix="hf_r2_demo_")
+    # Trainer output folders only (no checkpoints are saved); removed when the interpreter exits.
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     start = time.perf_counter()
 
     model_path = args.model_name_or_path or default_model_path()

@@ -20,12 +20,14 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import copy
 import gzip
 import importlib.util
 import math
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import time
@@ -191,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     hf_logging.set_verbosity_error()
     start = time.perf_counter()
     work = tempfile.mkdtemp(prefix="hf_r2_vision_")
+    # Trainer output folders only (no checkpoints are saved); removed when the interpreter exits.
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
 
     train_x, train_y, test_x, test_y = load_images(args.dataset)
     if args.train_samples and args.train_samples < len(train_y):
