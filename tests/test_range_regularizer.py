@@ -340,3 +340,13 @@ def test_large_layers_linf_gradient_matches_reference(d):
         w = layer.weight.detach().double().requires_grad_(True)
         ref_layer(w, "linf", d, None).backward()
         torch.testing.assert_close(layer.weight.grad.double(), w.grad)
+
+
+def test_remove_hooks_leaves_the_model_untouched():
+    model = make_model()
+    reg = RangeRegularizer(model, R2Config("linf"))
+    assert len(reg._hook_handles) == len(reg.layer_names)
+    reg.remove_hooks()
+    reg().backward()  # without the densifying hooks, a range-only gradient stays sparse
+    assert model.head.weight.grad.layout == torch.sparse_coo
+    assert RangeRegularizer(model, R2Config("soft_min_max"))._hook_handles == []  # dense gradients need no hook
