@@ -246,6 +246,12 @@ class CompressionArguments:
         # Parse now so a bad pattern fails before a model is even loaded.
         for name in ("dkm_target_modules", "dkm_exclude_modules", "quant_target_modules", "quant_exclude_modules"):
             parse_module_pattern(getattr(self, name))
+        # Build the method's config now: a flag it lacks (--quant_per_channel with lsq) or a combination it refuses
+        # (--quant_method lsq --w_bits 1) then fails while parsing, not after the data and model are loaded.
+        if self.method == "dkm":
+            self.dkm_config()
+        elif self.method is not None:
+            self.quantization_config()
 
     def _refuse_orphans(self, names: set[str], disabled: bool, switch: str) -> None:
         if not disabled:

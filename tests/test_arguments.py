@@ -61,10 +61,14 @@ def test_quant_flags_build_the_method_config():
     assert not compression.trains_compressed
 
 
-def test_quant_option_the_method_lacks_is_refused():
-    compression, _ = parse("--quant_method", "lsq", "--quant_per_channel", "true")
+def test_quant_option_the_method_lacks_is_refused_while_parsing():
+    # Refused by __post_init__, before a script loads data or a model (not only when the config is built later).
     with pytest.raises(ValueError, match="per_channel"):
-        compression.quantization_config()
+        parse("--quant_method", "lsq", "--quant_per_channel", "true")
+    with pytest.raises(ValueError, match="w_bits >= 2 .*got w_bits=1"):
+        parse("--quant_method", "lsq", "--w_bits", "1")
+    compression, _ = parse("--quant_method", "lsq", "--w_bits", "2")
+    assert compression.quantization_config().w_bits == 2
 
 
 @pytest.mark.parametrize(
