@@ -16,15 +16,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-HISTOGRAM_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+from hf_r2.analysis import DEFAULT_LAYER_TYPES
+
+#: The weight-range table's (and the regularizer's) layer types, so the figure picks among the measured layers.
+HISTOGRAM_TYPES: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES
 
 
 def pick_histogram_layers(model: nn.Module, max_layers: int = 4) -> list[str]:
     """Chooses up to `max_layers` layers spread over the depth: the first and the last always, then evenly spaced ones.
 
     The paper's Figure 2 shows the first convolution, two inner layers and the final linear layer of ResNet-18; this
-    generalizes that choice to any model. Only layers that own a `weight` (Linear, Conv1d/2d, Embedding and their
-    hf_r2 wrappers, which subclass them) are candidates.
+    generalizes that choice to any model. Only the layers the weight-range table measures are candidates
+    (`hf_r2.analysis.DEFAULT_LAYER_TYPES`: Linear, Conv1d/2d, Embedding, transformers Conv1D, and the hf_r2 wrappers
+    that subclass them).
 
     Args:
         model (`nn.Module`): The model.

@@ -133,6 +133,20 @@ def test_pick_histogram_layers_spreads_first_to_last():
         layer_weights(model, ["nope"])
 
 
+def test_histogram_layers_are_chosen_among_the_measured_layers():
+    # GPT-2 keeps its attention and MLP weights in transformers' Conv1D: the figure must pick among the same layers
+    # as the weight-range table (and the regularizer), not only the embeddings and the head.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=3, n_head=2))
+    measured = list(weight_ranges(model))
+    picks = pick_histogram_layers(model, 4)
+    assert set(picks) <= set(measured)
+    assert picks[0] == measured[0] and picks[-1] == measured[-1]
+    assert pick_histogram_layers(model, len(measured)) == measured
+    assert any(".attn." in n or ".mlp." in n for n in picks)
+
+
 def test_histogram_figure_is_a_png_written_atomically(tmp_path):
     model = tiny_bert()
     names = pick_histogram_layers(model, 4)
