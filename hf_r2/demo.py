@@ -638,7 +638,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         elapsed=elapsed,
         notes=[
             f"Data: {len(train)} training / {len(validation)} validation pairs of `examples/data/qnli-squad`.",
-            f"Full precision: {args.optim} ({args.optim_args}), lr {args.learning_rate}, "
+            f"Full precision: {args.optim}{f' ({args.optim_args})' if args.optim_args else ''}, "
+            f"lr {args.learning_rate}, "
             + (f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs} epoch(s)")
             + f", batch {args.batch_size}; r2_weight linf {args.r2_weight_linf}, margin {args.r2_weight_margin}, "
             f"soft_min_max {args.r2_weight_soft_min_max}; regularizer lr {args.r2_learning_rate}.",
