@@ -58,6 +58,7 @@ from hf_r2.hub import (
     training_info_from_args,
 )
 from hf_r2.trainer import R2Trainer, R2TrainingArguments
+from hf_r2.utils import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -443,7 +444,6 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)
         logger.info(f"Training a {config.model_type} from its config: {model.num_parameters() / 1e6:.2f}M parameters.")
 
-    # What the card compares against: the weights this run starts from.
     # What the card compares against: another checkpoint (e.g. trained without R²), or the starting weights.
     reference_weights = reference_ranges = None
     reference_label = "start of this run"
@@ -516,13 +516,10 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         predictions = np.squeeze(predictions) if is_regression else np.argmax(predictions, axis=1)
         if trainer.is_world_process_zero():
             out = Path(training_args.output_dir) / f"predict_results_{task}.txt"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".tmp")
-            with open(tmp, "w") as writer:
+            with atomic_path(out) as tmp, open(tmp, "w") as writer:
                 writer.write("index\tprediction\n")
                 for index, item in enumerate(predictions):
                     writer.write(f"{index}\t{item:3.3f}\n" if is_regression else f"{index}\t{int(item)}\n")
-            os.replace(tmp, out)
 
     if want_publish and trainer.is_world_process_zero():
         publish_dir = publish_args.publish_dir or os.path.join(training_args.output_dir, "publish")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from hf_r2.analysis import DEFAULT_LAYER_TYPES
+from hf_r2.utils import atomic_path
 
 #: The weight-range table's (and the regularizer's) layer types, so the figure picks among the measured layers.
 HISTOGRAM_TYPES: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES
@@ -120,14 +120,6 @@ def plot_weight_histograms(
         fig.suptitle(title, fontsize=10)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path

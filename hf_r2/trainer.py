@@ -35,7 +35,7 @@ from transformers.utils import logging
 from hf_r2.analysis import max_weight_range
 from hf_r2.range_regularizer import SUPPORTED_LAYER_TYPES, R2Config, RangeRegularizer
 from hf_r2.regularizers import R2_TYPES
-from hf_r2.utils import select_modules
+from hf_r2.utils import atomic_path, select_modules
 
 __all__ = ["R2_TYPE_CHOICES", "R2_STATE_NAME", "R2TrainingArguments", "R2Trainer"]
 
@@ -428,10 +428,8 @@ class R2Trainer(Trainer):
                 f"- final r2_loss: {last['r2_loss']:.4g}",
                 f"- final max_weight_range: {last['max_weight_range']:.4g}",
             ]
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(card.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
-        os.replace(tmp, path)
 
     # ---- checkpoints ----
 
@@ -452,11 +450,8 @@ class R2Trainer(Trainer):
         state = self._r2_state()
         if not state or not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, R2_STATE_NAME)
-        tmp = path + ".tmp"
-        save_file(state, tmp, metadata=self._r2_metadata())
-        os.replace(tmp, path)
+        with atomic_path(os.path.join(output_dir, R2_STATE_NAME)) as tmp:
+            save_file(state, str(tmp), metadata=self._r2_metadata())
 
     def _load_r2_state(self, checkpoint_dir: str, required: bool) -> None:
         path = os.path.join(checkpoint_dir, R2_STATE_NAME)

@@ -1,6 +1,7 @@
 """Helpers shared by regularization, palettization and quantization.
 
-Two conventions live here so that every part of hf_r2 agrees on them:
+Two conventions live here so that every part of hf_r2 agrees on them (and `atomic_path`, through which files are
+written):
 
 * **Module selection** (`select_modules`): peft-style `target_modules` / `exclude_modules`, given as a list of names
   (a module matches when its full name equals the entry or ends with `.entry`) or as one regular expression
@@ -12,8 +13,12 @@ Two conventions live here so that every part of hf_r2 agrees on them:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -116,3 +121,30 @@ def vectors_to_weight(vectors: torch.Tensor, shape: Sequence[int], cluster_dim: 
         return vectors.reshape(shape)
     out = shape[0]
     return vectors.reshape(out // cluster_dim, -1, cluster_dim).transpose(1, 2).reshape(shape)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path next to `path`; once the block succeeds, it is renamed onto `path` in one step.
+
+    Readers see either the old file or the complete new one, never a partial write; on an error the temporary file is
+    removed and `path` is left as it was. The parent folder is created if needed.
+
+    Example:
+        ```python
+        with atomic_path("out/report.md") as tmp:
+            tmp.write_text(text)
+        ```
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh unique name rather than `mkstemp`: the writer creates the file, so it gets the usual permissions
+    # (umask) instead of mkstemp's 0600, which `os.replace` would carry over to `path`.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -154,6 +154,9 @@ def test_histogram_figure_is_a_png_written_atomically(tmp_path):
     path = plot_weight_histograms(weights, tmp_path / "h.png", reference={k: 3 * v for k, v in weights.items()})
     assert path.read_bytes()[:8] == PNG_MAGIC
     assert [p.name for p in tmp_path.iterdir()] == ["h.png"]  # no temporary file left behind
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert path.stat().st_mode == plain.stat().st_mode  # usual permissions, not a temporary file's 0600
     with pytest.raises(ValueError, match="at least one layer"):
         plot_weight_histograms({}, tmp_path / "x.png")
 

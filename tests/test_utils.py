@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_r2.utils import check_cluster_dim, select_modules, vectors_to_weight, weight_to_vectors
+from hf_r2.utils import atomic_path, check_cluster_dim, select_modules, vectors_to_weight, weight_to_vectors
 
 
 class TinyNet(nn.Module):
@@ -56,3 +56,26 @@ def test_select_modules_errors():
         select_modules(model, (nn.Linear,), ["1"], what="quant")
     with pytest.raises(ValueError, match="found no layer"):
         select_modules(model, (nn.Conv1d,))
+
+
+def test_atomic_path_replaces_only_on_success_and_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "sub" / "report.md"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_text("first")
+        assert not target.exists()  # nothing visible until the block succeeds
+    assert target.read_text() == "first"
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert target.read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["report.md"]
+
+
+def test_atomic_path_gives_the_file_the_usual_permissions(tmp_path):
+    # mkstemp's 0600 would be carried over by the rename: the file must look like one written with open().
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    with atomic_path(tmp_path / "atomic.txt") as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode
