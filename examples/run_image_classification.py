@@ -59,6 +59,7 @@ from hf_r2.hub import (
     training_info_from_args,
 )
 from hf_r2.trainer import R2Trainer, R2TrainingArguments
+from hf_r2.utils import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +100,7 @@ def write_digits_imagefolder(
             folder = tmp / split / str(digits.target[i])
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[i], mode="L").save(folder / f"{i}.png")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        replace_dir(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

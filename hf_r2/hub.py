@@ -44,6 +44,7 @@ from torch import nn
 
 from hf_r2.analysis import LayerWeightStats, format_weight_range_table, weight_ranges
 from hf_r2.plotting import layer_weights, pick_histogram_layers, plot_weight_histograms
+from hf_r2.utils import replace_dir
 
 TAGS = ("hf_r2", "range-regularization")
 HISTOGRAM_FILE = "weight_histograms.png"
@@ -283,24 +284,6 @@ def _save_model(model: nn.Module, folder: Path) -> list[str]:
     return dropped
 
 
-def _atomic_replace_dir(tmp: Path, folder: Path) -> None:
-    """Moves the finished `tmp` folder to `folder`; an existing `folder` is replaced only once `tmp` is complete."""
-    backup = None
-    if folder.exists():
-        backup = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if backup.exists():
-            shutil.rmtree(backup)
-        os.replace(folder, backup)
-    try:
-        os.replace(tmp, folder)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, folder)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def verify_publish_folder(
     folder: str | os.PathLike,
     model: nn.Module,
@@ -465,7 +448,7 @@ def prepare_publish_folder(
         card.save(tmp / CARD_FILE)
         if verify:
             verify_publish_folder(tmp, model, inputs=verify_inputs, ignore_keys=dropped, atol=verify_atol)
-        _atomic_replace_dir(tmp, folder)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

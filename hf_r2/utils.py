@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -148,3 +149,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def replace_dir(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Moves the finished folder `tmp` to `folder`; an existing `folder` is replaced only once `tmp` is complete.
+
+    The old folder is renamed aside first and restored if the move fails, so `folder` is never left missing or
+    half-written. `tmp` should sit next to `folder` (same file system) for the renames to be atomic.
+    """
+    tmp, folder = Path(tmp), Path(folder)
+    backup = None
+    if folder.exists():
+        backup = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if backup.exists():
+            shutil.rmtree(backup)
+        os.replace(folder, backup)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, folder)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

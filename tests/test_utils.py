@@ -1,8 +1,17 @@
+import os
+
 import pytest
 import torch
 from torch import nn
 
-from hf_r2.utils import atomic_path, check_cluster_dim, select_modules, vectors_to_weight, weight_to_vectors
+from hf_r2.utils import (
+    atomic_path,
+    check_cluster_dim,
+    replace_dir,
+    select_modules,
+    vectors_to_weight,
+    weight_to_vectors,
+)
 
 
 class TinyNet(nn.Module):
@@ -79,3 +88,29 @@ def test_atomic_path_gives_the_file_the_usual_permissions(tmp_path):
     with atomic_path(tmp_path / "atomic.txt") as tmp:
         tmp.write_text("x")
     assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode
+
+
+def test_replace_dir_swaps_in_the_new_folder_and_restores_the_old_one_on_failure(tmp_path, monkeypatch):
+    folder, new = tmp_path / "data", tmp_path / ".data.tmp"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    replace_dir(new, folder)
+    assert [p.name for p in folder.iterdir()] == ["new.txt"] and not new.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no backup left behind
+
+    newer = tmp_path / ".data.tmp2"
+    newer.mkdir()
+    real_replace, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # moving the new folder into place
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        replace_dir(newer, folder)
+    assert (folder / "new.txt").read_text() == "new"  # the previous folder is back
