@@ -24,13 +24,8 @@ from hf_r2.palettization import (
 )
 from hf_r2.utils import weight_to_vectors
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread (conftest.py) avoids oversubscription on the shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_dkm(vectors, centroids, tau, iters):

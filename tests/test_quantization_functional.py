@@ -16,14 +16,8 @@ from hf_r2.quantization import (
 )
 from hf_r2.quantization.functional import dequantize, dorefa_weight_encode, lsq_encode, round_ewgs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription on a shared machine (several times faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread (conftest.py) avoids oversubscription on the shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _heavy_tailed(*shape, seed=0):

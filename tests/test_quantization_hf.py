@@ -16,13 +16,8 @@ from hf_r2.quantization import (
     quantize,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread (conftest.py) avoids oversubscription on the shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_bert():
