@@ -19,13 +19,8 @@ R2_TYPES = ["linf", "margin", "soft_min_max"]
 LOG_KEYS = ["loss", "r2_loss", "task_loss", "max_weight_range"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine has 2 cores shared by the whole suite; tiny models do not gain from more threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread (conftest.py) avoids oversubscription on the shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_logs_equal(a: list[dict], b: list[dict], keys=LOG_KEYS, rtol=1e-5):
