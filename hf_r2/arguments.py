@@ -26,19 +26,19 @@ import dataclasses
 import importlib
 import json
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import nn
 
+from hf_r2.utils import check_module_regex, is_module_regex
+
 QUANT_METHODS = ("none", "lsq", "ewgs", "pact", "ptq")
 QAT_METHODS = ("lsq", "ewgs", "pact")
-_REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 
 
-def parse_module_pattern(value: list[str] | str | None) -> list[str] | str | None:
+def parse_module_pattern(value: list[str] | str | None, name: str = "module pattern") -> list[str] | str | None:
     """Turns a `--*_target_modules` / `--*_exclude_modules` flag into the form `hf_r2.utils.select_modules` takes.
 
     On the command line a pattern is one or more names (`--dkm_target_modules query key value`, also accepted
@@ -47,6 +47,7 @@ def parse_module_pattern(value: list[str] | str | None) -> list[str] | str | Non
 
     Args:
         value (`list[str]` or `str`, *optional*): The parsed flag.
+        name (`str`, *optional*): The flag, for error messages.
 
     Returns:
         `None`, a list of names, or one regex string.
@@ -54,12 +55,11 @@ def parse_module_pattern(value: list[str] | str | None) -> list[str] | str | Non
     if value is None:
         return None
     entries = [value] if isinstance(value, str) else list(value)
-    if len(entries) == 1 and _REGEX_CHARS.search(entries[0]):
-        re.compile(entries[0])  # a malformed regex fails here, while parsing flags, not mid-run
-        return entries[0]
+    if len(entries) == 1 and is_module_regex(entries[0]):
+        return check_module_regex(entries[0], name)  # a malformed regex fails here, while parsing flags, not mid-run
     names = [part.strip() for entry in entries for part in entry.split(",") if part.strip()]
     if not names:
-        raise ValueError(f"Empty module pattern {value!r}: give module names or one regular expression.")
+        raise ValueError(f"Empty {name} {value!r}: give module names or one regular expression.")
     return names
 
 
@@ -245,7 +245,7 @@ class CompressionArguments:
         self._refuse_orphans(quant_only, self.quant_method == "none", "--quant_method")
         # Parse now so a bad pattern fails before a model is even loaded.
         for name in ("dkm_target_modules", "dkm_exclude_modules", "quant_target_modules", "quant_exclude_modules"):
-            parse_module_pattern(getattr(self, name))
+            parse_module_pattern(getattr(self, name), f"--{name}")
         # Build the method's config now: a flag it lacks (--quant_per_channel with lsq) or a combination it refuses
         # (--quant_method lsq --w_bits 1) then fails while parsing, not after the data and model are loaded.
         if self.method == "dkm":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,7 +34,7 @@ from transformers.utils import logging
 from hf_r2.analysis import max_weight_range
 from hf_r2.range_regularizer import SUPPORTED_LAYER_TYPES, R2Config, RangeRegularizer
 from hf_r2.regularizers import R2_TYPES
-from hf_r2.utils import atomic_path, select_modules
+from hf_r2.utils import atomic_path, check_module_regex, is_module_regex, select_modules
 
 __all__ = ["R2_TYPE_CHOICES", "R2_STATE_NAME", "R2TrainingArguments", "R2Trainer"]
 
@@ -45,10 +44,6 @@ logger = logging.get_logger(__name__)
 R2_TYPE_CHOICES: tuple[str, ...] = ("none", *R2_TYPES)
 #: File holding the regularizer's parameters inside a checkpoint folder.
 R2_STATE_NAME = "r2_regularizer.safetensors"
-
-# Characters that never occur in a module name but do in a regular expression (`.` occurs in both).
-_REGEX_CHARS = re.compile(r"[\^$*+?()\[\]{}|\\]")
-
 
 def _normalize_module_pattern(value: Any, name: str) -> str | list[str] | None:
     """Turns a CLI value into the `select_modules` syntax: a list of names, or one regex string.
@@ -62,12 +57,8 @@ def _normalize_module_pattern(value: Any, name: str) -> str | list[str] | None:
     value = list(value)
     if not value or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{name} must be None, a regex string or a non-empty list of module names, got {value!r}.")
-    if len(value) == 1 and _REGEX_CHARS.search(value[0]):
-        try:
-            re.compile(value[0])
-        except re.error as err:
-            raise ValueError(f"{name}={value[0]!r} is not a valid regular expression: {err}.") from err
-        return value[0]
+    if len(value) == 1 and is_module_regex(value[0]):
+        return check_module_regex(value[0], name)
     return value
 
 

@@ -26,6 +26,24 @@ from torch import nn
 
 ModulePattern = str | Sequence[str] | None
 
+# Characters that never occur in a module name but do in a regular expression (`.` occurs in both): a command-line
+# pattern holding one of them is a regex, otherwise a list of names.
+REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
+
+
+def is_module_regex(entry: str) -> bool:
+    """Whether a command-line module pattern entry is a regular expression (it holds `REGEX_CHARS` syntax)."""
+    return REGEX_CHARS.search(entry) is not None
+
+
+def check_module_regex(pattern: str, name: str = "module pattern") -> str:
+    """Returns `pattern` if it compiles, else raises a `ValueError` naming the flag `name` and the pattern."""
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{name}={pattern!r} is not a valid regular expression: {err}.") from err
+    return pattern
+
 
 def _matches(name: str, pattern: str | Sequence[str]) -> bool:
     if isinstance(pattern, str):

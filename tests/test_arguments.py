@@ -34,8 +34,10 @@ def test_module_pattern_names_commas_and_regex():
         "bert.encoder.layer.0.attention.self.query"
     ]
     assert parse_module_pattern([".*attention.*"]) == ".*attention.*"
-    with pytest.raises(Exception, match="unterminated|missing"):
-        parse_module_pattern(["(query"])
+    with pytest.raises(ValueError, match=r"--dkm_target_modules='\(query' is not a valid regular expression"):
+        parse_module_pattern(["(query"], "--dkm_target_modules")
+    with pytest.raises(ValueError, match=r"--quant_exclude_modules='\[a' is not a valid regular expression"):
+        parse("--quant_method", "ptq", "--quant_exclude_modules", "[a")
 
 
 def test_dkm_flags_build_the_dkm_config():
