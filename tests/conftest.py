@@ -1,4 +1,4 @@
-"""Shared test set-up: offline Hugging Face libraries, and `tests/scripts` importable for the shared training runs."""
+"""Shared test set-up: offline Hugging Face libraries; `tests/scripts` and `benchmarks` importable (shared runs)."""
 
 import os
 import sys
@@ -12,8 +12,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
-if SCRIPTS_DIR not in sys.path:
-    sys.path.insert(0, SCRIPTS_DIR)
+BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+for _path in (SCRIPTS_DIR, BENCHMARKS_DIR):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 
 @pytest.fixture
