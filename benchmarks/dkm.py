@@ -152,10 +152,21 @@ def _run_worker(args: list[str]) -> dict | None:
     return json.loads(lines[-1])
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 steps has no median; 0 threads fails in every worker)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="Timed steps per model (median reported).")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process.")
+    parser.add_argument("--steps", type=_positive_int, default=3, help="Timed steps per model (median reported).")
+    parser.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process.")
     parser.add_argument("--skip_coremltools", action="store_true")
     parser.add_argument("--skip_accuracy", action="store_true")
     parser.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)

@@ -360,3 +360,16 @@ def test_bfloat16_weights_train_and_finalize(backend):
     assert model[0].centroids.dtype == torch.float32
     finalize(model)
     assert model[0].weight.dtype == torch.bfloat16 and torch.unique(model[0].weight).numel() <= 4
+
+
+def test_dkm_benchmark_refuses_non_positive_steps_and_threads():
+    # argparse refuses them before any worker starts (0 steps had no median; 0 threads failed in every worker).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "dkm.py"
+    for flag, value in (("--steps", "0"), ("--threads", "-1")):
+        proc = subprocess.run([sys.executable, str(script), flag, value], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert f"argument {flag}: must be an integer >= 1, got '{value}'" in proc.stderr
