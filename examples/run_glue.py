@@ -551,7 +551,11 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         logger.info(f"Publish folder written to {publish_dir}.")
         if push:
             commit = push_folder(
-                publish_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo
+                publish_dir,
+                repo_id,
+                token=training_args.hub_token,
+                private=training_args.hub_private_repo,
+                revision=training_args.hub_revision,
             )
             logger.info(f"Pushed {publish_dir} to {repo_id}: {commit}")
     return all_metrics

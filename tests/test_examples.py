@@ -104,7 +104,8 @@ def glue_r2(tmp_path_factory, monkeypatch_module):
             return type("Url", (), {"repo_id": repo_id})()
 
         def upload_folder(self, **kwargs):
-            pushed.append(("upload_folder", kwargs["repo_id"], sorted(os.listdir(kwargs["folder_path"]))))
+            pushed.append(("upload_folder", kwargs["repo_id"], sorted(os.listdir(kwargs["folder_path"])),
+                           kwargs.get("revision")))
             return "commit"
 
     monkeypatch_module.setattr(huggingface_hub, "HfApi", RecordingApi)
@@ -112,7 +113,8 @@ def glue_r2(tmp_path_factory, monkeypatch_module):
     metrics = run_glue.main(glue_args(
         out, "--do_train", "--do_eval", "--do_predict", "--test_file", str(QNLI / "validation.jsonl"),
         "--max_predict_samples", "8", "--max_steps", "4", "--r2_type", "soft_min_max", "--r2_weight", "0.01",
-        "--push_to_hub", "--hub_model_id", "me/mobilebert-qnli-r2", "--card_histogram_layers", "3",
+        "--push_to_hub", "--hub_model_id", "me/mobilebert-qnli-r2", "--hub_revision", "r2-run",
+        "--card_histogram_layers", "3",
     ))
     return out, metrics, pushed
 
@@ -137,6 +139,7 @@ def test_run_glue_mobilebert_from_config_with_r2_publish_and_push(glue_r2):
     assert [c[0] for c in pushed] == ["create_repo", "upload_folder"]
     assert pushed[0][1] == pushed[1][1] == "me/mobilebert-qnli-r2"
     assert pushed[1][2] == sorted(os.listdir(publish))
+    assert pushed[1][3] == "r2-run"  # --hub_revision reaches the upload
     text = card_text(publish)
     for key in ("r2", "metrics", "ranges", "figure", "training", "usage"):
         assert SECTIONS[key] in text
