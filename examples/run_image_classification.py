@@ -273,6 +273,9 @@ def build_image_processor(model_args: ModelArguments, config: Any):
 def main(args_list: list[str] | None = None) -> dict[str, float]:
     """Runs the script; `args_list` replaces `sys.argv[1:]` (used by the tests). Returns all metrics."""
     model_args, data_args, training_args, compression_args, publish_args = parse_args(args_list)
+    if training_args.do_predict:
+        # TrainingArguments parses it, but this script has no test split: refuse rather than silently skip it.
+        raise ValueError("--do_predict is not supported by run_image_classification.py (no test split); use --do_eval.")
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",

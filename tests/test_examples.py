@@ -333,6 +333,8 @@ def test_run_image_classification_mobilenet_v2_with_lsq(digits, tmp_path):
 
 
 def test_run_image_classification_bad_input(digits, tmp_path, no_training):
+    with pytest.raises(ValueError, match="--do_predict is not supported"):
+        run_ic.main(ic_args(tmp_path, digits, "--do_predict"))
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['digit'\]"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train", "--label_column_name", "digit"))
     with pytest.raises(ValueError, match="3-class classifier but the data has 10 classes"):
