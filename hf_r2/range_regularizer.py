@@ -110,7 +110,7 @@ class R2Config:
 # * margin: `sign(w)` outside the margin, zero inside, its direction kept from the forward as int8 (dense: measured
 #   faster than a sparse gradient with ~5% of non-zeros at the 2·std init, whose `nonzero` and index arithmetic cost
 #   more than they save);
-# * soft_min_max: dense (every weight has a softmax share), computed in the forward where the softmaxes are at hand.
+# * soft_min_max: dense (every weight has a softmax share), computed in the forward where the exponentials are at hand.
 #
 # Layout of a chunk: `(layers, d, K)` float32, `[l, c, k]` = coordinate `c` of vector `k` of `weight_to_vectors`
 # (vector `k = g * rest + p` holds output channels `g*d .. g*d+d-1` at input position `p`).
@@ -141,6 +141,19 @@ def _stack(ws: list[torch.Tensor], d: int) -> torch.Tensor:
     else:
         stacked = torch.stack([w.reshape(out // d, d, -1).transpose(0, 1) for w in ws])
     return stacked.float().reshape(len(ws), d, -1)
+
+
+def _stack_with_squares(ws: list[torch.Tensor], d: int) -> torch.Tensor:
+    """Returns `(2, layers, d, K)` float32: `[0]` is the `_stack` layout of the weights, `[1]` their squares."""
+    out = ws[0].shape[0]
+    basis = torch.empty(2, len(ws), d, ws[0].numel() // d, device=ws[0].device)
+    for j, w in enumerate(ws):
+        if d == 1:
+            basis[0, j, 0].view(w.shape).copy_(w)
+        else:
+            basis[0, j].view(d, out // d, -1).copy_(w.reshape(out // d, d, -1).transpose(0, 1))
+    torch.mul(basis[0], basis[0], out=basis[1])
+    return basis
 
 
 def _unstack(grad: torch.Tensor, ws: list[torch.Tensor], d: int) -> tuple[torch.Tensor, ...]:
@@ -274,46 +287,66 @@ class _MarginLosses(torch.autograd.Function):
         return tuple(grads)
 
 
+# soft_min_max: `exp(αw)` itself, without softmax's shift by the maximum and its normalization pass, and
+# `exp(-αw) = 1 / exp(αw)` (a reciprocal instead of a second exponential), as long as both sums stay below
+# `_UNSHIFTED_MAX_SUM` (every `|αw| < ~41`: the usual case, α starts at 0.1). Within that bound no exponential
+# underflows or overflows, the ratio of the two sums stays below 1e36, and neither needs a shift. Beyond it (large α
+# late in training) the chunk falls back to the two shifted softmaxes.
+_UNSHIFTED_MAX_SUM = 1e18
+
+
 class _SoftMinMaxLosses(torch.autograd.Function):
     """Per-layer `Σ_c s_max,c - s_min,c + e^(-α_c)` with `s_max = Σ w softmax(α w)`, `s_min = Σ w softmax(-α w)`.
 
-    With `p = softmax(α w)`, `q = softmax(-α w)`: `ds_max/dw_i = p_i (1 + α (w_i - s_max))`,
+    With `p = softmax(α w) = e / Z`, `q = softmax(-α w) = r / R`: `ds_max/dw_i = p_i (1 + α (w_i - s_max))`,
     `ds_min/dw_i = q_i (1 - α (w_i - s_min))`, `ds_max/dα = Σ p_i w_i² - s_max²`, `ds_min/dα = -(Σ q_i w_i² - s_min²)`.
 
-    The loss of a layer depends on nothing but its weight and α, so the forward, which has `p` and `q` at hand, also
-    computes `∂loss/∂w` (one float32 tensor per chunk: together the size of the gradient itself); the backward only
-    scales it by the incoming gradient, instead of recomputing both softmaxes.
-    """
+    `e = exp(αw)`, `r = 1 / e` unshifted while `Z, R <= _UNSHIFTED_MAX_SUM`, else `e = softmax(αw)`,
+    `r = softmax(-αw)` (which subtract their maximum: no overflow for any α). The moments `Σ e w, Σ e w², Σ r w,
+    Σ r w²` are one batched matrix product of the rows `(e, r)` by the rows `(w, w²)`.
 
-    @staticmethod
-    def _moments(p: torch.Tensor, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For softmax probabilities `p`: returns `(Σ p w, Σ p w²)`."""
-        pw = p * chunk
-        s1 = pw.sum(dim=2)
-        return s1, pw.mul_(chunk).sum(dim=2)
+    The loss of a layer depends on nothing but its weight and α, so the forward, which has `e` and `r` at hand, also
+    computes `Z ∂loss/∂w` (one float32 tensor per chunk: together the size of the gradient itself); the backward only
+    scales it by the incoming gradient over `Z`, instead of recomputing the exponentials.
+    """
 
     @staticmethod
     def forward(ctx, d: int, with_grad: bool, alphas: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         chunks = _chunks(weights)
-        losses, stats, grads = [], [], []
+        losses, stats, grads, scales = [], [], [], []
         for idx in chunks:
-            chunk = _stack([weights[i] for i in idx], d)
+            basis = _stack_with_squares([weights[i] for i in idx], d)  # (2, layers, d, K): w, w²
+            chunk = basis[0]
+            n, k = chunk.shape[0] * d, chunk.shape[2]
             a = alphas.detach()[idx].to(device=chunk.device, dtype=torch.float32)
             aw = chunk * a[:, :, None]
-            # torch.softmax subtracts the maximum itself (no overflow for any α) and is one fused, vectorized kernel.
-            p = torch.softmax(aw, dim=2)
-            q = torch.softmax(aw.neg(), dim=2)
-            s_max, m2_max = _SoftMinMaxLosses._moments(p, chunk)
-            s_min, m2_min = _SoftMinMaxLosses._moments(q, chunk)
+            exps = torch.empty_like(basis)  # (2, layers, d, K): e, r
+            e, r = exps.unbind(0)
+            torch.exp(aw, out=e)
+            torch.reciprocal(e, out=r)
+            sums = exps.sum(dim=3).permute(1, 2, 0)  # (layers, d, 2): Z, R
+            if not bool(sums.max() <= _UNSHIFTED_MAX_SUM):  # some |αw| too large (or NaN): shifted softmaxes
+                e.copy_(torch.softmax(aw, dim=2))
+                r.copy_(torch.softmax(-aw, dim=2))
+                sums = exps.sum(dim=3).permute(1, 2, 0)
+            # One batched product (e, r) × (w, w²)ᵀ for the four moments; both operands are BLAS-strided views.
+            moments = torch.bmm(exps.view(2, n, k).transpose(0, 1), basis.view(2, n, k).permute(1, 2, 0))
+            moments = moments.view(-1, d, 2, 2) / sums[:, :, :, None]  # [[s_max, Σ p w²], [s_min, Σ q w²]]
+            s_max, m2_max, s_min, m2_min = moments.flatten(2).unbind(2)
             losses.append((s_max - s_min + torch.exp(-a)).sum(dim=1))
             stats.append(torch.stack([s_max, s_min, m2_max, m2_min], dim=1))
             if with_grad and any(ctx.needs_input_grad[i + 3] for i in idx):
-                # p (1 + α (w - s_max)) - q (1 - α (w - s_min)) = p (αw + 1 - α s_max) + q (αw - 1 - α s_min)
-                up = torch.add(aw, (1 - a * s_max)[:, :, None]).mul_(p)
-                grads.append(up.add_(aw.sub_((1 + a * s_min)[:, :, None]).mul_(q)))
+                # Z (p (1 + α (w - s_max)) - q (1 - α (w - s_min))) with p = e / Z, q = r / R, ρ = Z / R:
+                # αw (e + ρ r) + (1 - α s_max) e - ρ (1 + α s_min) r.
+                z, rho = sums[:, :, 0], sums[:, :, 0] / sums[:, :, 1]
+                grad = torch.addcmul(e, r, rho[:, :, None]).mul_(aw)
+                grad.addcmul_(e, (1 - a * s_max)[:, :, None])
+                grads.append(grad.addcmul_(r, (-rho * (1 + a * s_min))[:, :, None]))
+                scales.append(z.reciprocal()[:, :, None])
             else:
                 grads.append(None)
-        ctx.d, ctx.chunks, ctx.grads = d, chunks, grads
+                scales.append(None)
+        ctx.d, ctx.chunks, ctx.grads, ctx.scales = d, chunks, grads, scales
         ctx.stats = _scatter_layers(stats, chunks, len(weights), alphas.device)  # (n_layers, 4, d)
         ctx.save_for_backward(alphas, *weights)
         return _scatter_layers(losses, chunks, len(weights), alphas.device)
@@ -326,11 +359,11 @@ class _SoftMinMaxLosses(torch.autograd.Function):
             s_max, s_min, m2_max, m2_min = ctx.stats.unbind(1)
             d_alpha = (m2_max - s_max**2) + (m2_min - s_min**2) - torch.exp(-alphas.float())
             grads[2] = (grad_out[:, None] * d_alpha).to(alphas.dtype)
-        for idx, local in zip(ctx.chunks, ctx.grads, strict=True):
+        for idx, local, scale in zip(ctx.chunks, ctx.grads, ctx.scales, strict=True):
             if local is None:
                 continue
             ws = [weights[i] for i in idx]
-            g = grad_out[torch.tensor(idx, device=grad_out.device)].to(local.device)[:, None, None]
+            g = grad_out[torch.tensor(idx, device=grad_out.device)].to(local.device)[:, None, None] * scale
             # Not in place: a second backward through a retained graph must see the same cached gradient.
             for i, grad in zip(idx, _unstack(local * g, ws, ctx.d), strict=True):
                 grads[i + 3] = grad if ctx.needs_input_grad[i + 3] else None

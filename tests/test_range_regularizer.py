@@ -132,6 +132,38 @@ def test_total_and_gradients_match_reference(r2_type, d, chunk_elements, monkeyp
         torch.testing.assert_close(fused_p.double(), p64.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("d", [1, 2])
+@pytest.mark.parametrize("peak", [40.0, 43.0, -40.0, -43.0])
+def test_soft_min_max_unshifted_and_shifted_paths_match_reference(peak, d, monkeypatch):
+    """max |αw| = |peak| puts the sum of exp(±αw) just below (40: e^40 = 2.4e17) or above (43: 4.7e18) the 1e18 bound
+    of the unshifted exp / reciprocal path; above it the chunk must switch to the shifted softmaxes. The sign of
+    `peak` picks which side (exp(αw) or its reciprocal exp(-αw)) holds the large values."""
+    assert RR._UNSHIFTED_MAX_SUM == 1e18  # the peaks above are placed around this bound
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8), nn.Linear(64, 8))  # one chunk of two stacked layers
+    reg = RangeRegularizer(model, R2Config(r2_type="soft_min_max", cluster_dim=d))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.copy_(torch.rand(8, 64, generator=gen) - 0.5)  # |αw| <= 21.5 elsewhere: negligible sums
+            layer.weight[:d, 7] = math.copysign(1.0, peak)  # one extreme element per coordinate
+        reg.alphas.fill_(abs(peak))
+    softmax_calls = []
+    softmax = torch.softmax
+    monkeypatch.setattr(torch, "softmax", lambda *a, **k: softmax_calls.append(1) or softmax(*a, **k))
+    total = reg()
+    total.backward()
+    assert bool(softmax_calls) == (abs(peak) > 41.5)
+
+    w64 = [layer.weight.detach().double().requires_grad_(True) for layer in model]
+    a64 = reg.alphas.detach().double().requires_grad_(True)
+    expected = sum(ref_layer(w, "soft_min_max", d, a64[i]) for i, w in enumerate(w64))
+    expected.backward()
+    assert math.isfinite(total.item()) and total.item() == pytest.approx(expected.item(), rel=1e-5)
+    for layer, w in zip(model, w64, strict=True):
+        torch.testing.assert_close(layer.weight.grad.double(), w.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reg.alphas.grad.double(), a64.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("r2_type", R2_TYPES)
 def test_range_gradient_adds_to_task_gradient(r2_type):
     """Task + 0.01 × range in one backward (dense + sparse accumulation) == the two gradients computed apart."""
