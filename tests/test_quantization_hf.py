@@ -68,6 +68,28 @@ def test_a_checkpoint_missing_a_quantized_tensor_refuses_to_load(tmp_path):
         BertForSequenceClassification.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda t: t["classifier.weight_int"].view(-1)[0].fill_(100),
+         r"codes in \[-?\d+, 100\], outside the 4-bit grid"),
+        (lambda t: t.update({"classifier.weight_int": t["classifier.weight_int"].to(torch.int32)}),
+         "dtype torch.int32; this 4-bit grid stores torch.int8"),
+        (lambda t: t["classifier.weight_scale"].view(-1)[0].fill_(float("nan")), "weight_scale must be finite"),
+        (lambda t: t["classifier.weight_scale"].view(-1)[0].fill_(-1.0), "weight_scale must be finite and >= 0"),
+    ],
+)
+def test_a_checkpoint_with_corrupt_codes_or_scales_refuses_to_load(tmp_path, corrupt, message):
+    # Each of these has the right keys and shapes, so only a value check stops it dequantizing to wrong weights.
+    _saved(tmp_path, "ptq", w_bits=4, a_bits=8)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    corrupt(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=message):
+        BertForSequenceClassification.from_pretrained(tmp_path)
+
+
 def test_without_the_quantization_config_loading_fails_instead_of_random_weights(tmp_path):
     # What transformers does when hf_r2 is not imported: it skips the unknown method and loads a plain model.
     _saved(tmp_path, "ptq", w_bits=4)

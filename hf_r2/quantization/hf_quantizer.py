@@ -123,6 +123,8 @@ class HfR2Quantizer(HfQuantizer):
                 f"The checkpoint lacks {len(not_loaded)} tensor(s) of its quantized layers, e.g. {not_loaded[:5]}: "
                 "corrupt or incomplete checkpoint (refusing to run with uninitialized weights)."
             )
+        for name in sorted(self._layers):
+            model.get_submodule(name).check_codes(name)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

@@ -353,6 +353,7 @@ class _QuantizedLayerMixin:
         zero_point = torch.as_tensor(zero_point, dtype=scale.dtype, device=scale.device)
         new.register_buffer("weight_zero_point", zero_point.detach().clone())
         new.weight_bits = module.weight_quantizer.bits
+        new.code_range = (q_min, q_max)
         if module.input_quantizer is not None:
             module.input_quantizer.requires_grad_(False)
         new.input_quantizer = module.input_quantizer
@@ -361,6 +362,33 @@ class _QuantizedLayerMixin:
     @property
     def weight(self) -> torch.Tensor:
         return dequantize(self.weight_int, self.weight_scale, self.weight_zero_point)
+
+    @torch.no_grad()
+    def check_codes(self, name: str = "layer") -> None:
+        """Raises a `ValueError` naming `name` unless the stored codes, scale and zero point can be this layer's.
+
+        A loaded checkpoint is checked with it: codes outside the `weight_bits` grid, another integer dtype, or a
+        negative or non-finite scale would otherwise dequantize to wrong weights without any error.
+        """
+        q_min, q_max = self.code_range
+        dtype = torch.int8 if q_min < 0 else torch.uint8
+        codes = self.weight_int
+        if codes.dtype != dtype:
+            raise ValueError(
+                f"{name}.weight_int has dtype {codes.dtype}; this {self.weight_bits}-bit grid stores {dtype}."
+            )
+        if codes.numel():
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < q_min or hi > q_max:
+                raise ValueError(
+                    f"{name}.weight_int holds codes in [{lo}, {hi}], outside the {self.weight_bits}-bit grid "
+                    f"[{q_min}, {q_max}]: corrupt checkpoint."
+                )
+        scale, zero_point = self.weight_scale, self.weight_zero_point
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise ValueError(f"{name}.weight_scale must be finite and >= 0: corrupt checkpoint.")
+        if not bool(torch.isfinite(zero_point).all()):
+            raise ValueError(f"{name}.weight_zero_point must be finite: corrupt checkpoint.")
 
     def __setattr__(self, name, value):
         if name == "weight":
