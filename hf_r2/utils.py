@@ -190,3 +190,18 @@ def replace_dir(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def register_hf_quantization_method(method: str, config_cls: type, quantizer_cls: type) -> None:
+    """Registers a quantization config and its `HfQuantizer` with transformers under `method`, once.
+
+    Idempotent (a module imported again, or reloaded, registers nothing twice), so that `from_pretrained` finds the
+    loader of checkpoints whose `config.json` names `method`.
+    """
+    from transformers.quantizers import register_quantization_config, register_quantizer
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(method)(config_cls)
+    if method not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(method)(quantizer_cls)

@@ -114,3 +114,21 @@ def test_replace_dir_swaps_in_the_new_folder_and_restores_the_old_one_on_failure
     with pytest.raises(OSError, match="disk full"):
         replace_dir(newer, folder)
     assert (folder / "new.txt").read_text() == "new"  # the previous folder is back
+
+
+def test_hf_quantization_methods_are_registered_once_on_import():
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    import hf_r2  # noqa: F401  (registers both methods)
+    from hf_r2.palettization.quantizer import PalettizationHfQuantizer, PalettizationQuantizationConfig
+    from hf_r2.quantization.hf_quantizer import HfR2QuantizationConfig, HfR2Quantizer
+    from hf_r2.utils import register_hf_quantization_method
+
+    expected = {
+        "hf_r2_palettization": (PalettizationQuantizationConfig, PalettizationHfQuantizer),
+        "hf_r2_quantization": (HfR2QuantizationConfig, HfR2Quantizer),
+    }
+    for method, (config_cls, quantizer_cls) in expected.items():
+        register_hf_quantization_method(method, dict, object)  # a second registration changes nothing
+        assert AUTO_QUANTIZATION_CONFIG_MAPPING[method] is config_cls
+        assert AUTO_QUANTIZER_MAPPING[method] is quantizer_cls

@@ -20,8 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hf_r2.palettization.compressed import (
@@ -31,6 +30,7 @@ from hf_r2.palettization.compressed import (
     palettized_class_for,
     unpalettize,
 )
+from hf_r2.utils import register_hf_quantization_method
 
 __all__ = ["QUANT_METHOD", "PalettizationHfQuantizer", "PalettizationQuantizationConfig"]
 
@@ -217,10 +217,7 @@ class PalettizationHfQuantizer(HfQuantizer):
 
 def register() -> None:
     """Registers the config and quantizer with transformers (idempotent; done on import)."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(PalettizationQuantizationConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(PalettizationHfQuantizer)
+    register_hf_quantization_method(QUANT_METHOD, PalettizationQuantizationConfig, PalettizationHfQuantizer)
 
 
 register()

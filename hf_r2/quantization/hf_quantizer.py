@@ -20,12 +20,10 @@ from typing import Any
 
 from torch import nn
 from transformers.quantizers import HfQuantizer
-from transformers.quantizers import register_quantization_config as _hf_register_config
-from transformers.quantizers import register_quantizer as _hf_register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hf_r2.quantization.config import QuantizationConfig
+from hf_r2.utils import register_hf_quantization_method
 
 __all__ = ["HF_QUANT_METHOD", "HfR2QuantizationConfig", "HfR2Quantizer"]
 
@@ -142,10 +140,7 @@ class HfR2Quantizer(HfQuantizer):
 
 def register() -> None:
     """Registers the config and quantizer with transformers (idempotent; done on import)."""
-    if HF_QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        _hf_register_config(HF_QUANT_METHOD)(HfR2QuantizationConfig)
-    if HF_QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        _hf_register_quantizer(HF_QUANT_METHOD)(HfR2Quantizer)
+    register_hf_quantization_method(HF_QUANT_METHOD, HfR2QuantizationConfig, HfR2Quantizer)
 
 
 register()
