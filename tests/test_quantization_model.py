@@ -228,6 +228,24 @@ def test_ewgs_delta_from_hutchinson_matches_the_exact_hessian_trace():
     assert q_layer.weight_quantizer.ewgs_delta == deltas["0.weight_quantizer"]
 
 
+def test_ewgs_delta_is_saved_and_restored_with_the_state_dict():
+    # A resumed run must continue with the delta estimated before the checkpoint, not the config's starting value.
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    model = quantize(nn.Sequential(nn.Linear(6, 4)), EWGSConfig(w_bits=3, a_bits=4))
+    deltas = estimate_ewgs_deltas(model, lambda: nn.functional.cross_entropy(model(x), y), num_samples=2)
+    assert set(deltas) == {"0.weight_quantizer", "0.input_quantizer"}
+    assert all(d != EWGSConfig.delta for d in deltas.values())
+    resumed = quantize(nn.Sequential(nn.Linear(6, 4)), EWGSConfig(w_bits=3, a_bits=4))
+    resumed.load_state_dict(model.state_dict())
+    for name, delta in deltas.items():
+        assert resumed.get_submodule(name).ewgs_delta == pytest.approx(delta, rel=1e-6)
+    # Plain LSQ has no delta to save.
+    lsq = quantize(nn.Sequential(nn.Linear(6, 4)), LSQConfig(w_bits=3))
+    assert lsq[0].weight_quantizer.ewgs_delta is None
+    assert not any("ewgs" in k for k in lsq.state_dict())
+
+
 class _Digits(torch.utils.data.Dataset):
     def __init__(self, n=32):
         self.x, self.y = _data(n, seed=1)

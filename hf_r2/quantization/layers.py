@@ -53,6 +53,37 @@ def _check_symmetric_bits(bits: int, symmetric: bool) -> None:
         raise ValueError(f"A symmetric {bits}-bit grid rounds everything to 0; use bits >= 2 or symmetric=False.")
 
 
+class _EWGSDeltaMixin:
+    """EWGS's delta as a Python float for the backward pass, mirrored in a persistent buffer (`ewgs_delta_state`).
+
+    `estimate_ewgs_deltas` / `EWGSDeltaCallback` update the delta during training; the buffer puts it in the state
+    dict, so a run resumed from a checkpoint continues with the delta estimated before it instead of the config's
+    starting value. `None` (plain LSQ) registers no buffer.
+    """
+
+    def _init_ewgs(self, delta: float | None, device: torch.device | None = None) -> None:
+        self._ewgs_delta = None if delta is None else float(delta)
+        if delta is not None:
+            # float32, not float64: some devices (MPS) have no float64.
+            self.register_buffer("ewgs_delta_state", torch.tensor(float(delta), dtype=torch.float32, device=device))
+
+    @property
+    def ewgs_delta(self) -> float | None:
+        return self._ewgs_delta
+
+    @ewgs_delta.setter
+    def ewgs_delta(self, value: float | None) -> None:
+        if getattr(self, "ewgs_delta_state", None) is None:
+            raise AttributeError("ewgs_delta can only be changed on an EWGS quantizer (built with a delta).")
+        self._ewgs_delta = float(value)
+        self.ewgs_delta_state.fill_(self._ewgs_delta)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if getattr(self, "ewgs_delta_state", None) is not None:
+            self._ewgs_delta = float(self.ewgs_delta_state)
+
+
 class WeightQuantizer(nn.Module):
     """Base class: `forward(w)` is `dequantize(*self.encode(w))`; `code_range` bounds the integer codes."""
 
@@ -69,7 +100,7 @@ class WeightQuantizer(nn.Module):
         return dequantize(*self.encode(weight))
 
 
-class LSQWeightQuantizer(WeightQuantizer):
+class LSQWeightQuantizer(_EWGSDeltaMixin, WeightQuantizer):
     """Signed LSQ weight quantizer with a learned per-tensor step; `ewgs_delta` switches on EWGS gradients."""
 
     def __init__(self, weight: torch.Tensor, bits: int, *, eps: float = 1e-8, ewgs_delta: float | None = None):
@@ -77,7 +108,7 @@ class LSQWeightQuantizer(WeightQuantizer):
         self.bits = bits
         self.q_n, self.q_p = signed_range(bits)
         self.eps = eps
-        self.ewgs_delta = ewgs_delta
+        self._init_ewgs(ewgs_delta, weight.device)
         self.num_elements = weight.numel()
         self.step = nn.Parameter(lsq_init_step(weight, self.q_p).to(weight.dtype).reshape(()))
         self._capture = False
@@ -155,14 +186,14 @@ class _LazySignedMixin:
         return bool(self.signed.item())
 
 
-class LSQInputQuantizer(_LazySignedMixin, nn.Module):
+class LSQInputQuantizer(_EWGSDeltaMixin, _LazySignedMixin, nn.Module):
     """LSQ activation quantizer: learned step, `2 mean|x| / sqrt(Q_P)` from the first batch, grid signed or not."""
 
     def __init__(self, bits: int, *, signed: bool | None = None, eps: float = 1e-8, ewgs_delta: float | None = None):
         super().__init__()
         self.bits = bits
         self.eps = eps
-        self.ewgs_delta = ewgs_delta
+        self._init_ewgs(ewgs_delta)
         self.step = nn.Parameter(torch.ones(()))
         self.register_buffer("initialized", torch.tensor(False))
         self._init_signed(signed)
