@@ -44,7 +44,10 @@ def _saved(tmp_path, method, **kwargs):
     return logits
 
 
-@pytest.mark.parametrize("method,kwargs", [("ptq", {"w_bits": 4, "a_bits": 8}), ("lsq", {"w_bits": 2, "a_bits": 2})])
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [("ptq", {"w_bits": 4, "a_bits": 8}), ("lsq", {"w_bits": 2, "a_bits": 2}), ("ewgs", {"w_bits": 2, "a_bits": 4})],
+)
 def test_from_pretrained_restores_the_finalized_model_exactly(tmp_path, method, kwargs):
     logits = _saved(tmp_path, method, **kwargs)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
