@@ -318,6 +318,18 @@ class R2Trainer(Trainer):
                 optimizer.add_param_group({"params": missing, "lr": lr, "weight_decay": 0.0})
         return optimizer
 
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """The Trainer's decayed parameters minus the quantizers' own (LSQ/EWGS step sizes, PACT clipping levels).
+
+        Like the regularizer's margins and temperatures, they are not weights: decay would pull a step size or a
+        clipping level towards 0 (and PACT's alpha already has its own L2 penalty, `PACTConfig.alpha_l2`).
+        """
+        from hf_r2.quantization import quantizer_parameter_names
+
+        names = super().get_decay_parameter_names(model)
+        quantizer_params = set(quantizer_parameter_names(model))
+        return [n for n in names if n not in quantizer_params]
+
     # ---- loss and logging ----
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:

@@ -246,6 +246,23 @@ def test_ewgs_delta_is_saved_and_restored_with_the_state_dict():
     assert not any("ewgs" in k for k in lsq.state_dict())
 
 
+@pytest.mark.parametrize("config", [LSQConfig(w_bits=2, a_bits=2), PACTConfig(w_bits=2, a_bits=2)])
+def test_r2trainer_does_not_decay_quantizer_parameters(tmp_path, config):
+    # Step sizes and clipping levels are not weights: decay would pull them to 0 (PACT's alpha has its own L2).
+    from hf_r2.trainer import R2Trainer, R2TrainingArguments
+
+    model = quantize(TinyNet(), config)
+    args = R2TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1, report_to=[], use_cpu=True)
+    trainer = R2Trainer(model=model, args=args)
+    optimizer = trainer.create_optimizer()
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    own = quantizer_parameter_names(model)
+    params = dict(model.named_parameters())
+    assert own and not any(id(params[n]) in decayed for n in own)
+    # The weights themselves are still decayed.
+    assert any(id(p) in decayed for n, p in params.items() if n.endswith("weight"))
+
+
 class _Digits(torch.utils.data.Dataset):
     def __init__(self, n=32):
         self.x, self.y = _data(n, seed=1)

@@ -140,9 +140,9 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def quantizer_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the quantizers' own parameters (LSQ/EWGS steps, PACT alphas), e.g. to exclude them from weight
-    decay in `Trainer.get_decay_parameter_names` (the Trainer decays them by default: their names contain no
-    `bias`/`norm`)."""
+    """Names of the quantizers' own parameters (LSQ/EWGS steps, PACT alphas). `R2Trainer` excludes them from weight
+    decay; a plain `Trainer` decays them (their names contain no `bias`/`norm`) unless its
+    `get_decay_parameter_names` leaves them out."""
     names = []
     for module_name, module in model.named_modules():
         if isinstance(module, WeightQuantizer | LSQInputQuantizer | PACTInputQuantizer):
