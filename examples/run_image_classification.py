@@ -43,13 +43,12 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
     EvalPrediction,
-    HfArgumentParser,
     ViTImageProcessor,
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_r2.arguments import CompressionArguments, PublishArguments, config_with_overrides
+from hf_r2.arguments import config_with_overrides, parse_script_args
 from hf_r2.hub import (
     card_reference,
     dkm_size_report,
@@ -58,7 +57,7 @@ from hf_r2.hub import (
     r2_info_from_args,
     training_info_from_args,
 )
-from hf_r2.trainer import R2Trainer, R2TrainingArguments
+from hf_r2.trainer import R2Trainer
 from hf_r2.utils import replace_dir
 
 logger = logging.getLogger(__name__)
@@ -188,13 +187,7 @@ class ModelArguments:
 
 def parse_args(args_list: list[str] | None = None):
     """Parses the command line (or `args_list`, or one `.json` file) into the five argument dataclasses."""
-    parser = HfArgumentParser(
-        (ModelArguments, DataTrainingArguments, R2TrainingArguments, CompressionArguments, PublishArguments)
-    )
-    argv = sys.argv[1:] if args_list is None else args_list
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_script_args(ModelArguments, DataTrainingArguments, args_list)
 
 
 def load_images(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):

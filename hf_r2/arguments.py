@@ -413,3 +413,25 @@ class PublishArguments:
             self.card_histogram_layers < 0
         ):
             raise ValueError(f"--card_histogram_layers must be an integer >= 0, got {self.card_histogram_layers!r}.")
+
+
+def parse_script_args(model_args_cls: type, data_args_cls: type, args_list: list[str] | None = None) -> tuple:
+    """Parses an example script's command line into its five argument dataclasses.
+
+    `(model_args, data_args, R2TrainingArguments, CompressionArguments, PublishArguments)`, from `args_list` (default
+    `sys.argv[1:]`) or, when that is a single `.json` path, from that file (as transformers' example scripts do).
+    """
+    import os
+    import sys
+
+    from transformers import HfArgumentParser
+
+    from hf_r2.trainer import R2TrainingArguments
+
+    parser = HfArgumentParser(
+        (model_args_cls, data_args_cls, R2TrainingArguments, CompressionArguments, PublishArguments)
+    )
+    argv = sys.argv[1:] if args_list is None else args_list
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)

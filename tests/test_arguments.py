@@ -153,3 +153,32 @@ def test_ptq_applies_after_training_with_calibration():
         ptq_logits = model(**batch()).logits
     assert not torch.equal(ptq_logits, float_logits)  # quantized ...
     torch.testing.assert_close(ptq_logits, float_logits, atol=0.15, rtol=0)  # ... but close at 4/8 bits
+
+
+def test_parse_script_args_from_the_command_line_or_one_json_file(tmp_path):
+    import json
+    from dataclasses import dataclass
+
+    from hf_r2.arguments import parse_script_args
+    from hf_r2.trainer import R2TrainingArguments
+
+    @dataclass
+    class ModelArgs:
+        model_name_or_path: str = "m"
+
+    @dataclass
+    class DataArgs:
+        task_name: str = "qnli"
+
+    argv = ["--model_name_or_path", "x", "--task_name", "rte", "--output_dir", str(tmp_path), "--r2_type", "margin",
+            "--quant_method", "ptq", "--w_bits", "4", "--card_histogram_layers", "2"]
+    from_cli = parse_script_args(ModelArgs, DataArgs, argv)
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"model_name_or_path": "x", "task_name": "rte", "output_dir": str(tmp_path),
+                                "r2_type": "margin", "quant_method": "ptq", "w_bits": 4, "card_histogram_layers": 2}))
+    from_json = parse_script_args(ModelArgs, DataArgs, [str(path)])
+    for parsed in (from_cli, from_json):
+        model_args, data_args, training_args, compression, publish = parsed
+        assert (model_args.model_name_or_path, data_args.task_name) == ("x", "rte")
+        assert isinstance(training_args, R2TrainingArguments) and training_args.r2_type == "margin"
+        assert compression.quantization_config().w_bits == 4 and publish.card_histogram_layers == 2
