@@ -73,11 +73,24 @@ def folder_size_bytes(folder: str | os.PathLike, pattern: str = "*.safetensors")
 def r2_info_from_args(args: Any) -> dict[str, Any] | None:
     """The `r2_*` settings of an `R2TrainingArguments` (or any object with such attributes), for the card.
 
+    Only the settings the chosen `r2_type` uses: the initial margin for `margin`, the initial temperature for
+    `soft_min_max` (a card listing both would suggest both were used). The regularizer's learning rate is the one
+    trained with: `resolved_r2_learning_rate()` when `r2_learning_rate` was left to its per-type default.
+
     Returns `None` when R² was off (`r2_type` missing or `"none"`).
     """
-    if getattr(args, "r2_type", "none") in (None, "none"):
+    r2_type = getattr(args, "r2_type", "none")
+    if r2_type in (None, "none"):
         return None
-    return {k: v for k, v in sorted(vars(args).items()) if k.startswith("r2_") and v is not None}
+    unused = {"linf": ("r2_margin_init_std", "r2_alpha_init"), "margin": ("r2_alpha_init",),
+              "soft_min_max": ("r2_margin_init_std",)}.get(r2_type, ())
+    info = {k: v for k, v in sorted(vars(args).items()) if k.startswith("r2_") and v is not None and k not in unused}
+    resolve = getattr(args, "resolved_r2_learning_rate", None)
+    if r2_type != "linf" and callable(resolve):  # L-inf has no parameter of its own
+        info["r2_learning_rate"] = resolve()
+    elif r2_type == "linf":
+        info.pop("r2_learning_rate", None)
+    return dict(sorted(info.items()))
 
 
 def training_info_from_args(args: Any) -> dict[str, Any]:
