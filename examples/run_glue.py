@@ -48,14 +48,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_r2.arguments import config_with_overrides, parse_script_args
-from hf_r2.hub import (
-    card_reference,
-    dkm_size_report,
-    prepare_publish_folder,
-    push_folder,
-    r2_info_from_args,
-    training_info_from_args,
-)
+from hf_r2.hub import card_reference, publish_from_args
 from hf_r2.trainer import R2Trainer
 from hf_r2.utils import atomic_path
 
@@ -515,42 +508,24 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
                     writer.write(f"{index}\t{item:3.3f}\n" if is_regression else f"{index}\t{int(item)}\n")
 
     if want_publish and trainer.is_world_process_zero():
-        publish_dir = publish_args.publish_dir or os.path.join(training_args.output_dir, "publish")
         batches = model_inputs(collator, eval_dataset or train_dataset or predict_dataset, n_batches=1, batch_size=2)
-        verify_inputs = batches[0] if batches else None
-        repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
-        prepare_publish_folder(
+        publish_from_args(
             trainer.model,
-            publish_dir,
+            training_args,
+            compression_args,
+            publish_args,
+            push=push,
+            eval_metrics=eval_metrics,
             tokenizer=tokenizer,
-            model_name=repo_id.split("/")[-1],
-            r2=r2_info_from_args(training_args),
-            compression=compression_args.card_info(),
-            metrics={k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
-            training=training_info_from_args(training_args) if training_args.do_train else None,
             reference_weights=reference_weights,
             reference_ranges=reference_ranges,
             reference_label=reference_label,
-            histogram_layers=publish_args.card_histogram_layers,
             float32_bytes=float32_bytes,
-            size_report=dkm_size_report(compression_args),
-            verify_inputs=verify_inputs,
-            verify_atol=0.0 if compression_args.method is None else 1e-5,
+            verify_inputs=batches[0] if batches else None,
             base_model=model_args.model_name_or_path,
             dataset=data_args.train_file or data_args.validation_file or data_args.dataset_name,
             pipeline_tag="text-classification",
-            repo_id=repo_id,
         )
-        logger.info(f"Publish folder written to {publish_dir}.")
-        if push:
-            commit = push_folder(
-                publish_dir,
-                repo_id,
-                token=training_args.hub_token,
-                private=training_args.hub_private_repo,
-                revision=training_args.hub_revision,
-            )
-            logger.info(f"Pushed {publish_dir} to {repo_id}: {commit}")
     return all_metrics
 
 

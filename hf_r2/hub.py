@@ -30,6 +30,7 @@ push_folder(folder, "me/minilm-qnli-r2")
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -45,6 +46,8 @@ from torch import nn
 from hf_r2.analysis import LayerWeightStats, format_weight_range_table, weight_ranges
 from hf_r2.plotting import layer_weights, pick_histogram_layers, plot_weight_histograms
 from hf_r2.utils import replace_dir
+
+logger = logging.getLogger(__name__)
 
 TAGS = ("hf_r2", "range-regularization")
 HISTOGRAM_FILE = "weight_histograms.png"
@@ -576,6 +579,63 @@ def push_folder(
         repo_id=target, folder_path=str(folder), commit_message=commit_message, revision=revision, repo_type="model"
     )
 
+
+
+def publish_from_args(
+    model: nn.Module,
+    training_args: Any,
+    compression_args: Any,
+    publish_args: Any,
+    *,
+    push: bool,
+    eval_metrics: Mapping[str, Any] | None = None,
+    **publish_kwargs: Any,
+) -> Path:
+    """The example scripts' last step: `prepare_publish_folder` from their flags, then `push_folder` if `push`.
+
+    The folder is `--publish_dir` (default `<output_dir>/publish`) and the repository `--hub_model_id` (default the
+    output folder's name); the card gets the R² settings, the compression, the numeric `eval_metrics` and (after
+    training) the training hyperparameters; the push uses `--hub_token`, `--hub_private_repo` and `--hub_revision`.
+
+    Args:
+        model (`PreTrainedModel`): The trained (and, if compressed, finalized) model.
+        training_args (`R2TrainingArguments`), compression_args (`CompressionArguments`),
+            publish_args (`PublishArguments`): The parsed flags.
+        push (`bool`): Upload the folder (the script's `--push_to_hub`, which it takes away from the Trainer).
+        eval_metrics (`Mapping`, *optional*): Evaluation results for the card.
+        **publish_kwargs: Passed to `prepare_publish_folder` (`tokenizer`, `reference_weights`, `reference_ranges`,
+            `reference_label`, `float32_bytes`, `verify_inputs`, `base_model`, `dataset`, `pipeline_tag`, ...).
+
+    Returns:
+        `Path`: The publish folder.
+    """
+    folder = publish_args.publish_dir or os.path.join(training_args.output_dir, "publish")
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+    prepare_publish_folder(
+        model,
+        folder,
+        model_name=repo_id.split("/")[-1],
+        r2=r2_info_from_args(training_args),
+        compression=compression_args.card_info(),
+        metrics={k: v for k, v in (eval_metrics or {}).items() if isinstance(v, (int, float))},
+        training=training_info_from_args(training_args) if training_args.do_train else None,
+        histogram_layers=publish_args.card_histogram_layers,
+        size_report=dkm_size_report(compression_args),
+        verify_atol=0.0 if compression_args.method is None else 1e-5,
+        repo_id=repo_id,
+        **publish_kwargs,
+    )
+    logger.info(f"Publish folder written to {folder}.")
+    if push:
+        commit = push_folder(
+            folder,
+            repo_id,
+            token=training_args.hub_token,
+            private=training_args.hub_private_repo,
+            revision=training_args.hub_revision,
+        )
+        logger.info(f"Pushed {folder} to {repo_id}: {commit}")
+    return Path(folder)
 
 def read_card_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     """The YAML metadata of the card in `folder` (as a dict), e.g. to check its tags."""
