@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_r2.utils import atomic_path
+
 R2_ROWS: tuple[str, ...] = ("none", "linf", "margin", "soft_min_max")
 ROW_LABELS = {
     "none": "none (w/o R²)",
@@ -153,6 +155,8 @@ class DemoArguments:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or left unset for torch's choice), got {self.threads!r}.")
         if self.quick:
             self.train_samples = min(self.train_samples or 48, 48)
             self.eval_samples = self.eval_samples or 48
@@ -240,18 +244,9 @@ def range_table(
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Writes `text` to `path` through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def machine_description() -> str:

@@ -78,6 +78,8 @@ class VisionDemoArguments:
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
 
     def __post_init__(self):
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or left unset for torch's choice), got {self.threads!r}.")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {list(DATASETS)}, got {self.dataset!r}.")
         unknown = [t for t in self.r2_types if t not in R2_ROWS]

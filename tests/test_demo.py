@@ -106,6 +106,8 @@ def test_demo_arguments_validation():
         demo.DemoArguments(r2_weight_margin=float("nan"))
     with pytest.raises(ValueError, match="seeds"):
         demo.DemoArguments(seeds=[1, 1])
+    with pytest.raises(ValueError, match="threads must be >= 1.*got 0"):
+        demo.DemoArguments(threads=0)
     quick = demo.DemoArguments(quick=True)
     assert quick.train_samples == 48 and quick.max_steps > 0 and quick.dkm_steps <= 2
     assert demo.DemoArguments().r2_weight("none") == 0.0
@@ -114,3 +116,12 @@ def test_demo_arguments_validation():
 def test_default_data_dir_is_the_vendored_copy():
     path = demo.default_data_dir()
     assert (path / "train.jsonl").is_file() and (path / "validation.jsonl").is_file()
+
+
+def test_vision_demo_arguments_validation():
+    from hf_r2.demo_vision import VisionDemoArguments
+
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        VisionDemoArguments(dataset="cifar")
+    with pytest.raises(ValueError, match="threads must be >= 1.*got -2"):
+        VisionDemoArguments(threads=-2)
