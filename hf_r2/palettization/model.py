@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import torch
 from torch import nn
 
 from ..utils import check_cluster_dim, select_modules, vectors_to_weight
+from .compressed import attach_palettization_config, to_palettized
 from .config import DKMConfig
 from .layers import DKM_LAYERS, DKMLayerMixin
 
@@ -94,10 +94,6 @@ def dkm_layers(model: nn.Module) -> dict[str, DKMLayerMixin]:
     return {name: m for name, m in model.named_modules() if isinstance(m, DKMLayerMixin)}
 
 
-def _compressed_available() -> bool:
-    return importlib.util.find_spec(f"{__package__}.compressed") is not None
-
-
 @torch.no_grad()
 def finalize(model: nn.Module, compress: bool | None = None) -> nn.Module:
     """Ends DKM training: hard-assigns every weight vector to its nearest final centroid, in place.
@@ -118,12 +114,9 @@ def finalize(model: nn.Module, compress: bool | None = None) -> nn.Module:
     layers = dkm_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no DKM layer: call palettize(model, config) first.")
-    available = _compressed_available()
     has_config = getattr(model, "config", None) is not None
     if compress is None:
-        compress = available and has_config
-    if compress and not available:
-        raise ImportError("finalize(compress=True) needs hf_r2.palettization.compressed, which is not available.")
+        compress = has_config
     if compress and not has_config:
         raise ValueError(
             f"finalize(compress=True) needs a transformers PreTrainedModel (with `config`), got "
@@ -144,15 +137,11 @@ def finalize(model: nn.Module, compress: bool | None = None) -> nn.Module:
         layer.train(was_training)
         specs[name] = {"n_bits": config.n_bits, "cluster_dim": config.cluster_dim}
         if compress:
-            from .compressed import to_palettized
-
             new = to_palettized(layer, lut, indices, config.n_bits, config.cluster_dim)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
     if hasattr(model, "dkm_config"):
         del model.dkm_config
     if compress:
-        from .compressed import attach_palettization_config
-
         attach_palettization_config(model, specs)
     return model
