@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,24 +282,11 @@ def test_loss_decreases_the_range_when_trained():
         assert reg().item() < start, r2_type
 
 
-def test_works_under_ddp(tmp_path, monkeypatch):
-    import datetime
-
-    import torch.distributed as dist
-
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # no host-name lookup
-    store = f"file://{tmp_path / 'store'}"
-    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = make_model()
-        reg = RangeRegularizer(model, R2Config("margin"))
-        ddp = nn.parallel.DistributedDataParallel(model)
-        ids = torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(0))
-        (ddp(ids).square().sum() + 0.01 * reg()).backward()
-        assert reg.margins.grad is not None and model.head.weight.grad.layout == torch.strided
-        assert reg.layer_names == RangeRegularizer(ddp.module, R2Config("margin")).layer_names
-    finally:
-        dist.destroy_process_group()
+def test_works_under_ddp():
+    script = Path(__file__).parent / "scripts" / "ddp_regularizer.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "ok"
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------
