@@ -96,7 +96,7 @@ class DemoArguments:
     )
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per pair after truncation (padding per batch)."})
     train_samples: int | None = field(
-        default=768, metadata={"help": "Use this many training pairs (a fixed random subset); 0 or None: all 1,892."}
+        default=1200, metadata={"help": "Use this many training pairs (a fixed random subset); 0 or None: all 1,892."}
     )
     eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation pairs."})
     batch_size: int = field(default=16, metadata={"help": "Training batch size of every stage."})
