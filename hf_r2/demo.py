@@ -13,7 +13,7 @@ the Trainer, then `finalize`) and with round-to-nearest PTQ, and writes into `--
 Why the defaults are what they are (measured numbers in `docs/RESULTS.md`): a pretrained BERT-style encoder carries a
 few huge weights (MiniLM's `output.dense` layers span up to 8.5 while 99.9% of their weights lie within ±0.25). Adam
 moves a weight by about the learning rate per step whatever the size of its gradient, so a fine-tune of `n` steps can
-shrink a range by at most about `n × lr` (768 pairs, batch 16, lr 1e-4: 0.005 per side): R² cannot remove those
+shrink a range by at most about `n × lr` (1,200 pairs, batch 16, lr 1e-4: 0.0075 per side): R² cannot remove those
 pretrained outliers in a short Adam fine-tune, and the demo reports that honestly. `r2_weight` (1.0 here, against the
 paper's 0.01 for SGD from scratch) decides only which weights the range term dominates over the task gradient. With SGD
 (`--optim sgd --optim_args momentum=0.9,nesterov=True --learning_rate 0.02`) each step moves an extreme weight by
@@ -21,7 +21,7 @@ about `lr × r2_weight`, so the ranges can shrink, at the price of a slower fine
 
 Example:
     ```bash
-    python -m hf_r2.demo --output_dir outputs/demo           # full run (20 min measured on a shared 2-core CPU)
+    python -m hf_r2.demo --output_dir outputs/demo           # full run (11.9 min measured on an idle 2-core CPU)
     python -m hf_r2.demo --quick --output_dir outputs/quick  # a few steps on a few dozen pairs, for tests
     ```
 """
