@@ -169,8 +169,8 @@ class R2TrainingArguments(TrainingArguments):
             raise ValueError(f"r2_cluster_dim must be an integer >= 1, got {self.r2_cluster_dim!r}.")
         if not _is_finite_number(self.r2_margin_init_std) or self.r2_margin_init_std <= 0:
             raise ValueError(f"r2_margin_init_std must be a finite number > 0, got {self.r2_margin_init_std!r}.")
-        if not _is_finite_number(self.r2_alpha_init):
-            raise ValueError(f"r2_alpha_init must be a finite number, got {self.r2_alpha_init!r}.")
+        if not (_is_finite_number(self.r2_alpha_init) and self.r2_alpha_init > 0):
+            raise ValueError(f"r2_alpha_init must be a finite number > 0, got {self.r2_alpha_init!r}.")
         if self.r2_learning_rate is not None and (
             not _is_finite_number(self.r2_learning_rate) or self.r2_learning_rate < 0
         ):
@@ -264,6 +264,14 @@ class R2Trainer(Trainer):
                 )
         elif args_type != "none" and self.model is not None:
             reg = RangeRegularizer(self.model, self.args.to_r2_config())
+        if reg is not None and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            # Both engines shard parameters outside the forward: a range read from a shard is not the layer's range.
+            engine = "FSDP" if self.is_fsdp_enabled else "DeepSpeed"
+            raise ValueError(
+                f"R² (r2_type={reg.config.r2_type!r}) is not supported under {engine} yet: the range loss would read "
+                "sharded weights and be silently wrong. Train with DDP (`accelerate launch --multi_gpu` or torchrun) "
+                "or set r2_type='none'."
+            )
         if reg is not None:
             param = next(self.model.parameters(), None)
             if param is not None:

@@ -297,3 +297,27 @@ def register_hf_quantization_method(method: str, config_cls: type, quantizer_cls
         register_quantization_config(method)(config_cls)
     if method not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(method)(quantizer_cls)
+
+
+def tied_weight_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Every parameter name that shares its tensor with another name, mapped to all names of that tensor (sorted).
+
+    Ties are found both by identity (one `nn.Parameter` under several modules, as `tie_weights` makes them) and from
+    transformers' declared ties (`all_tied_weights_keys`), so a model whose ties are declared but not yet applied is
+    caught too.
+    """
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_by_tensor.setdefault(id(parameter), []).append(name)
+    groups = [set(names) for names in names_by_tensor.values() if len(names) > 1]
+    declared = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in dict(declared).items():
+        groups.append({target, source})
+    merged: list[set[str]] = []
+    for group in groups:
+        overlapping = [g for g in merged if g & group]
+        for g in overlapping:
+            merged.remove(g)
+            group |= g
+        merged.append(group)
+    return {name: sorted(group) for group in merged for name in group}
