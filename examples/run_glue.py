@@ -26,7 +26,6 @@ Metrics are computed locally (`evaluate.load` needs the Hub). See `docs/examples
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +44,10 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_r2.arguments import config_with_overrides, parse_script_args
 from hf_r2.hub import card_reference, check_publish_dir, publish_from_args, resolve_publish_dir
-from hf_r2.trainer import R2Trainer
+from hf_r2.trainer import R2Trainer, check_steps_trained, resolve_resume_checkpoint
 from hf_r2.utils import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -364,11 +362,9 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         # write there (or the output dir itself) is refused now rather than after training.
         check_publish_dir(publish_dir, output_dir=training_args.output_dir, name="--publish_dir")
 
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Checkpoint found at {last_checkpoint}: resuming from it.")
+    # --resume_from_checkpoint, or the last complete checkpoint of --output_dir (announced with a warning); refused
+    # now if incomplete, written for another R² regularizer, or already at --max_steps.
+    checkpoint = resolve_resume_checkpoint(training_args)
 
     set_seed(training_args.seed)
 
@@ -469,9 +465,9 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
 
     all_metrics: dict[str, float] = {}
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = dict(train_result.metrics)
+        metrics["train_steps_this_run"] = check_steps_trained(trainer, checkpoint)  # refuses a run that trained 0
         metrics["train_samples"] = len(train_dataset)
         trainer.save_model()
         trainer.log_metrics("train", metrics)

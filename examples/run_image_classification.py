@@ -45,11 +45,10 @@ from transformers import (
     ViTImageProcessor,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_r2.arguments import config_with_overrides, parse_script_args
 from hf_r2.hub import card_reference, check_publish_dir, publish_from_args, resolve_publish_dir
-from hf_r2.trainer import R2Trainer
+from hf_r2.trainer import R2Trainer, check_steps_trained, resolve_resume_checkpoint
 from hf_r2.utils import make_temp_dir_beside, replace_dir
 
 logger = logging.getLogger(__name__)
@@ -290,9 +289,9 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     # Images are transformed on the fly, so the Trainer must not drop the raw image column.
     training_args.remove_unused_columns = False
 
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    # --resume_from_checkpoint, or the last complete checkpoint of --output_dir (announced with a warning); refused
+    # now if incomplete, written for another R² regularizer, or already at --max_steps.
+    checkpoint = resolve_resume_checkpoint(training_args)
     set_seed(training_args.seed)
 
     # ---- data and every check that can fail before training
@@ -396,8 +395,9 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
 
     all_metrics: dict[str, float] = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = dict(train_result.metrics)
+        metrics["train_steps_this_run"] = check_steps_trained(trainer, checkpoint)  # refuses a run that trained 0
         metrics["train_samples"] = len(train_dataset)
         trainer.save_model()
         trainer.log_metrics("train", metrics)

@@ -6,6 +6,7 @@ runs `run_glue.py` under `torchrun --nproc_per_node 2` (gloo, CPU) and compares 
 """
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -215,6 +216,32 @@ def test_run_glue_qat_and_ptq(glue_r2, tmp_path):
     ))
     assert {"eval_float_accuracy", "eval_accuracy"} <= set(metrics)
     assert metrics["eval_float_accuracy"] == pytest.approx(glue_r2[1]["eval_accuracy"])  # same float model
+
+
+def test_run_glue_rerun_into_an_output_dir_resumes_visibly_and_never_reports_zero_steps(tmp_path, caplog,
+                                                                                         monkeypatch):
+    out = tmp_path / "out"
+    saving = ("--save_strategy", "steps", "--save_steps", "2", "--num_train_epochs", "1")  # 32 pairs / 8 = 4 steps
+    run_glue.main(glue_args(out, "--do_train", *saving))
+    model_bytes = (out / "model.safetensors").read_bytes()
+
+    # The same command again: the checkpoint is at the end of training. Nothing is trained, saved or reported.
+    with pytest.raises(ValueError, match=r"This run trained 0 steps: .*checkpoint-4 \(step 4\) had already reached"):
+        run_glue.main(glue_args(out, "--do_train", *saving))
+    assert (out / "model.safetensors").read_bytes() == model_bytes
+    # With --max_steps at or below the checkpoint's step, refused before any data or model is loaded.
+    with monkeypatch.context() as patch:
+        patch.setattr(run_glue, "load_raw_datasets", lambda *a: pytest.fail("data loaded before the check"))
+        with pytest.raises(ValueError, match="already reaches --max_steps 1: resuming would train 0 steps"):
+            run_glue.main(glue_args(out, "--do_train", *saving, "--max_steps", "1"))
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        metrics = run_glue.main(glue_args(out, "--do_train", *saving, "--max_steps", "6"))
+    assert metrics["train_steps_this_run"] == 2
+    resumed = [r for r in caplog.records if "of an earlier run: resuming from it" in r.getMessage()]
+    assert len(resumed) == 1 and resumed[0].levelno == logging.WARNING
+    assert "To start fresh instead, give a new --output_dir" in resumed[0].getMessage()
 
 
 # ----------------------------------------------------------------------------------------------------- bad input
