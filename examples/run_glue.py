@@ -48,7 +48,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_r2.arguments import config_with_overrides, parse_script_args
-from hf_r2.hub import card_reference, publish_from_args
+from hf_r2.hub import card_reference, check_publish_dir, publish_from_args, resolve_publish_dir
 from hf_r2.trainer import R2Trainer
 from hf_r2.utils import atomic_path
 
@@ -358,6 +358,11 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     push = training_args.push_to_hub
     training_args.push_to_hub = False
     want_publish = publish_args.publish_dir is not None or push
+    publish_dir = resolve_publish_dir(training_args, publish_args, push)
+    if publish_dir is not None and training_args.should_save:
+        # Before anything else: publishing replaces the whole folder, so one that holds anything hf_r2 did not
+        # write there (or the output dir itself) is refused now rather than after training.
+        check_publish_dir(publish_dir, output_dir=training_args.output_dir, name="--publish_dir")
 
     last_checkpoint = None
     if os.path.isdir(training_args.output_dir) and training_args.do_train:

@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,12 +48,14 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_r2.arguments import config_with_overrides, parse_script_args
-from hf_r2.hub import card_reference, publish_from_args
+from hf_r2.hub import card_reference, check_publish_dir, publish_from_args, resolve_publish_dir
 from hf_r2.trainer import R2Trainer
-from hf_r2.utils import replace_dir
+from hf_r2.utils import make_temp_dir_beside, replace_dir
 
 logger = logging.getLogger(__name__)
 
+#: Marker file of a `write_digits_imagefolder` folder: only such a folder is replaced by a later call.
+DIGITS_MARKER = ".hf_r2_digits"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -67,7 +68,8 @@ def write_digits_imagefolder(
     folder is built next to `root` and renamed into place, so an interrupted run never leaves a partial dataset.
 
     Args:
-        root (`str` or `os.PathLike`): Destination folder (replaced if it exists).
+        root (`str` or `os.PathLike`): Destination folder: new, empty, or written earlier by this function (then
+            replaced); any other existing folder is refused.
         validation_fraction (`float`, *optional*, defaults to 0.2): Share of images in `validation`.
         seed (`int`, *optional*, defaults to 0): Seed of the split.
 
@@ -84,9 +86,14 @@ def write_digits_imagefolder(
     order = np.random.default_rng(seed).permutation(len(images))
     n_val = int(round(len(images) * validation_fraction))
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    if root.exists() and any(root.iterdir()) and not (root / DIGITS_MARKER).is_file():
+        raise ValueError(
+            f"{root} exists and was not written by write_digits_imagefolder (no {DIGITS_MARKER}); it would be "
+            "replaced as a whole, so it is refused. Give a new or empty folder."
+        )
+    tmp = make_temp_dir_beside(root)
     try:
+        (tmp / DIGITS_MARKER).write_text("scikit-learn digits written by write_digits_imagefolder\n")
         for rank, i in enumerate(order):
             split = "validation" if rank < n_val else "train"
             folder = tmp / split / str(digits.target[i])
@@ -275,6 +282,11 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     push = training_args.push_to_hub
     training_args.push_to_hub = False  # hf_r2 pushes the checked publish folder, not output_dir
     want_publish = publish_args.publish_dir is not None or push
+    publish_dir = resolve_publish_dir(training_args, publish_args, push)
+    if publish_dir is not None and training_args.should_save:
+        # Before anything else: publishing replaces the whole folder, so one that holds anything hf_r2 did not
+        # write there (or the output dir itself) is refused now rather than after training.
+        check_publish_dir(publish_dir, output_dir=training_args.output_dir, name="--publish_dir")
     # Images are transformed on the fly, so the Trainer must not drop the raw image column.
     training_args.remove_unused_columns = False
 

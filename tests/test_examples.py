@@ -273,6 +273,23 @@ def test_run_glue_head_with_other_label_count(tmp_path, no_training):
     assert not (tmp_path / "out" / "trainer_state.json").exists()
 
 
+def test_run_glue_refuses_a_publish_dir_it_would_destroy_before_training(tmp_path, no_training):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    for publish, message in ((out, "is the run's --output_dir"), (tmp_path, "contains the run's --output_dir"),
+                             (out / "checkpoint-2" / "pub", "inside the checkpoint folder"),
+                             (other, "holds files that hf_r2 did not write")):
+        with pytest.raises(ValueError, match=message):
+            run_glue.main(glue_args(out, "--do_train", "--publish_dir", str(publish)))
+    assert (other / "thesis.tex").read_text() == "years of work"
+    assert (out / "checkpoint-2" / "trainer_state.json").read_text() == "{}"
+
+
 # ------------------------------------------------------------------------------------------ run_image_classification
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
@@ -296,6 +313,15 @@ def test_digits_imagefolder_is_the_whole_set(digits):
     assert sorted(p.name for p in train.iterdir()) == [str(i) for i in range(10)]
     image = Image.open(next(train.rglob("*.png")))
     assert image.size == (8, 8) and image.mode == "L"
+
+
+def test_digits_imagefolder_never_replaces_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.png").write_bytes(b"not really")
+    with pytest.raises(ValueError, match="photos exists and was not written by write_digits_imagefolder"):
+        run_ic.write_digits_imagefolder(tmp_path / "photos")
+    assert (tmp_path / "photos" / "cat.png").read_bytes() == b"not really"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +390,8 @@ def test_run_image_classification_bad_input(digits, tmp_path, no_training):
     with pytest.raises(ValueError, match="reference .* has other layers than the model"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train", "--publish_dir", str(tmp_path / "pub"),
                             "--card_reference_model", str(tmp_path / "other")))
+    with pytest.raises(ValueError, match="is the run's --output_dir"):
+        run_ic.main(ic_args(tmp_path, digits, "--do_train", "--publish_dir", str(tmp_path)))
     with pytest.raises(ValueError, match=r"keys \['depth'\] are not attributes of ResNetConfig"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train", model=("--model_type", "resnet", "--config_overrides",
                                                                     "depth=3")))

@@ -333,8 +333,9 @@ def test_tied_embeddings_are_refused_at_palettize_naming_them(build, embedding, 
 
 def test_finalize_validates_everything_before_changing_anything(tmp_path):
     """A finalize refusal (here a tie made after palettize) must leave the trained DKM model intact and finalizable."""
-    import hf_r2.palettization.quantizer  # noqa: F401  (registers the loader)
     from transformers import GPT2LMHeadModel
+
+    import hf_r2.palettization.quantizer  # noqa: F401  (registers the loader)
 
     model = _tiny_gpt2_lm(tie_word_embeddings=False)
     palettize(model, DKMConfig(n_bits=2, exclude_modules=["lm_head"]))
