@@ -24,6 +24,7 @@ See `docs/examples.md`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -233,6 +234,21 @@ def label_names(raw, label_column: str) -> list[str]:
     return names
 
 
+def check_classes_trained(train_dataset, eval_dataset, label_column: str, names: list[str]) -> None:
+    """Fails before training if the evaluated images hold a class that no training image has (after
+    `--max_train_samples` / `--max_eval_samples`): the model could never learn it."""
+    def classes(ds):  # the raw labels, without running the image transform
+        return set(ds.with_format(None)[label_column])
+
+    missing = sorted(classes(eval_dataset) - classes(train_dataset), key=str)
+    if missing:
+        shown = [names[v] if isinstance(v, int) and 0 <= v < len(names) else v for v in missing]
+        raise ValueError(
+            f"The validation images hold class(es) {shown[:10]} that no training image has (of {len(train_dataset)} "
+            "used): the model could never learn them. Train on images of every class, or raise --max_train_samples."
+        )
+
+
 def check_num_labels(config: Any, num_labels: int, model_args: ModelArguments) -> None:
     """Fails if the checkpoint's (or the overridden) classifier does not have one output per class."""
     has_head = any(a.endswith("ForImageClassification") for a in (getattr(config, "architectures", None) or []))
@@ -337,6 +353,8 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
 
     train_dataset = take("train", data_args.max_train_samples) if training_args.do_train else None
     eval_dataset = take("validation", data_args.max_eval_samples) if training_args.do_eval else None
+    if train_dataset is not None and eval_dataset is not None:
+        check_classes_trained(train_dataset, eval_dataset, data_args.label_column_name, names)
 
     def collate(examples):
         return {
@@ -370,6 +388,10 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     float32_bytes = 4 * sum(p.numel() for p in model.parameters())
 
     model = compression_args.apply(model)
+    if compression_args.method == "ptq" and training_args.do_train:
+        # PTQ is applied after training: try it now on a copy, so that a --quant_target_modules entry that matches
+        # nothing (or a layer it cannot quantize) fails before training rather than after it.
+        compression_args.apply(copy.deepcopy(model), before_training=False)
 
     def compute_metrics(p: EvalPrediction) -> dict[str, float]:
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions

@@ -284,6 +284,45 @@ def test_run_glue_labels_outside_the_task(tmp_path, no_training):
         run_glue.main(args)
 
 
+def with_train_file(args, path):
+    args[args.index("--train_file") + 1] = str(path)
+    return args
+
+
+def test_run_glue_empty_file_null_text_and_untrained_class_fail_before_training(tmp_path, no_training):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"--train_file .*empty.jsonl is empty: it holds no examples"):
+        run_glue.main(with_train_file(glue_args(tmp_path / "out", "--do_train"), tmp_path / "empty.jsonl"))
+    (tmp_path / "header.csv").write_text("question,sentence,label\n")
+    with pytest.raises(ValueError, match=r"header.csv holds no examples"):
+        run_glue.main(with_train_file(glue_args(tmp_path / "out", "--do_train"), tmp_path / "header.csv"))
+
+    null = rows()
+    null[3]["sentence"] = None
+    bad = write_jsonl(tmp_path / "null.jsonl", null)
+    with pytest.raises(ValueError, match=r"null.jsonl: row 3 \(counting from 0\) has None in column 'sentence'"):
+        run_glue.main(with_train_file(glue_args(tmp_path / "out", "--do_train"), bad))
+
+    one_class = write_jsonl(tmp_path / "zeros.jsonl", rows(8, label=0))
+    with pytest.raises(ValueError, match=r"validation.jsonl has class\(es\) \[1\] that no training example has"):
+        run_glue.main(with_train_file(glue_args(tmp_path / "out", "--do_train", "--do_eval"), one_class))
+    # Only among the examples actually trained on (the vendored file's first pair is of class 0 or 1, not both).
+    with pytest.raises(ValueError, match=r"that no training example has among the first 1 \(--max_train_samples\)"):
+        run_glue.main(glue_args(tmp_path / "out", "--do_train", "--do_eval", "--max_train_samples", "1"))
+
+
+def test_run_glue_ptq_targets_and_publish_dir_are_checked_before_training(tmp_path, no_training, monkeypatch):
+    with pytest.raises(ValueError, match=r"target_modules \['attention_typo'\] match no module"):
+        run_glue.main(glue_args(tmp_path / "out", "--do_train", "--quant_method", "ptq", "--w_bits", "4",
+                                "--quant_target_modules", "attention_typo"))
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
+    with pytest.raises(PermissionError, match=r"--publish_dir .*ro/pub cannot be written"):
+        run_glue.main(glue_args(tmp_path / "out", "--do_train", "--publish_dir", str(read_only / "pub")))
+
+
 def test_run_glue_head_with_other_label_count(tmp_path, no_training):
     from transformers import BertForSequenceClassification
 
@@ -400,6 +439,18 @@ def test_run_image_classification_mobilenet_v2_with_lsq(digits, tmp_path):
                "--image_size", "32"),
     ))
     assert np.isfinite(metrics["eval_loss"])
+
+
+def test_run_image_classification_refuses_a_class_without_training_images(digits, tmp_path, no_training):
+    train, validation = digits
+    for split, source, classes in (("train", train, "01"), ("validation", validation, "012")):
+        for c in classes:
+            shutil.copytree(source / c, tmp_path / split / c)
+    args = ic_args(tmp_path / "out", digits, "--do_train", "--do_eval", "--max_train_samples", "400")
+    args[args.index("--train_dir") + 1] = str(tmp_path / "train")
+    args[args.index("--validation_dir") + 1] = str(tmp_path / "validation")
+    with pytest.raises(ValueError, match=r"validation images hold class\(es\) \['2'\] that no training image has"):
+        run_ic.main(args)
 
 
 def test_run_image_classification_bad_input(digits, tmp_path, no_training):
