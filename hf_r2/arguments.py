@@ -309,15 +309,20 @@ class CompressionArguments:
     def apply(self, model: nn.Module, *, before_training: bool = True) -> nn.Module:
         """Swaps in the compression layers (in place) and returns the model.
 
-        DKM and QAT apply before training. PTQ applies after training, so with `before_training=True` it is a no-op
-        and `finalize` does the work.
+        DKM and QAT apply before training. PTQ applies after training, so with `before_training=True` it only checks
+        that it will be able to (`hf_r2.quantization.validate_quantization`) and `finalize` does the work.
 
         Args:
             model (`nn.Module`): The model to compress.
             before_training (`bool`, *optional*, defaults to `True`): Whether training follows.
         """
         method = self.method
-        if method is None or (method == "ptq" and before_training):
+        if method is None:
+            return model
+        if method == "ptq" and before_training:
+            # Quantized after training, but checked now: a selection that matches nothing, a tied or non-finite
+            # weight or an already compressed model fails before the training time is spent.
+            importlib.import_module("hf_r2.quantization").validate_quantization(model, self.quantization_config())
             return model
         if method == "dkm":
             palettization = importlib.import_module("hf_r2.palettization")

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -169,13 +169,105 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def make_temp_dir_beside(target: str | os.PathLike) -> Path:
+    """Creates and returns an empty, uniquely named folder next to `target` to build its new contents in.
+
+    The folder is named `.<target name>.tmp-<pid>-<random>` (so `remove_stale_temp_dirs` can tell whose it is) and is
+    created with the usual permissions (the umask), not `tempfile.mkdtemp`'s 0700, which `replace_dir`'s rename would
+    carry over to `target`. The parent folder is created if needed.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        try:
+            tmp.mkdir()
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+        return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:  # pragma: no cover - e.g. an id out of range
+        return False
+    return True
+
+
+def _siblings(folder: Path, kind: str) -> list[tuple[Path, int]]:
+    """`(path, pid)` of the `.<name>.<kind>-<pid>...` folders next to `folder` whose process is gone."""
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.{kind}-(\d+)(?:-[0-9a-f]+)?")
+    if not folder.parent.is_dir():
+        return []
+    found = []
+    for entry in folder.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match.group(1))):
+            found.append((entry, int(match.group(1))))
+    return found
+
+
+def remove_stale_temp_dirs(
+    target: str | os.PathLike, owned: Callable[[Path], bool] = lambda path: True
+) -> list[Path]:
+    """Removes the `make_temp_dir_beside(target)` folders left by processes that were killed while building them.
+
+    Only folders named by `make_temp_dir_beside` for this `target`, whose process no longer runs and for which
+    `owned(path)` is true, are removed. Returns them.
+    """
+    removed = []
+    for tmp, _ in _siblings(Path(target), "tmp"):
+        if owned(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def recover_replaced_dir(
+    folder: str | os.PathLike, owned: Callable[[Path], bool] = lambda path: True
+) -> Path | None:
+    """Repairs what a `replace_dir` killed halfway left behind next to `folder`.
+
+    `replace_dir` renames the old folder aside to `.<name>.old-<pid>`, renames the new one into place, then deletes
+    the old one. Killed between the two renames, it leaves no `folder` and the old one aside: it is renamed back (the
+    newest, if several). Killed after the second rename, the old one is left aside although `folder` is complete: it
+    is removed. Only `.<name>.old-<pid>` folders of processes that no longer run, and for which `owned(path)` is
+    true, are touched.
+
+    Returns:
+        `Path` or `None`: The folder restored to `folder`, if any.
+    """
+    folder = Path(folder)
+    backups = sorted((b for b, _ in _siblings(folder, "old") if owned(b)), key=lambda b: b.stat().st_mtime)
+    restored = None
+    if backups and not os.path.lexists(folder):
+        restored = backups.pop()
+        os.replace(restored, folder)
+    for backup in backups:
+        shutil.rmtree(backup, ignore_errors=True)
+    return restored
+
+
 def replace_dir(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
     """Moves the finished folder `tmp` to `folder`; an existing `folder` is replaced only once `tmp` is complete.
 
-    The old folder is renamed aside first and restored if the move fails, so `folder` is never left missing or
-    half-written. `tmp` should sit next to `folder` (same file system) for the renames to be atomic.
+    The old folder is renamed aside first (to `.<name>.old-<pid>`) and restored if the move fails, so `folder` is
+    never left half-written; a process killed between the two renames leaves the old folder aside, which
+    `recover_replaced_dir` (called here first, and by callers before they start work) puts back. `tmp` should sit next
+    to `folder` (same file system) for the renames to be atomic; `make_temp_dir_beside` creates it there.
+
+    Callers decide whether `folder` may be replaced at all: this function replaces whatever is there.
     """
     tmp, folder = Path(tmp), Path(folder)
+    recover_replaced_dir(folder)
     backup = None
     if folder.exists():
         backup = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -205,3 +297,27 @@ def register_hf_quantization_method(method: str, config_cls: type, quantizer_cls
         register_quantization_config(method)(config_cls)
     if method not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(method)(quantizer_cls)
+
+
+def tied_weight_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Every parameter name that shares its tensor with another name, mapped to all names of that tensor (sorted).
+
+    Ties are found both by identity (one `nn.Parameter` under several modules, as `tie_weights` makes them) and from
+    transformers' declared ties (`all_tied_weights_keys`), so a model whose ties are declared but not yet applied is
+    caught too.
+    """
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_by_tensor.setdefault(id(parameter), []).append(name)
+    groups = [set(names) for names in names_by_tensor.values() if len(names) > 1]
+    declared = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in dict(declared).items():
+        groups.append({target, source})
+    merged: list[set[str]] = []
+    for group in groups:
+        overlapping = [g for g in merged if g & group]
+        for g in overlapping:
+            merged.remove(g)
+            group |= g
+        merged.append(group)
+    return {name: sorted(group) for group in merged for name in group}

@@ -155,6 +155,19 @@ def test_ptq_applies_after_training_with_calibration():
     torch.testing.assert_close(ptq_logits, float_logits, atol=0.15, rtol=0)  # ... but close at 4/8 bits
 
 
+def test_ptq_checks_the_model_before_training():
+    """An unmatched PTQ selection or an incompatible model used to fail only after training (issue 15.3, 15.12)."""
+    compression, _ = parse("--quant_method", "ptq", "--w_bits", "4", "--quant_target_modules", "clasifier")
+    with pytest.raises(ValueError, match=r"target_modules \['clasifier'\] match no module"):
+        compression.apply(tiny_bert())
+    compression, _ = parse("--quant_method", "ptq", "--w_bits", "4")
+    model = tiny_bert()
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="classifier.weight holds 1 NaN/Inf"):
+        compression.apply(model)
+
+
 def test_parse_script_args_from_the_command_line_or_one_json_file(tmp_path):
     import json
     from dataclasses import dataclass

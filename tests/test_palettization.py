@@ -287,10 +287,90 @@ def test_bad_layers_are_clear_errors_and_change_nothing():
         palettize(model, DKMConfig(n_bits=2, target_modules=["0"]))
     tied = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8, bias=False))
     tied[1].weight = tied[0].weight
-    with pytest.raises(ValueError, match="1.weight is tied to 0.weight"):
+    with pytest.raises(ValueError, match=r"0.weight = 1.weight are one tensor.*exclude_modules=\['0', '1'\]"):
         palettize(tied, DKMConfig(n_bits=1))
+    assert type(tied[0]) is nn.Embedding and type(tied[1]) is nn.Linear
     with pytest.raises(ValueError, match="no DKM layer"):
         finalize(nn.Sequential(nn.Linear(2, 2)))
+
+
+def _tiny_gpt2_lm(**kwargs):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+                        eos_token_id=0, **kwargs)
+    return GPT2LMHeadModel(config)
+
+
+def _tiny_bert_mlm():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                        vocab_size=64, max_position_embeddings=16)
+    return BertForMaskedLM(config)
+
+
+@pytest.mark.parametrize(
+    "build, embedding, head",
+    [(_tiny_gpt2_lm, "transformer.wte", "lm_head"), (_tiny_bert_mlm, "bert.embeddings.word_embeddings",
+                                                     "cls.predictions.decoder")],
+)
+def test_tied_embeddings_are_refused_at_palettize_naming_them(build, embedding, head):
+    """Issue 15.2: a tied LM head used to pass `palettize` (head excluded) and lose the trained model at finalize."""
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for exclude in (None, [head]):  # excluding only the head leaves the tied embedding palettized: still refused
+        with pytest.raises(ValueError, match=rf"palettize: tied weights.*{head}.weight.*are one tensor.*"
+                                             rf"exclude_modules=.*'{embedding}'.*tie_word_embeddings"):
+            palettize(model, DKMConfig(n_bits=2, exclude_modules=exclude))
+        assert not dkm_layers(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    palettize(model, DKMConfig(n_bits=2, exclude_modules=[embedding, head]))  # the documented fix works
+    assert embedding not in dkm_layers(model) and head not in dkm_layers(model)
+
+
+def test_finalize_validates_everything_before_changing_anything(tmp_path):
+    """A finalize refusal (here a tie made after palettize) must leave the trained DKM model intact and finalizable."""
+    from transformers import GPT2LMHeadModel
+
+    import hf_r2.palettization.quantizer  # noqa: F401  (registers the loader)
+
+    model = _tiny_gpt2_lm(tie_word_embeddings=False)
+    palettize(model, DKMConfig(n_bits=2, exclude_modules=["lm_head"]))
+    model.train()
+    model(torch.randint(0, 64, (2, 8)))  # one training forward: centroids move
+    centroids = {n: m.centroids.clone() for n, m in dkm_layers(model).items()}
+    model.lm_head.weight = model.transformer.wte.weight  # e.g. a `tie_weights()` call after palettize
+    with pytest.raises(ValueError, match=r"finalize: tied weights.*lm_head.weight = transformer.wte.weight.*"
+                                         r"Nothing was changed"):
+        finalize(model)
+    layers = dkm_layers(model)
+    assert set(layers) == set(centroids) and not palettized_modules(model)
+    assert all(torch.equal(layers[n].centroids, c) for n, c in centroids.items())
+    assert getattr(model.config, "quantization_config", None) is None
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # the advised fix
+    model.eval()
+    ids = torch.randint(0, 64, (2, 8))
+    expected = model(ids).logits
+    finalize(model)
+    assert set(palettized_modules(model)) == set(centroids)
+    for name, c in centroids.items():  # the trained centroids are the LUTs
+        torch.testing.assert_close(palettized_modules(model)[name].weight_lut.float(), c, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_palettize_refuses_non_finite_weights_naming_the_layer():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+        model[1].weight[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"1.weight holds 2 NaN/Inf value\(s\).*exclude_modules=\['1'\]"):
+        palettize(model, DKMConfig(n_bits=2))
+    assert type(model[0]) is nn.Linear
 
 
 # ---- end to end through the Trainer ----

@@ -106,3 +106,80 @@ def test_without_the_quantization_config_loading_fails_instead_of_random_weights
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match="size mismatch|mismatch"):
         BertForSequenceClassification.from_pretrained(tmp_path)
+
+
+# ---- issue 15.3: checkpoints that saved but did not load now either load or are refused before anything changes ----
+
+
+def _tiny_gpt2_lm(**kwargs):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0,
+                        **kwargs)
+    return GPT2LMHeadModel(config)
+
+
+def _save_and_reload(model, tmp_path):
+    model.eval()
+    with torch.no_grad():
+        expected = model(**BATCH).logits
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**BATCH).logits, expected, rtol=1e-5, atol=1e-5)
+    return loaded
+
+
+def test_palettized_model_is_refused_by_quantize_and_its_dequantized_form_round_trips(tmp_path):
+    """DKM run, then PTQ of its output: PTQ overwrote the palettization config and the checkpoint did not load."""
+    from hf_r2.palettization import DKMConfig, palettize, unpalettize
+    from hf_r2.palettization import finalize as dkm_finalize
+
+    model = palettize(_tiny_bert(), DKMConfig(n_bits=2, exclude_modules=["classifier"]))
+    dkm_finalize(model)
+    model.save_pretrained(tmp_path / "dkm")
+    palettized = BertForSequenceClassification.from_pretrained(tmp_path / "dkm")
+    config = get_quantization_config("ptq", w_bits=4)
+    with pytest.raises(ValueError, match=r"already compressed \('hf_r2_palettization', e.g. palettized layer "
+                                         r"'bert.embeddings.word_embeddings'\).*unpalettize"):
+        quantize(palettized, config)
+    assert not any(isinstance(m, QuantizedLinear) for m in palettized.modules())
+    unpalettize(palettized)  # the advised way: plain layers holding the palettized values
+    finalize(quantize(palettized, config))
+    loaded = _save_and_reload(palettized, tmp_path / "ptq")
+    assert isinstance(loaded.classifier, QuantizedLinear)
+
+
+def test_tied_lm_head_is_refused_by_quantize_and_untied_one_round_trips(tmp_path):
+    """GPT-2 LM after PTQ failed to load with "`weight` is not an nn.Parameter" (the quantized head was tied)."""
+    from transformers import GPT2LMHeadModel
+
+    model = _tiny_gpt2_lm()
+    with pytest.raises(ValueError, match=r"tied weights \(lm_head.weight = transformer.wte.weight.*"
+                                         r"exclude_modules=\['lm_head'\]"):
+        quantize(model, get_quantization_config("ptq", w_bits=4))
+    assert type(model.lm_head) is torch.nn.Linear
+    untied = _tiny_gpt2_lm(tie_word_embeddings=False)
+    finalize(quantize(untied, get_quantization_config("ptq", w_bits=4, target_modules=["lm_head"])))
+    loaded = _save_and_reload(untied, tmp_path)
+    assert isinstance(loaded, GPT2LMHeadModel) and isinstance(loaded.lm_head, QuantizedLinear)
+
+
+def test_non_finite_weights_are_refused_at_quantize_and_at_finalize():
+    """PTQ of a model holding an inf weight saved a checkpoint that was then refused as corrupt."""
+    model = _tiny_bert()
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"classifier.weight holds 1 NaN/Inf value\(s\).*exclude_modules="
+                                         r"\['classifier'\]"):
+        quantize(model, get_quantization_config("ptq", w_bits=4))
+    assert type(model.classifier) is torch.nn.Linear
+    # A weight that turns non-finite during QAT is caught at finalize, before any layer is replaced.
+    model = quantize(_tiny_bert(), get_quantization_config("lsq", w_bits=4))
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"classifier.weight holds NaN/Inf values.*Nothing was finalized"):
+        finalize(model)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert getattr(model.config, "quantization_config", None) is None

@@ -47,6 +47,7 @@ from hf_r2.quantization.model import (
     quantized_layers,
     quantizer_parameter_names,
     register_quantize_handler,
+    validate_quantization,
 )
 
 __all__ = [
@@ -79,4 +80,5 @@ __all__ = [
     "quantizer_parameter_names",
     "register_quantization_method",
     "register_quantize_handler",
+    "validate_quantization",
 ]

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from hf_r2.palettization.compressed import PalettizedMixin
 from hf_r2.quantization.config import EWGSConfig, LSQConfig, PACTConfig, PTQConfig, QuantizationConfig
-from hf_r2.quantization.hf_quantizer import attach_hf_quantization_config
+from hf_r2.quantization.hf_quantizer import HF_QUANT_METHOD, attach_hf_quantization_config
 from hf_r2.quantization.layers import (
     DoReFaWeightQuantizer,
     LSQInputQuantizer,
@@ -25,7 +26,7 @@ from hf_r2.quantization.layers import (
     WeightQuantizer,
     _all_reduce_mean,
 )
-from hf_r2.utils import select_modules
+from hf_r2.utils import select_modules, tied_weight_groups
 
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 _QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
@@ -92,6 +93,64 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def validate_quantization(model: nn.Module, config: QuantizationConfig) -> dict[str, nn.Module]:
+    """Checks that `quantize(model, config)` can run and give a checkpoint that loads; changes nothing.
+
+    `quantize` calls it first. Call it yourself before training when quantization comes after it (PTQ), so that a
+    bad selection or an incompatible model fails before the training time is spent.
+
+    Returns:
+        `dict[str, nn.Module]`: The layers `quantize` would replace, by name.
+
+    Raises:
+        ValueError: If the model is already quantized or palettized (a checkpoint holds one compression method), the
+            selection matches nothing (or names a layer that is not a Linear/Conv2d), a selected weight is tied to
+            another module's, or a selected weight holds NaN/Inf values.
+    """
+    _handler(config)
+    done = QuantLinear | QuantConv2d | QuantizedLinear | QuantizedConv2d
+    already = [n for n, m in model.named_modules() if isinstance(m, done)]
+    if already:
+        raise ValueError(f"Model is already quantized (e.g. {already[0]!r}); quantize a float model.")
+    existing = getattr(getattr(model, "config", None), "quantization_config", None)
+    if existing is not None and dict(existing).get("quant_method") == HF_QUANT_METHOD:
+        existing = None  # ours, with no quantized layer yet: `from_pretrained` rebuilding the layers
+    palettized = [n for n, m in model.named_modules() if isinstance(m, PalettizedMixin)]
+    if palettized or existing is not None:
+        method = dict(existing).get("quant_method") if existing is not None else "hf_r2_palettization"
+        raise ValueError(
+            f"{type(model).__name__} is already compressed ({method!r}"
+            + (f", e.g. palettized layer {palettized[0]!r}" if palettized else "")
+            + "), and a checkpoint holds one compression method: its quantization_config would be overwritten and "
+            "the saved model would not load. Quantize the dense model instead (e.g. the input of the DKM run), or "
+            "call `model.dequantize()` (or `hf_r2.palettization.unpalettize(model)`) first to quantize plain layers "
+            "holding the palettized values."
+        )
+    selected = select_modules(
+        model, SUPPORTED_TYPES, config.target_modules, config.exclude_modules, what=f"{type(config).__name__}"
+    )
+    groups = tied_weight_groups(model)
+    tied = {name: groups[f"{name}.weight"] for name in selected if f"{name}.weight" in groups}
+    if tied:
+        described = "; ".join(" = ".join(group) for group in dict.fromkeys(tuple(g) for g in tied.values()))
+        raise ValueError(
+            f"Cannot quantize tied weights ({described} are one tensor, e.g. tied input embeddings and LM head): the "
+            "quantized layer would stop sharing it, and the saved checkpoint would not load. Leave them in full "
+            f"precision with exclude_modules={sorted(tied)!r} (together with your other exclusions), or untie the "
+            "weights before building the model (e.g. `config.tie_word_embeddings = False`)."
+        )
+    for name, module in selected.items():
+        # Meta placeholders (`from_pretrained` rebuilding the layers) have no values to check.
+        if not module.weight.is_meta and not bool(torch.isfinite(module.weight).all()):
+            bad = int((~torch.isfinite(module.weight)).sum())
+            raise ValueError(
+                f"{name}.weight holds {bad} NaN/Inf value(s): its quantization scale would be non-finite and the "
+                f"checkpoint unloadable. Fix the weights (did training diverge?) or leave the layer out with "
+                f"exclude_modules=[{name!r}]."
+            )
+    return selected
+
+
 def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
     """Swaps the targeted `nn.Linear` / `nn.Conv2d` layers of `model`, in place, for fake-quantized ones.
 
@@ -107,8 +166,7 @@ def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
         `nn.Module`: `model` itself.
 
     Raises:
-        ValueError: If a layer named in `config.target_modules` is not a Linear/Conv2d, if nothing matches, or if the
-            model is already quantized.
+        ValueError: Everything `validate_quantization` refuses (nothing is changed then).
 
     Example:
         ```python
@@ -118,13 +176,7 @@ def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
         ```
     """
     handler = _handler(config)
-    done = QuantLinear | QuantConv2d | QuantizedLinear | QuantizedConv2d
-    already = [n for n, m in model.named_modules() if isinstance(m, done)]
-    if already:
-        raise ValueError(f"Model is already quantized (e.g. {already[0]!r}); quantize a float model.")
-    selected = select_modules(
-        model, SUPPORTED_TYPES, config.target_modules, config.exclude_modules, what=f"{type(config).__name__}"
-    )
+    selected = validate_quantization(model, config)
     for name, module in selected.items():
         base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
         weight_q, input_q = handler(module, config)
@@ -218,9 +270,22 @@ def finalize(model: nn.Module) -> nn.Module:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(f"finalize found no fake-quantized layer in {type(model).__name__}; call quantize first.")
+    # Every layer is encoded and checked before the first is replaced: a refusal leaves the fake-quantized model as it
+    # was, and a layer whose weights became NaN/Inf in training never reaches a checkpoint that would then be refused.
+    finalized = {}
     for name, layer in layers.items():
         cls = QuantizedConv2d if isinstance(layer, QuantConv2d) else QuantizedLinear
-        _replace(model, name, cls.from_quant(layer))
+        placeholder = layer.weight.is_meta  # `from_pretrained` rebuilding the layers: nothing to check yet
+        if not placeholder and not bool(torch.isfinite(layer.weight).all()):
+            raise ValueError(
+                f"{name}.weight holds NaN/Inf values (did training diverge?): its codes and scale would be "
+                "meaningless. Nothing was finalized."
+            )
+        finalized[name] = cls.from_quant(layer)
+        if not placeholder:
+            finalized[name].check_codes(name)
+    for name, new in finalized.items():
+        _replace(model, name, new)
     config = getattr(model, "hf_r2_quantization_config", None)
     if config is not None:
         attach_hf_quantization_config(model, config, list(layers))
