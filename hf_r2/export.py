@@ -293,8 +293,9 @@ def _quantized_plan(name: str, layer: QuantizedLinear | QuantizedConv2d) -> _Lay
             lut_rows=0,
             num_luts=0,
             weight_shape=tuple(weight.shape),
-            # Codes, scales, and the zero points (coremltools stores them as integers of the codes' width).
-            ideal_bytes=(weight.numel() + zero_point.numel()) * stored_bits / 8 + scale.numel() * scale.element_size(),
+            # Codes, scales, and nonzero zero points (coremltools stores them as integers of the codes' width).
+            ideal_bytes=(weight.numel() + (zero_point.numel() if bool(zero_point.any()) else 0)) * stored_bits / 8
+            + scale.numel() * scale.element_size(),
         )
         return _LayerPlan(report, metadata, weight)
     # A LUT of the grid's dequantized levels, computed by the very `dequantize` the PyTorch layer uses: the Core ML
@@ -666,6 +667,11 @@ def _verify_package(package: Path, plans: dict[str, _LayerPlan], precision: str)
     problems = []
     for name, plan in plans.items():
         found = weights.get(plan.report.coreml_weight_name)
+        if found is None and precision == "float16":
+            # The float16 pass casts the weight (LUT or scale) and renames its op.
+            found = weights.get(plan.report.coreml_weight_name + "_cast_fp16")
+            if found is not None:
+                plan.report.coreml_weight_name = found.name
         if found is None or found.op_type != plan.report.op_type:
             what = f"a {found.op_type} op" if found else "a dense constant (or no weight of that name)"
             problems.append(f"{name!r}: expected {plan.report.op_type}, found {what}")

@@ -207,6 +207,19 @@ def test_palettized_conv_net_exports_compressed_and_bit_exact(tmp_path):
     assert [(report.layers[name].bits, report.layers[name].cluster_dim) for name in chosen] == list(chosen.values())
 
 
+def test_float16_export_keeps_the_indices_and_rounds_only_the_luts(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 36, 10)).eval()
+    chosen = palettize_randomly(model, [(4, 2), (2, 1)])
+    package = tmp_path / "fp16.mlpackage"
+    report = export_coreml(model, torch.randn(1, 3, 8, 8), package, compute_precision="float16")
+    weights, _ = read_coreml_compressed_weights(package)
+    for name in chosen:
+        found = weights[report.layers[name].coreml_weight_name]
+        assert found.stored["lut"].dtype == np.float16 and found.value.dtype == np.float16
+        assert np.array_equal(found.value, model.get_submodule(name).weight.detach().half().numpy())
+
+
 def test_dkm_palettize_finalize_then_export(tmp_path):
     model = tiny_bert(num_hidden_layers=1)
     palettize(
@@ -360,3 +373,19 @@ def test_missing_coremltools_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "coremltools", None)  # makes `import coremltools` raise ImportError
     with pytest.raises(ImportError, match=r"pip install hf-r2\[coreml\]"):
         export_coreml(small_palettized_model(), torch.randn(1, 8), tmp_path / "x.mlpackage")
+
+
+def test_parity_script_explains_that_it_needs_macos(monkeypatch):
+    import importlib.util
+    import platform
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "check_coreml_parity.py")
+    spec = importlib.util.spec_from_file_location("check_coreml_parity", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    args = ["--model_dir", "m", "--mlpackage", "m.mlpackage", "--validation_file", "v.jsonl"]
+    with pytest.raises(SystemExit, match="needs macOS: the Core ML runtime"):
+        script.main(args)
+    with pytest.raises(SystemExit):
+        script.main([*args, "--max_examples", "0"])
