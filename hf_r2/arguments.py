@@ -178,6 +178,13 @@ class CompressionArguments:
         default=None,
         metadata={"help": "Differentiable k-means iterations per forward (>= 1). Defaults to hf_r2.palettization's."},
     )
+    dkm_weight_threshold: int | None = field(
+        default=None,
+        metadata={
+            "help": "Leave dense the layers whose weight has fewer elements than this (>= 0), e.g. a small classifier "
+            "with fewer weights than 2^dkm_bits centroids. Default 0: every selected layer is palettized."
+        },
+    )
     dkm_target_modules: list[str] | None = field(
         default=None,
         metadata={
@@ -243,7 +250,8 @@ class CompressionArguments:
                 "(e.g. an R² run, then a DKM run from its output)."
             )
         dkm_only = {
-            "dkm_cluster_dim", "dkm_temperature", "dkm_kmeans_iters", "dkm_target_modules", "dkm_exclude_modules"
+            "dkm_cluster_dim", "dkm_temperature", "dkm_kmeans_iters", "dkm_weight_threshold", "dkm_target_modules",
+            "dkm_exclude_modules",
         }
         quant_only = {
             "w_bits", "a_bits", "quant_per_channel", "quant_symmetric", "quant_target_modules", "quant_exclude_modules"
@@ -293,6 +301,7 @@ class CompressionArguments:
             cluster_dim=self.dkm_cluster_dim,
             temperature=self.dkm_temperature,
             kmeans_iters=self.dkm_kmeans_iters,
+            weight_threshold=self.dkm_weight_threshold,
             target_modules=parse_module_pattern(self.dkm_target_modules),
             exclude_modules=parse_module_pattern(self.dkm_exclude_modules),
         )

@@ -225,3 +225,19 @@ def test_module_flags_cover_containers_and_refuse_typos_and_mixed_regexes():
 
     assert "bert.embeddings.word_embeddings" not in dkm_layers(model) and "classifier" not in dkm_layers(model)
     assert "bert.embeddings.position_embeddings" in dkm_layers(model)
+
+
+def test_too_few_vectors_advice_names_a_flag_that_exists():
+    """Issue 15.12: the DKM error advised `weight_threshold`, which had no flag."""
+    from hf_r2.palettization import dkm_layers
+
+    compression, _ = parse("--dkm_bits", "6")
+    with pytest.raises(ValueError, match=r"token_type_embeddings.weight .* fewer than the 2\*\*6 = 64 centroids.*"
+                                         r"--dkm_weight_threshold 33"):
+        compression.apply(tiny_bert())
+    compression, _ = parse("--dkm_bits", "6", "--dkm_weight_threshold", "33")
+    layers = dkm_layers(compression.apply(tiny_bert()))
+    assert "classifier" not in layers and "bert.embeddings.token_type_embeddings" not in layers
+    assert "bert.embeddings.word_embeddings" in layers
+    with pytest.raises(ValueError, match="--dkm_weight_threshold given without --dkm_bits"):
+        parse("--dkm_weight_threshold", "10")
