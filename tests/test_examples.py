@@ -161,6 +161,9 @@ def test_run_glue_mobilebert_from_config_with_r2_publish_and_push(glue_r2):
         assert SECTIONS[key] in text
     assert "soft_min_max" in text and f"{metrics['eval_accuracy']:.4g}" in text
     assert {"hf_r2", "range-regularization"} <= set(read_card_metadata(publish)["tags"])
+    for path in publish.iterdir():  # no local path in any published file (the tokenizer comes from site-packages)
+        content = path.read_bytes()
+        assert MINILM.encode() not in content and str(out).encode() not in content and str(QNLI).encode() not in content
 
     # The published folder and the trained model agree exactly.
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(publish)
