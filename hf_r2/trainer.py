@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME  # written last into a checkpoint folder by the Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -44,6 +45,8 @@ __all__ = [
     "R2TrainingArguments",
     "R2Trainer",
     "check_resume_checkpoint",
+    "check_steps_trained",
+    "checkpoint_global_step",
     "checkpoint_problem",
     "get_last_complete_checkpoint",
     "resolve_resume_checkpoint",
@@ -56,9 +59,6 @@ R2_TYPE_CHOICES: tuple[str, ...] = ("none", *R2_TYPES)
 #: File holding the regularizer's parameters inside a checkpoint folder.
 R2_STATE_NAME = "r2_regularizer.safetensors"
 
-#: The Trainer writes this file last into a checkpoint folder (after the weights, optimizer, scheduler and RNG states):
-#: a folder without it, or with a truncated one, is what a killed save leaves behind.
-TRAINER_STATE_NAME = "trainer_state.json"
 #: Model weight files one of which every complete checkpoint holds (as `Trainer._load_from_checkpoint` looks for).
 _WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
