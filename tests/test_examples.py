@@ -473,6 +473,11 @@ def test_run_image_classification_bad_input(digits, tmp_path, no_training):
                             "--card_reference_model", str(tmp_path / "other")))
     with pytest.raises(ValueError, match="is the run's --output_dir"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train", "--publish_dir", str(tmp_path)))
+    (tmp_path / "empty" / "0").mkdir(parents=True)
+    args = ic_args(tmp_path, digits, "--do_train")
+    args[args.index("--train_dir") + 1] = str(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"--train_dir .*empty' holds no images"):
+        run_ic.main(args)
     with pytest.raises(ValueError, match=r"keys \['depth'\] are not attributes of ResNetConfig"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train", model=("--model_type", "resnet", "--config_overrides",
                                                                     "depth=3")))
