@@ -9,7 +9,8 @@ Three steps, each usable alone:
 2. `prepare_publish_folder(model, folder, ...)` writes the exact folder that would be uploaded (safetensors weights,
    config, tokenizer or image processor, `README.md`, `weight_histograms.png`) atomically, without the regularizer's
    own parameters, and by default checks that it loads back with `from_pretrained` with no missing or unexpected key
-   and the same outputs.
+   and the same outputs. It never replaces a folder hf_r2 did not write as a publish folder (`check_publish_dir`:
+   each publish folder carries the marker `PUBLISH_MARKER`, which is not uploaded).
 3. `push_folder(folder, repo_id, ...)` creates the repository if needed and uploads that folder
    (`huggingface_hub.HfApi.create_repo` / `upload_folder`).
 
@@ -786,7 +787,7 @@ def publish_from_args(
         folder,
         model_name=repo_id.split("/")[-1],
         r2=r2_info_from_args(training_args),
-        compression=compression_args.card_info(),
+        compression=compression_args.card_info(model),
         metrics={k: v for k, v in (eval_metrics or {}).items() if isinstance(v, (int, float))},
         training=training_info_from_args(training_args) if training_args.do_train else None,
         histogram_layers=publish_args.card_histogram_layers,
