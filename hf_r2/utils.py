@@ -273,8 +273,8 @@ def recover_replaced_dir(
     `replace_dir` renames the old folder aside to `.<name>.old-<pid>`, renames the new one into place, then deletes
     the old one. Killed between the two renames, it leaves no `folder` and the old one aside: it is renamed back (the
     newest, if several). Killed after the second rename, the old one is left aside although `folder` is complete: it
-    is removed. Only `.<name>.old-<pid>` folders of processes that no longer run, and for which `owned(path)` is
-    true, are touched.
+    is removed, provided `owned(folder)` holds too (the folder in place is one the caller made). Only
+    `.<name>.old-<pid>` folders of processes that no longer run, and for which `owned(path)` is true, are touched.
 
     Returns:
         `Path` or `None`: The folder restored to `folder`, if any.
@@ -285,8 +285,9 @@ def recover_replaced_dir(
     if backups and not os.path.lexists(folder):
         restored = backups.pop()
         os.replace(restored, folder)
-    for backup in backups:
-        shutil.rmtree(backup, ignore_errors=True)
+    if owned(folder):
+        for backup in backups:
+            shutil.rmtree(backup, ignore_errors=True)
     return restored
 
 
