@@ -441,8 +441,13 @@ def _trainable_and_untied(modules: dict[str, nn.Module]) -> dict[str, nn.Module]
     owner: dict[int, str] = {}
     frozen: list[str] = []
     for name, module in modules.items():
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is None:
+            raise ValueError(
+                f"{name!r} is an nn.MultiheadAttention with kdim/vdim != embed_dim: its separate q/k/v projection "
+                f"weights are not regularized. Exclude it alone with the regex exclude_modules={name!r} (a name in a "
+                "list would exclude its out_proj too)."
+            )
         param = _parameter(module)
-        layer_weight(module)  # refuses an unsupported nn.MultiheadAttention layout, naming the reason
         if not param.requires_grad:
             frozen.append(name)
         elif id(param) in owner:

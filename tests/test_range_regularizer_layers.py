@@ -89,9 +89,9 @@ def test_multihead_attention_in_proj_weight_is_regularized(r2_type):
 
 
 def test_multihead_attention_with_separate_projections_is_refused_by_name():
-    with pytest.raises(ValueError, match="separate q/k/v projection weights"):
+    with pytest.raises(ValueError, match="'attn' is an nn.MultiheadAttention .* separate q/k/v projection weights"):
         RangeRegularizer(WithAttention(kdim=4), R2Config(r2_type="linf"))
-    reg = RangeRegularizer(WithAttention(kdim=4), R2Config(r2_type="linf", exclude_modules=["attn"]))
+    reg = RangeRegularizer(WithAttention(kdim=4), R2Config(r2_type="linf", exclude_modules="attn"))
     assert reg.layer_names == ["attn.out_proj", "head"]
 
 
