@@ -134,6 +134,8 @@ class DataTrainingArguments:
             path = getattr(self, name)
             if path is not None and not Path(path).is_dir():
                 raise FileNotFoundError(f"--{name} {path!r} is not a directory.")
+            if path is not None and not any(p.is_file() for p in Path(path).rglob("*")):
+                raise ValueError(f"--{name} {path!r} holds no images (expected <{name}>/<label>/<image> files).")
         if self.train_val_split is not None and not 0 < self.train_val_split < 1:
             raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
         for name in ("max_train_samples", "max_eval_samples"):

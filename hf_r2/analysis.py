@@ -69,9 +69,13 @@ def _stats(name: str, weight: torch.Tensor) -> LayerWeightStats:
 
 def measured_weight(module: nn.Module) -> torch.Tensor | None:
     """The weight tensor whose range a layer is measured (and regularized) by: `in_proj_weight` for
-    `nn.MultiheadAttention`, `weight` otherwise; `None` when the module has no such tensor."""
+    `nn.MultiheadAttention`, `weight` otherwise, gathered whole when FSDP2 shards it; `None` when the module has no
+    such tensor."""
     weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else getattr(module, "weight", None)
-    return weight if isinstance(weight, torch.Tensor) else None
+    if not isinstance(weight, torch.Tensor):
+        return None
+    # FSDP2 keeps a DTensor shard outside the forward: measure the whole weight (a collective: call on every rank).
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
 
 
 def weight_stats(modules: Mapping[str, nn.Module]) -> dict[str, LayerWeightStats]:

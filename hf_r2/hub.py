@@ -787,7 +787,7 @@ def publish_from_args(
         folder,
         model_name=repo_id.split("/")[-1],
         r2=r2_info_from_args(training_args),
-        compression=compression_args.card_info(),
+        compression=compression_args.card_info(model),
         metrics={k: v for k, v in (eval_metrics or {}).items() if isinstance(v, (int, float))},
         training=training_info_from_args(training_args) if training_args.do_train else None,
         histogram_layers=publish_args.card_histogram_layers,

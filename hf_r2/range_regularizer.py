@@ -36,6 +36,13 @@ def _transposed_layer_types() -> tuple[type[nn.Module], ...]:
 
 _TRANSPOSED_LAYER_TYPES = _transposed_layer_types()
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch built without distributed support
+
+    class _DTensor:  # never an instance
+        pass
+
 #: Layer types whose weight is regularized by default (`nn.MultiheadAttention`: its packed `in_proj_weight`; its
 #: `out_proj` is an `nn.Linear` of its own).
 SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (
@@ -404,6 +411,18 @@ class _SoftMinMaxLosses(torch.autograd.Function):
         return tuple(grads)
 
 
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward densifies a sparse gradient (DTensor's gather cannot take the sparse linf/margin one)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.to_dense() if grad.is_sparse else grad
+
+
 def _densify_grad(param: torch.Tensor) -> None:
     if param.grad is not None and param.grad.is_sparse:
         param.grad = param.grad.to_dense()
@@ -422,8 +441,13 @@ def _trainable_and_untied(modules: dict[str, nn.Module]) -> dict[str, nn.Module]
     owner: dict[int, str] = {}
     frozen: list[str] = []
     for name, module in modules.items():
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is None:
+            raise ValueError(
+                f"{name!r} is an nn.MultiheadAttention with kdim/vdim != embed_dim: its separate q/k/v projection "
+                f"weights are not regularized. Exclude it alone with the regex exclude_modules={name!r} (a name in a "
+                "list would exclude its out_proj too)."
+            )
         param = _parameter(module)
-        layer_weight(module)  # refuses an unsupported nn.MultiheadAttention layout, naming the reason
         if not param.requires_grad:
             frozen.append(name)
         elif id(param) in owner:
@@ -496,7 +520,10 @@ class RangeRegularizer(nn.Module):
             self.alphas = nn.Parameter(init)
 
     def _weight(self, i: int) -> torch.Tensor:
-        return layer_weight(self._layers[i])
+        weight = layer_weight(self._layers[i])
+        # FSDP2 keeps each weight as a DTensor shard outside the forward: the range of a shard is not the layer's.
+        # `full_tensor()` gathers it differentiably; its backward hands every rank the gradient of its own shard.
+        return _DenseGrad.apply(weight.full_tensor()) if isinstance(weight, _DTensor) else weight
 
     def weights(self) -> list[torch.Tensor]:
         """The targeted weights (output channels first), in `layer_names` order."""

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME  # written last into a checkpoint folder by the Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -44,6 +45,8 @@ __all__ = [
     "R2TrainingArguments",
     "R2Trainer",
     "check_resume_checkpoint",
+    "check_steps_trained",
+    "checkpoint_global_step",
     "checkpoint_problem",
     "get_last_complete_checkpoint",
     "resolve_resume_checkpoint",
@@ -56,9 +59,6 @@ R2_TYPE_CHOICES: tuple[str, ...] = ("none", *R2_TYPES)
 #: File holding the regularizer's parameters inside a checkpoint folder.
 R2_STATE_NAME = "r2_regularizer.safetensors"
 
-#: The Trainer writes this file last into a checkpoint folder (after the weights, optimizer, scheduler and RNG states):
-#: a folder without it, or with a truncated one, is what a killed save leaves behind.
-TRAINER_STATE_NAME = "trainer_state.json"
 #: Model weight files one of which every complete checkpoint holds (as `Trainer._load_from_checkpoint` looks for).
 _WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
@@ -431,13 +431,12 @@ class R2Trainer(Trainer):
                 )
         elif args_type != "none" and self.model is not None:
             reg = RangeRegularizer(self.model, self.args.to_r2_config())
-        if reg is not None and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
-            # Both engines shard parameters outside the forward: a range read from a shard is not the layer's range.
-            engine = "FSDP" if self.is_fsdp_enabled else "DeepSpeed"
+        engine = self._unsupported_sharding_engine()
+        if reg is not None and engine is not None:
             raise ValueError(
-                f"R² (r2_type={reg.config.r2_type!r}) is not supported under {engine} yet: the range loss would read "
-                "sharded weights and be silently wrong. Train with DDP (`accelerate launch --multi_gpu` or torchrun) "
-                "or set r2_type='none'."
+                f"R² (r2_type={reg.config.r2_type!r}) is not supported under {engine}: it shards parameters outside "
+                "the forward in a layout the range loss cannot gather, so the loss would be silently wrong. Use FSDP2 "
+                "(fsdp_config={'version': 2}), DDP (`accelerate launch --multi_gpu` or torchrun), or r2_type='none'."
             )
         if reg is not None:
             param = next(self.model.parameters(), None)
@@ -447,6 +446,16 @@ class R2Trainer(Trainer):
         self._r2_sum = None
         self._r2_count = 0
         self._range_layer_names = self._select_range_layer_names()
+
+    def _unsupported_sharding_engine(self) -> str | None:
+        """The engine R² refuses, if one is on. FSDP2 keeps each weight a DTensor that the regularizer gathers
+        (`RangeRegularizer` reads `full_tensor()`); FSDP1 flattens weights across layers and DeepSpeed ZeRO-3
+        partitions them behind its own API."""
+        if self.is_deepspeed_enabled:
+            return "DeepSpeed"
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            return "FSDP1"
+        return None
 
     def _select_range_layer_names(self) -> list[str]:
         if self.r2_regularizer is not None:

@@ -161,6 +161,9 @@ def test_run_glue_mobilebert_from_config_with_r2_publish_and_push(glue_r2):
         assert SECTIONS[key] in text
     assert "soft_min_max" in text and f"{metrics['eval_accuracy']:.4g}" in text
     assert {"hf_r2", "range-regularization"} <= set(read_card_metadata(publish)["tags"])
+    for path in publish.iterdir():  # no local path in any published file (the tokenizer comes from site-packages)
+        content = path.read_bytes()
+        assert MINILM.encode() not in content and str(out).encode() not in content and str(QNLI).encode() not in content
 
     # The published folder and the trained model agree exactly.
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(publish)
@@ -470,6 +473,11 @@ def test_run_image_classification_bad_input(digits, tmp_path, no_training):
                             "--card_reference_model", str(tmp_path / "other")))
     with pytest.raises(ValueError, match="is the run's --output_dir"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train", "--publish_dir", str(tmp_path)))
+    (tmp_path / "empty" / "0").mkdir(parents=True)
+    args = ic_args(tmp_path, digits, "--do_train")
+    args[args.index("--train_dir") + 1] = str(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"--train_dir .*empty' holds no images"):
+        run_ic.main(args)
     with pytest.raises(ValueError, match=r"keys \['depth'\] are not attributes of ResNetConfig"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train", model=("--model_type", "resnet", "--config_overrides",
                                                                     "depth=3")))

@@ -467,9 +467,17 @@ def test_a_stale_backup_next_to_a_complete_publish_folder_is_removed(tmp_path):
     # Killed after the second rename: the new folder is in place, the old one still aside.
     folder = prepare_publish_folder(tiny_bert(0), tmp_path / "pub", histogram_layers=0)
     old = prepare_publish_folder(tiny_bert(1), tmp_path / "old", histogram_layers=0)
-    os.replace(old, tmp_path / f".pub.old-{dead_pid()}")
+    backup = tmp_path / f".pub.old-{dead_pid()}"
+    os.replace(old, backup)
     hub.check_publish_dir(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pub"]
+    # Next to a folder hf_r2 did not make (here: one created by hand after the kill), the backup is kept.
+    prepare_publish_folder(tiny_bert(1), tmp_path / "old", histogram_layers=0)
+    os.replace(tmp_path / "old", backup)
+    (tmp_path / "other").mkdir()
+    os.replace(backup, tmp_path / f".other.old-{dead_pid()}")
+    hub.check_publish_dir(tmp_path / "other")
+    assert len(list(tmp_path.glob(".other.old-*"))) == 1
 
 
 def test_publish_folder_gets_the_usual_permissions(tmp_path):

@@ -183,3 +183,82 @@ def test_non_finite_weights_are_refused_at_quantize_and_at_finalize():
         finalize(model)
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     assert getattr(model.config, "quantization_config", None) is None
+
+
+# ---- issue 15.5: transformers Conv1D (GPT-2) is quantized; nn.MultiheadAttention is refused, not silently skipped ----
+
+
+@pytest.mark.parametrize("method,kwargs", [("ptq", {"w_bits": 4, "a_bits": 8}), ("lsq", {"w_bits": 3, "a_bits": 4})])
+def test_conv1d_is_quantized_like_the_linear_with_the_transposed_weight(method, kwargs):
+    """Conv1D is nn.Linear with its weight stored (in, out): per-channel scales must run along the output channels."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(6, 5)
+    with torch.no_grad():
+        conv.weight.mul_(torch.logspace(-1, 1, 6))  # very different output-channel ranges: per-channel matters
+        conv.bias.normal_()
+    linear = torch.nn.Linear(5, 6)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    conv_model, linear_model = torch.nn.Sequential(conv), torch.nn.Sequential(linear)
+    x = torch.randn(3, 4, 5)
+    for model in (conv_model, linear_model):
+        quantize(model, get_quantization_config(method, **kwargs))
+        calibrate(model, [x])
+    torch.testing.assert_close(conv_model(x), linear_model(x), rtol=1e-5, atol=1e-5)
+    finalize(conv_model)
+    finalize(linear_model)
+    from hf_r2.quantization import QuantizedConv1D
+
+    assert isinstance(conv_model[0], QuantizedConv1D)
+    assert torch.equal(conv_model[0].weight_int, linear_model[0].weight_int)  # integer codes: exact
+    torch.testing.assert_close(conv_model[0].weight, linear_model[0].weight.t(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(conv_model(x), linear_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_ptq_quantizes_every_conv1d_and_round_trips(tmp_path):
+    """GPT-2 with PTQ used to quantize only `score` (every Conv1D was skipped), and the card claimed PTQ anyway."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from hf_r2.arguments import compressed_summary
+    from hf_r2.quantization import QuantizedConv1D
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        num_labels=2,
+    ))
+    finalize(quantize(model, get_quantization_config("ptq", w_bits=2)))
+    conv1d = [n for n, m in model.named_modules() if isinstance(m, QuantizedConv1D)]
+    assert conv1d == [f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    summary = compressed_summary(model)
+    # 16*48 + 16*16 + 16*64 + 64*16 (Conv1D) + 16*2 (score) compressed, of those plus wte 50*16 and wpe 16*16.
+    assert summary["compressed_layers"] == 5
+    assert summary["compressed_weights"] == "3,104 of 4,160 (74.6 %)"
+    loaded = _save_and_reload(model, tmp_path)
+    assert [n for n, m in loaded.named_modules() if isinstance(m, QuantizedConv1D)] == conv1d
+
+
+class _WithMultiheadAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x)[0])
+
+
+def test_multihead_attention_is_refused_loudly_and_excluding_it_works():
+    """MHA never calls out_proj.forward (it was counted as quantized but ran in full precision)."""
+    from hf_r2.quantization import quantized_layers
+
+    model = _WithMultiheadAttention()
+    with pytest.raises(ValueError, match=r"cannot compress nn.MultiheadAttention \['attn'\].*exclude_modules="
+                                         r"\['attn'\]"):
+        quantize(model, get_quantization_config("lsq", w_bits=4))
+    assert type(model.attn.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+    quantize(model, get_quantization_config("lsq", w_bits=4, exclude_modules=["attn"]))
+    assert list(quantized_layers(model)) == ["head"]

@@ -4,6 +4,7 @@ projection too; and the engines R2Trainer refuses instead of training silently w
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -88,9 +89,9 @@ def test_multihead_attention_in_proj_weight_is_regularized(r2_type):
 
 
 def test_multihead_attention_with_separate_projections_is_refused_by_name():
-    with pytest.raises(ValueError, match="separate q/k/v projection weights"):
+    with pytest.raises(ValueError, match="'attn' is an nn.MultiheadAttention .* separate q/k/v projection weights"):
         RangeRegularizer(WithAttention(kdim=4), R2Config(r2_type="linf"))
-    reg = RangeRegularizer(WithAttention(kdim=4), R2Config(r2_type="linf", exclude_modules=["attn"]))
+    reg = RangeRegularizer(WithAttention(kdim=4), R2Config(r2_type="linf", exclude_modules="attn"))
     assert reg.layer_names == ["attn.out_proj", "head"]
 
 
@@ -102,18 +103,27 @@ def test_non_positive_alpha_is_refused(alpha, tmp_path):
         R2TrainingArguments(output_dir=str(tmp_path), r2_type="soft_min_max", r2_alpha_init=alpha)
 
 
-@pytest.mark.parametrize("engine", ["is_fsdp_enabled", "is_deepspeed_enabled"])
-def test_sharding_engines_are_refused_before_training(engine, tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["FSDP1", "DeepSpeed", "FSDP2"])
+def test_sharding_engines_r2_cannot_read_are_refused_before_training(engine, tmp_path, monkeypatch):
     original = Trainer.create_accelerator_and_postprocess
 
     def pretend_sharded(self):
         original(self)
-        setattr(self, engine, True)
+        if engine == "DeepSpeed":
+            self.is_deepspeed_enabled = True
+        else:
+            self.is_fsdp_enabled = True
+            # AcceleratorState keeps its attributes in one shared dict: patch the key, so teardown removes it.
+            plugin = SimpleNamespace(fsdp_version=int(engine[-1]))
+            monkeypatch.setitem(self.accelerator.state.__dict__, "fsdp_plugin", plugin)
 
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", pretend_sharded)
     args = R2TrainingArguments(output_dir=str(tmp_path), r2_type="linf", use_cpu=True, report_to=[])
-    with pytest.raises(ValueError, match="not supported under (FSDP|DeepSpeed)"):
+    if engine == "FSDP2":  # DTensor weights, gathered by the regularizer (parity: tests/test_distributed.py)
+        assert R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=args).r2_regularizer is not None
+        return
+    with pytest.raises(ValueError, match=f"not supported under {engine}"):
         R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=args)
     # Without R² the same engine is the Trainer's business.
-    R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=R2TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
-                                                                          report_to=[]))
+    plain = R2TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    assert R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=plain).r2_regularizer is None

@@ -7,8 +7,20 @@ import logging
 import torch
 from torch import nn
 
-from ..utils import check_cluster_dim, select_modules, tied_weight_groups, vectors_to_weight
-from .compressed import attach_palettization_config, palettized_modules, to_palettized
+from ..utils import (
+    check_cluster_dim,
+    refuse_multihead_attention,
+    select_modules,
+    tied_weight_groups,
+    vectors_to_weight,
+)
+from .compressed import (
+    attach_palettization_config,
+    output_channels_first,
+    output_channels_first_shape,
+    palettized_modules,
+    to_palettized,
+)
 from .config import DKMConfig
 from .layers import DKM_LAYERS, DKMLayerMixin
 
@@ -77,13 +89,15 @@ def _validate(name: str, module: nn.Module, config: DKMConfig) -> None:
             f"{name}.weight holds {bad} NaN/Inf value(s): k-means cannot cluster it. Fix or re-initialise the layer, "
             f"or leave it out with exclude_modules=[{name!r}]."
         )
-    check_cluster_dim(config.cluster_dim, module.weight.shape, f"{name}.weight")
+    check_cluster_dim(config.cluster_dim, output_channels_first_shape(module), f"{name}.weight")
     n_vectors = module.weight.numel() // config.cluster_dim
     if n_vectors < config.n_clusters:
         raise ValueError(
             f"{name}.weight (shape {tuple(module.weight.shape)}) has {n_vectors} weight vectors of dimension "
             f"{config.cluster_dim}, fewer than the 2**{config.n_bits} = {config.n_clusters} centroids; lower n_bits, "
-            f"exclude the layer, or set weight_threshold above {module.weight.numel()}."
+            f"exclude the layer (exclude_modules=[{name!r}], --dkm_exclude_modules {name}), or leave every layer this "
+            f"small dense with weight_threshold={module.weight.numel() + 1} (--dkm_weight_threshold "
+            f"{module.weight.numel() + 1})."
         )
 
 
@@ -130,6 +144,7 @@ def palettize(model: nn.Module, config: DKMConfig) -> nn.Module:
             "config.quantization_config) and a checkpoint holds one compression method: palettize the dense model "
             "instead, or call `model.dequantize()` first to get plain layers."
         )
+    refuse_multihead_attention(model, selected, "DKM palettization")
     for name, module in selected.items():
         _validate(name, module, config)
     # Refused here, before training, not at finalize: a tied weight has no compact form, and finding that out after
@@ -208,8 +223,8 @@ def finalize(model: nn.Module, compress: bool | None = None) -> nn.Module:
         lut, indices = assignments.pop(name)
         indices = indices.long()
         was_training = layer.training
-        hard = vectors_to_weight(lut[indices], layer.weight.shape, config.cluster_dim)
-        layer.weight.copy_(hard.to(layer.weight.dtype))
+        hard = vectors_to_weight(lut[indices], output_channels_first_shape(layer), config.cluster_dim)
+        layer.weight.copy_(output_channels_first(layer, hard).to(layer.weight.dtype))
         layer.__class__ = layer.base_class
         del layer.centroids, layer.dkm_config
         layer.train(was_training)

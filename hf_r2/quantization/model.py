@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.pytorch_utils import Conv1D
 
 from hf_r2.palettization.compressed import PalettizedMixin
 from hf_r2.quantization.config import EWGSConfig, LSQConfig, PACTConfig, PTQConfig, QuantizationConfig
@@ -17,7 +18,9 @@ from hf_r2.quantization.layers import (
     LSQInputQuantizer,
     LSQWeightQuantizer,
     PACTInputQuantizer,
+    QuantConv1D,
     QuantConv2d,
+    QuantizedConv1D,
     QuantizedConv2d,
     QuantizedLinear,
     QuantLinear,
@@ -26,10 +29,13 @@ from hf_r2.quantization.layers import (
     WeightQuantizer,
     _all_reduce_mean,
 )
-from hf_r2.utils import select_modules, tied_weight_groups
+from hf_r2.utils import refuse_multihead_attention, select_modules, tied_weight_groups
 
-SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
-_QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, Conv1D)
+# Fake-quantized and finalized class of each supported type (Conv1D: transformers' GPT-2 Linear, weight (in, out)).
+_QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, Conv1D: QuantConv1D}
+_FINALIZED_TYPES = {QuantLinear: QuantizedLinear, QuantConv2d: QuantizedConv2d, QuantConv1D: QuantizedConv1D}
+_QUANTIZED = QuantLinear | QuantConv2d | QuantConv1D | QuantizedLinear | QuantizedConv2d | QuantizedConv1D
 
 QuantizerFactory = Callable[[nn.Module, QuantizationConfig], tuple[WeightQuantizer, "nn.Module | None"]]
 _HANDLERS: dict[type[QuantizationConfig], QuantizerFactory] = {}
@@ -108,8 +114,7 @@ def validate_quantization(model: nn.Module, config: QuantizationConfig) -> dict[
             another module's, or a selected weight holds NaN/Inf values.
     """
     _handler(config)
-    done = QuantLinear | QuantConv2d | QuantizedLinear | QuantizedConv2d
-    already = [n for n, m in model.named_modules() if isinstance(m, done)]
+    already = [n for n, m in model.named_modules() if isinstance(m, _QUANTIZED)]
     if already:
         raise ValueError(f"Model is already quantized (e.g. {already[0]!r}); quantize a float model.")
     existing = getattr(getattr(model, "config", None), "quantization_config", None)
@@ -129,6 +134,7 @@ def validate_quantization(model: nn.Module, config: QuantizationConfig) -> dict[
     selected = select_modules(
         model, SUPPORTED_TYPES, config.target_modules, config.exclude_modules, what=f"{type(config).__name__}"
     )
+    refuse_multihead_attention(model, selected, type(config).__name__)
     groups = tied_weight_groups(model)
     tied = {name: groups[f"{name}.weight"] for name in selected if f"{name}.weight" in groups}
     if tied:
@@ -178,7 +184,7 @@ def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
     handler = _handler(config)
     selected = validate_quantization(model, config)
     for name, module in selected.items():
-        base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+        base = next(t for t in _QUANT_TYPES if isinstance(module, t))  # Conv1D, Linear, Conv2d: unrelated types
         weight_q, input_q = handler(module, config)
         _replace(model, name, _QUANT_TYPES[base].from_float(module, weight_q, input_q))
     # Kept for `finalize`, which records it in a transformers model's config (a plain attribute, not state).
@@ -188,7 +194,7 @@ def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The fake-quantized layers of `model`, by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d | QuantConv1D)}
 
 
 def quantizer_parameter_names(model: nn.Module) -> list[str]:
@@ -274,7 +280,7 @@ def finalize(model: nn.Module) -> nn.Module:
     # was, and a layer whose weights became NaN/Inf in training never reaches a checkpoint that would then be refused.
     finalized = {}
     for name, layer in layers.items():
-        cls = QuantizedConv2d if isinstance(layer, QuantConv2d) else QuantizedLinear
+        cls = _FINALIZED_TYPES[type(layer)]
         placeholder = layer.weight.is_meta  # `from_pretrained` rebuilding the layers: nothing to check yet
         if not placeholder and not bool(torch.isfinite(layer.weight).all()):
             raise ValueError(
