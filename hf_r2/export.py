@@ -770,7 +770,17 @@ def export_coreml(
         raise ValueError(f"{overlap} are both in example_inputs and constant_inputs; give each input once.")
     plans = _plan(model)
 
-    export_model = copy.deepcopy(model).eval()
+    # A private CPU copy: the caller's model (its device, training mode, layers) is left as it was.
+    export_model = copy.deepcopy(model).cpu().eval()
+    inputs = {name: tensor.cpu() for name, tensor in inputs.items()}
+    constants = {name: tensor.cpu() for name, tensor in constants.items()}
+    example = tuple(inputs.values())
+    with torch.no_grad():
+        # The model's own outputs, without the export adaptations (constant inputs, 4-D mask), to check them against.
+        names, expected = _output_tensors(export_model(**inputs))
+    for plan in plans.values():
+        plan.weight = plan.weight.cpu()
+        plan.metadata = {key: value.cpu() for key, value in plan.metadata.items()}
     _build_export_layers(export_model, plans)
     wrapper = _ExportModule(
         export_model, list(inputs), constants, _mask_mode(model) if "attention_mask" in inputs else None
@@ -779,9 +789,7 @@ def export_coreml(
     for name, plan in plans.items():
         plan.report.coreml_weight_name = _coreml_name(f"{_WRAPPED_MODEL}.{name}.weight")
 
-    example = tuple(inputs.values())
     with torch.no_grad():
-        names, expected = _output_tensors(model.eval()(**inputs, **constants) if constants else model.eval()(**inputs))
         wrapper.eval()
         with _autograd_free_quantizers():
             traced = torch.jit.trace(wrapper, example, check_trace=False, strict=False)

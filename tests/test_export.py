@@ -6,6 +6,7 @@ the PyTorch weight bit for bit, be stored by its constexpr op (never as a dense 
 be within 5 % of the ideal size computed here from the PyTorch model.
 """
 
+import json
 import os
 import sys
 
@@ -17,11 +18,14 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from hf_r2.export import (
     COREML_INSTALL_HINT,
+    check_coreml_export_request,
     coreml_export_plan,
     default_constant_inputs,
     export_coreml,
+    export_coreml_to_dir,
     read_coreml_compressed_weights,
 )
+from hf_r2.hub import build_model_card
 from hf_r2.palettization import DKMConfig, finalize, palettize
 from hf_r2.palettization.compressed import PalettizedLinear, attach_palettization_config, to_palettized
 from hf_r2.quantization import QuantizedConv2d, QuantizedLinear, calibrate, get_quantization_config, quantize
@@ -357,9 +361,12 @@ def test_old_deployment_targets_and_bad_paths_are_refused(tmp_path):
 
 
 def test_export_is_atomic_and_refuses_weights_that_left_their_palette(tmp_path):
-    model = small_palettized_model()
+    model = small_palettized_model().train()
     package = tmp_path / "m.mlpackage"
     export_coreml(model, torch.randn(1, 8), package, minimum_deployment_target="macOS15")
+    # The caller's model is untouched: same mode, same layers, no compression-info buffers.
+    assert model.training and isinstance(model[0], PalettizedLinear)
+    assert not any("_COREML_" in key for key in model.state_dict())
     before = {p.name: p.read_bytes() for p in package.rglob("*") if p.is_file()}
     with torch.no_grad():
         model[2].weight[0, 0] += 0.001  # edited after palettization: no longer a LUT value
@@ -367,6 +374,35 @@ def test_export_is_atomic_and_refuses_weights_that_left_their_palette(tmp_path):
         export_coreml(model, torch.randn(1, 8), package)
     assert {p.name: p.read_bytes() for p in package.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mlpackage"]  # no temporary folder left
+
+
+def test_a_constant_input_that_changes_the_outputs_is_refused(tmp_path):
+    model = tiny_bert(num_hidden_layers=1, vocab_size=300)
+    palettize_randomly(model, [(4, 1)])
+    inputs = bert_inputs()
+    inputs["input_ids"] %= 300
+    assert torch.equal(default_constant_inputs(model, inputs)["position_ids"], torch.arange(SEQ)[None])
+    wrong = {"position_ids": torch.arange(SEQ).flip(0)[None]}
+    with pytest.raises(ValueError, match=r"outputs differ from the model's by .* a constant input or the attention"):
+        export_coreml(model, inputs, tmp_path / "x.mlpackage", constant_inputs=wrong)
+    assert not (tmp_path / "x.mlpackage").exists()
+
+
+def test_example_script_flag_checks_and_report(tmp_path):
+    with pytest.raises(ValueError, match=r"--export_coreml .* compresses nothing: add --dkm_bits .* or --quant_method"):
+        check_coreml_export_request(tmp_path / "coreml", None)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is an existing file"):
+        check_coreml_export_request(tmp_path / "file", "dkm")
+    check_coreml_export_request(None, None)
+    check_coreml_export_request(tmp_path / "coreml", "lsq")
+    report = export_coreml_to_dir(small_palettized_model(), torch.randn(1, 8), tmp_path / "coreml")
+    saved = json.loads((tmp_path / "coreml" / "coreml_export.json").read_text())
+    assert saved["weight_file_bytes"] == report.weight_file_bytes > 0 and saved["verified_layers"] == 2
+    card = build_model_card(model_name="m", size={"checkpoint_bytes": 2000, "coreml_bytes": report.weight_file_bytes})
+    assert f"| Core ML package weight file (iOS 18, `hf_r2.export`) | {report.weight_file_bytes / 1e6:.3f} |" in str(
+        card
+    )
 
 
 def test_missing_coremltools_names_the_extra(monkeypatch, tmp_path):
