@@ -549,8 +549,11 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             metrics = trainer.evaluate(metric_key_prefix="eval_float")
             trainer.log_metrics("eval_float", metrics)
             all_metrics.update(metrics)
+        # Calibration (PTQ ranges; QAT activation steps when nothing was trained) uses training rows, even with
+        # --do_eval alone, when the train split is there.
+        calibration_rows = train_dataset or ("train" in raw_datasets and take("train", 32)) or eval_dataset
         trainer.model = compression_args.finalize(
-            trainer.model, calibration_batches=model_inputs(collator, train_dataset or eval_dataset, n_batches=4)
+            trainer.model, calibration_batches=model_inputs(collator, calibration_rows, n_batches=4)
         )
         trainer.model_wrapped = trainer.model
         trainer.save_model()

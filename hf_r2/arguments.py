@@ -354,8 +354,9 @@ class CompressionArguments:
 
         Args:
             model (`nn.Module`): The trained model.
-            calibration_batches (`Iterable`, *optional*): Model inputs (dicts) that set PTQ activation ranges;
-                required for `--quant_method ptq` with `--a_bits`.
+            calibration_batches (`Iterable`, *optional*): Model inputs (dicts), training batches preferably: they set
+                PTQ activation ranges (required for `--quant_method ptq` with `--a_bits`), and the step sizes / signs
+                of QAT activation quantizers that have seen no batch (a run without training).
         """
         method = self.method
         if method is None:
@@ -366,6 +367,12 @@ class CompressionArguments:
                 if calibration_batches is None:
                     raise ValueError("--quant_method ptq with --a_bits needs calibration batches (activation ranges).")
                 importlib.import_module("hf_r2.quantization").calibrate(model, calibration_batches)
+        elif method in QAT_METHODS and calibration_batches is not None:
+            quantization = importlib.import_module("hf_r2.quantization")
+            if quantization.uncalibrated_input_quantizers(model):
+                # Not trained (e.g. --do_eval alone): the activation quantizers have seen no batch yet; set their step
+                # sizes and signs from the given (training) batches rather than from a loaded model's first input.
+                quantization.calibrate(model, calibration_batches)
         package = importlib.import_module("hf_r2.palettization" if method == "dkm" else "hf_r2.quantization")
         result = package.finalize(model)
         return model if result is None or not isinstance(result, nn.Module) else result
