@@ -275,6 +275,7 @@ def test_state_dict_is_compact_and_loads_into_plain_torch_modules():
     new = to_palettized(layer, lut, indices, 3, 2)
     state = new.state_dict()
     assert set(state) == {"weight", "bias", "weight_lut", "weight_checksum"}
+    assert not [n for n, b in new.named_buffers() if b.is_meta]  # every buffer holds data (deepcopy, .cpu())
     assert state["weight"].dtype == torch.uint8 and state["weight"].numel() == math.ceil(6 * 4 * 9 / 2 * 3 / 8)
 
     fresh = PalettizedConv2d(4, 6, 3, n_bits=3, cluster_dim=2)

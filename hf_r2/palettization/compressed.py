@@ -663,6 +663,7 @@ def to_palettized(
     new.weight = nn.Parameter(torch.empty(layer.weight.shape, dtype=layer.weight.dtype, device=device), False)
     new.weight_lut = torch.empty(0, device=device)
     new.weight_packed_indices = torch.empty(0, dtype=torch.uint8, device=device)
+    new.weight_checksum = torch.zeros(3, dtype=torch.int64, device=device)  # its value is computed at save time
     if getattr(layer, "bias", None) is not None:
         new.bias = layer.bias
     new.train(layer.training)
