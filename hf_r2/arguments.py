@@ -60,6 +60,13 @@ def parse_module_pattern(value: list[str] | str | None, name: str = "module patt
     names = [part.strip() for entry in entries for part in entry.split(",") if part.strip()]
     if not names:
         raise ValueError(f"Empty {name} {value!r}: give module names or one regular expression.")
+    regexes = [n for n in names if is_module_regex(n)]
+    if regexes:
+        raise ValueError(
+            f"{name} {entries} mixes module names with a regular expression {regexes}: a regular expression must "
+            f"stand alone (e.g. {name} '{regexes[0]}'); names are matched literally (a name also covers every layer "
+            "inside the module it names)."
+        )
     return names
 
 
@@ -171,6 +178,13 @@ class CompressionArguments:
         default=None,
         metadata={"help": "Differentiable k-means iterations per forward (>= 1). Defaults to hf_r2.palettization's."},
     )
+    dkm_weight_threshold: int | None = field(
+        default=None,
+        metadata={
+            "help": "Leave dense the layers whose weight has fewer elements than this (>= 0), e.g. a small classifier "
+            "with fewer weights than 2^dkm_bits centroids. Default 0: every selected layer is palettized."
+        },
+    )
     dkm_target_modules: list[str] | None = field(
         default=None,
         metadata={
@@ -236,7 +250,8 @@ class CompressionArguments:
                 "(e.g. an R² run, then a DKM run from its output)."
             )
         dkm_only = {
-            "dkm_cluster_dim", "dkm_temperature", "dkm_kmeans_iters", "dkm_target_modules", "dkm_exclude_modules"
+            "dkm_cluster_dim", "dkm_temperature", "dkm_kmeans_iters", "dkm_weight_threshold", "dkm_target_modules",
+            "dkm_exclude_modules",
         }
         quant_only = {
             "w_bits", "a_bits", "quant_per_channel", "quant_symmetric", "quant_target_modules", "quant_exclude_modules"
@@ -286,6 +301,7 @@ class CompressionArguments:
             cluster_dim=self.dkm_cluster_dim,
             temperature=self.dkm_temperature,
             kmeans_iters=self.dkm_kmeans_iters,
+            weight_threshold=self.dkm_weight_threshold,
             target_modules=parse_module_pattern(self.dkm_target_modules),
             exclude_modules=parse_module_pattern(self.dkm_exclude_modules),
         )
@@ -309,15 +325,20 @@ class CompressionArguments:
     def apply(self, model: nn.Module, *, before_training: bool = True) -> nn.Module:
         """Swaps in the compression layers (in place) and returns the model.
 
-        DKM and QAT apply before training. PTQ applies after training, so with `before_training=True` it is a no-op
-        and `finalize` does the work.
+        DKM and QAT apply before training. PTQ applies after training, so with `before_training=True` it only checks
+        that it will be able to (`hf_r2.quantization.validate_quantization`) and `finalize` does the work.
 
         Args:
             model (`nn.Module`): The model to compress.
             before_training (`bool`, *optional*, defaults to `True`): Whether training follows.
         """
         method = self.method
-        if method is None or (method == "ptq" and before_training):
+        if method is None:
+            return model
+        if method == "ptq" and before_training:
+            # Quantized after training, but checked now: a selection that matches nothing, a tied or non-finite
+            # weight or an already compressed model fails before the training time is spent.
+            importlib.import_module("hf_r2.quantization").validate_quantization(model, self.quantization_config())
             return model
         if method == "dkm":
             palettization = importlib.import_module("hf_r2.palettization")
@@ -333,8 +354,9 @@ class CompressionArguments:
 
         Args:
             model (`nn.Module`): The trained model.
-            calibration_batches (`Iterable`, *optional*): Model inputs (dicts) that set PTQ activation ranges;
-                required for `--quant_method ptq` with `--a_bits`.
+            calibration_batches (`Iterable`, *optional*): Model inputs (dicts), training batches preferably: they set
+                PTQ activation ranges (required for `--quant_method ptq` with `--a_bits`), and the step sizes / signs
+                of QAT activation quantizers that have seen no batch (a run without training).
         """
         method = self.method
         if method is None:
@@ -345,12 +367,29 @@ class CompressionArguments:
                 if calibration_batches is None:
                     raise ValueError("--quant_method ptq with --a_bits needs calibration batches (activation ranges).")
                 importlib.import_module("hf_r2.quantization").calibrate(model, calibration_batches)
+        elif method in QAT_METHODS and calibration_batches is not None:
+            quantization = importlib.import_module("hf_r2.quantization")
+            if quantization.uncalibrated_input_quantizers(model):
+                # Not trained (e.g. --do_eval alone): the activation quantizers have seen no batch yet; set their step
+                # sizes and signs from the given (training) batches rather than from a loaded model's first input.
+                quantization.calibrate(model, calibration_batches)
         package = importlib.import_module("hf_r2.palettization" if method == "dkm" else "hf_r2.quantization")
         result = package.finalize(model)
         return model if result is None or not isinstance(result, nn.Module) else result
 
-    def card_info(self) -> dict[str, Any] | None:
-        """What was done, for the model card (`hf_r2.hub`); `None` without compression."""
+    def card_info(self, model: nn.Module | None = None) -> dict[str, Any] | None:
+        """What was done, for the model card (`hf_r2.hub`); `None` without compression.
+
+        Args:
+            model (`nn.Module`, *optional*): The finalized model: adds what was actually compressed (layers and share
+                of the weights of the compressible layers), counted from its compressed layers, not from the flags.
+        """
+        info = self._card_settings()
+        if info is not None and model is not None:
+            info.update(compressed_summary(model))
+        return info
+
+    def _card_settings(self) -> dict[str, Any] | None:
         method = self.method
         if method is None:
             return None
@@ -372,6 +411,33 @@ class CompressionArguments:
         info.setdefault("w_bits", self.w_bits)
         info["bits_per_weight"] = info.get("w_bits")
         return info
+
+
+def compressed_summary(model: nn.Module) -> dict[str, Any]:
+    """What a finalized model actually holds compressed: `compressed_layers` (how many palettized or quantized layers)
+    and `compressed_weights` (their weights out of all weights of `Linear` / `Conv2d` / transformers `Conv1D` /
+    `Embedding` layers, which is what a compression could have covered), for the model card."""
+    from transformers.pytorch_utils import Conv1D
+
+    from hf_r2.palettization.compressed import PalettizedMixin
+    from hf_r2.quantization.layers import _QuantizedLayerMixin
+
+    compressed = total = layers = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if not isinstance(module, nn.Linear | nn.Conv2d | nn.Embedding | Conv1D):
+            continue
+        is_compressed = isinstance(module, PalettizedMixin | _QuantizedLayerMixin)
+        weight = module.weight_int if isinstance(module, _QuantizedLayerMixin) else module.weight
+        if id(weight) in seen:  # a tied weight counts once
+            continue
+        seen.add(id(weight))
+        total += weight.numel()
+        if is_compressed:
+            compressed += weight.numel()
+            layers += 1
+    share = 100.0 * compressed / total if total else 0.0
+    return {"compressed_layers": layers, "compressed_weights": f"{compressed:,} of {total:,} ({share:.1f} %)"}
 
 
 @dataclass

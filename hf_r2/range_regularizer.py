@@ -22,6 +22,7 @@ per step, under any model optimizer and learning rate.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -31,7 +32,9 @@ from torch import nn
 from hf_r2 import regularizers as R
 from hf_r2.utils import check_cluster_dim, select_modules
 
-__all__ = ["DEFAULT_PARAMETER_LEARNING_RATE", "R2Config", "RangeRegularizer", "SUPPORTED_LAYER_TYPES"]
+__all__ = ["DEFAULT_PARAMETER_LEARNING_RATE", "R2Config", "RangeRegularizer", "SUPPORTED_LAYER_TYPES", "layer_weight"]
+
+logger = logging.getLogger(__name__)
 
 
 def _transposed_layer_types() -> tuple[type[nn.Module], ...]:
@@ -44,14 +47,50 @@ def _transposed_layer_types() -> tuple[type[nn.Module], ...]:
 
 _TRANSPOSED_LAYER_TYPES = _transposed_layer_types()
 
-#: Layer types whose `weight` is regularized by default.
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch built without distributed support
+
+    class _DTensor:  # never an instance
+        pass
+
+#: Layer types whose weight is regularized by default (`nn.MultiheadAttention`: its packed `in_proj_weight`; its
+#: `out_proj` is an `nn.Linear` of its own).
 SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
     nn.Conv2d,
     nn.Embedding,
+    nn.MultiheadAttention,
     *_TRANSPOSED_LAYER_TYPES,
 )
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a range regularizer sees for one supported layer, output channels first.
+
+    `Conv1D` (GPT-2) stores `(in, out)` and is transposed; `nn.MultiheadAttention` gives its packed query/key/value
+    projection `in_proj_weight` of shape `(3 * embed_dim, embed_dim)`.
+
+    Raises:
+        ValueError: For an `nn.MultiheadAttention` with separate query/key/value weights (`kdim` or `vdim` differing
+            from `embed_dim`), which has no single projection weight.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is None:
+            raise ValueError(
+                "nn.MultiheadAttention with kdim/vdim != embed_dim keeps separate q/k/v projection weights, which R² "
+                "does not regularize; exclude the module (its out_proj stays regularized)."
+            )
+        return module.in_proj_weight
+    if isinstance(module, _TRANSPOSED_LAYER_TYPES):
+        return module.weight.t()
+    return module.weight
+
+
+def _parameter(module: nn.Module) -> nn.Parameter:
+    """The parameter behind `layer_weight(module)` (untransposed), to test identity and `requires_grad`."""
+    return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
 
 
 #: Default learning rate of the margins' / temperatures' own Adam (see `R2Config.learning_rate`).
@@ -128,8 +167,10 @@ class R2Config:
             raise ValueError(f"scale_free must be True or False, got {self.scale_free!r}.")
         if self.alpha_init is None:
             self.alpha_init = DEFAULT_ALPHA_INIT[self.scale_free]
-        if not isinstance(self.alpha_init, (int, float)) or not math.isfinite(self.alpha_init):
-            raise ValueError(f"alpha_init must be a finite number, got {self.alpha_init!r}.")
+        alpha = self.alpha_init
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
+            # alpha <= 0 turns the soft max into a soft min (and back): the loss would widen the range.
+            raise ValueError(f"alpha_init must be a finite number > 0, got {self.alpha_init!r}.")
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_PARAMETER_LEARNING_RATE
         if (
@@ -444,9 +485,60 @@ class _SoftMinMaxLosses(torch.autograd.Function):
         return tuple(grads)
 
 
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward densifies a sparse gradient (DTensor's gather cannot take the sparse linf/margin one)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.to_dense() if grad.is_sparse else grad
+
+
 def _densify_grad(param: torch.Tensor) -> None:
     if param.grad is not None and param.grad.is_sparse:
         param.grad = param.grad.to_dense()
+
+
+def _trainable_and_untied(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Drops layers whose weight cannot move (frozen) and second users of a tied weight, saying so.
+
+    A frozen weight's range term is a constant that only shifts the logged loss; a tied weight (GPT-2's `lm_head` and
+    `transformer.wte`) is one tensor and is counted once, under its first module name.
+
+    Raises:
+        ValueError: If every selected layer is frozen.
+    """
+    kept: dict[str, nn.Module] = {}
+    owner: dict[int, str] = {}
+    frozen: list[str] = []
+    for name, module in modules.items():
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is None:
+            raise ValueError(
+                f"{name!r} is an nn.MultiheadAttention with kdim/vdim != embed_dim: its separate q/k/v projection "
+                f"weights are not regularized. Exclude it alone with the regex exclude_modules={name!r} (a name in a "
+                "list would exclude its out_proj too)."
+            )
+        param = _parameter(module)
+        if not param.requires_grad:
+            frozen.append(name)
+        elif id(param) in owner:
+            logger.info("R²: %s shares its weight with %s (tied); regularized once, as %s.", name, owner[id(param)],
+                        owner[id(param)])
+        else:
+            owner[id(param)] = name
+            kept[name] = module
+    if frozen:
+        shown = ", ".join(frozen[:5]) + (f" and {len(frozen) - 5} more" if len(frozen) > 5 else "")
+        logger.warning("R²: %d frozen layer(s) skipped (requires_grad=False): %s.", len(frozen), shown)
+    if not kept:
+        raise ValueError(
+            f"R² range regularization has nothing to train: all {len(frozen)} selected layers are frozen "
+            "(requires_grad=False). Unfreeze them or set r2_type='none'."
+        )
+    return kept
 
 
 class RangeRegularizer(nn.Module):
@@ -482,6 +574,7 @@ class RangeRegularizer(nn.Module):
             config.exclude_modules,
             what="R² range regularization",
         )
+        modules = _trainable_and_untied(modules)
         self.layer_names: list[str] = list(modules)
         # A plain list: nn.Module.__setattr__ would register a ModuleList and put the model into our state dict.
         self._layers: list[nn.Module] = list(modules.values())
@@ -495,8 +588,8 @@ class RangeRegularizer(nn.Module):
         self._hook_handles = []
         if config.r2_type in ("linf", "margin"):
             for layer in self._layers:
-                if not (isinstance(layer, nn.Embedding) and layer.sparse) and layer.weight.requires_grad:
-                    self._hook_handles.append(layer.weight.register_post_accumulate_grad_hook(_densify_grad))
+                if not (isinstance(layer, nn.Embedding) and layer.sparse):
+                    self._hook_handles.append(_parameter(layer).register_post_accumulate_grad_hook(_densify_grad))
 
         if config.r2_type == "margin":
             if config.scale_free:  # in units of each coordinate's std: the init is the multiple itself
@@ -580,7 +673,12 @@ class RangeRegularizer(nn.Module):
         """
         if not (math.isfinite(rate) and rate >= 0):
             raise ValueError(f"rate must be a finite number >= 0, got {rate!r}.")
-        weights = [layer.weight for layer in self._layers]
+        weights = [_parameter(layer) for layer in self._layers]
+        if any(isinstance(w, _DTensor) for w in weights):
+            raise NotImplementedError(
+                "decoupled_step does not support FSDP2-sharded weights (the range of a shard is not the layer's); "
+                "use r2_mode='loss' with FSDP2."
+            )
         trained = [w for w in weights if w.requires_grad]
         own = [p for p in self.parameters() if p.requires_grad]
         with torch.enable_grad():
@@ -604,9 +702,10 @@ class RangeRegularizer(nn.Module):
         return losses.detach()
 
     def _weight(self, i: int) -> torch.Tensor:
-        layer = self._layers[i]
-        # Conv1D stores (in, out): transpose so that dim 0 holds the output channels, as for every other layer.
-        return layer.weight.t() if isinstance(layer, _TRANSPOSED_LAYER_TYPES) else layer.weight
+        weight = layer_weight(self._layers[i])
+        # FSDP2 keeps each weight as a DTensor shard outside the forward: the range of a shard is not the layer's.
+        # `full_tensor()` gathers it differentiably; its backward hands every rank the gradient of its own shard.
+        return _DenseGrad.apply(weight.full_tensor()) if isinstance(weight, _DTensor) else weight
 
     def weights(self) -> list[torch.Tensor]:
         """The targeted weights (output channels first), in `layer_names` order."""

@@ -26,13 +26,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME  # written last into a checkpoint folder by the Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -47,7 +50,19 @@ from hf_r2.range_regularizer import (
 from hf_r2.regularizers import R2_TYPES
 from hf_r2.utils import atomic_path, check_module_regex, is_module_regex, select_modules
 
-__all__ = ["R2_MODES", "R2_TYPE_CHOICES", "R2_STATE_NAME", "R2TrainingArguments", "R2Trainer"]
+__all__ = [
+    "R2_MODES",
+    "R2_TYPE_CHOICES",
+    "R2_STATE_NAME",
+    "R2TrainingArguments",
+    "R2Trainer",
+    "check_resume_checkpoint",
+    "check_steps_trained",
+    "checkpoint_global_step",
+    "checkpoint_problem",
+    "get_last_complete_checkpoint",
+    "resolve_resume_checkpoint",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -57,6 +72,159 @@ R2_TYPE_CHOICES: tuple[str, ...] = ("none", *R2_TYPES)
 R2_MODES: tuple[str, ...] = ("loss", "decoupled")
 #: File holding the regularizer's parameters inside a checkpoint folder.
 R2_STATE_NAME = "r2_regularizer.safetensors"
+
+#: Model weight files one of which every complete checkpoint holds (as `Trainer._load_from_checkpoint` looks for).
+_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+    "adapter_model.safetensors", "adapter_model.bin",
+)
+
+
+def checkpoint_problem(checkpoint_dir: str | os.PathLike) -> str | None:
+    """Why `checkpoint_dir` is not a complete `Trainer` checkpoint, or `None` if it is one.
+
+    A complete checkpoint holds a `trainer_state.json` that parses (the Trainer writes it after every other file, so
+    a save killed before it ends lacks it or holds a truncated one) and the model weights (sharded, adapter or FSDP
+    layouts included). hf_r2 writes its own `r2_regularizer.safetensors` atomically before the Trainer's files, so it
+    is present in every complete checkpoint of an R² run with learnable regularizer parameters.
+    """
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return "it does not exist" if not folder.exists() else "it is not a folder"
+    state = folder / TRAINER_STATE_NAME
+    if not state.is_file():
+        return f"it has no {TRAINER_STATE_NAME}, which the Trainer writes last: the save that wrote it was interrupted"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"its {TRAINER_STATE_NAME} is truncated or unreadable: the save that wrote it was interrupted"
+    has_weights = any((folder / name).is_file() for name in _WEIGHT_FILES) or any(
+        entry.is_dir() or entry.name.startswith("pytorch_model_fsdp") for entry in folder.iterdir()
+    )
+    if not has_weights:
+        return f"it holds no model weights ({', '.join(_WEIGHT_FILES[:2])}, ...)"
+    return None
+
+
+def checkpoint_global_step(checkpoint_dir: str | os.PathLike) -> int:
+    """The optimizer step a complete checkpoint was saved at (`global_step` of its `trainer_state.json`)."""
+    state = json.loads((Path(checkpoint_dir) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    return int(state.get("global_step", 0))
+
+
+def get_last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete `checkpoint-<step>` folder of `output_dir`, or `None`.
+
+    Like `transformers.trainer_utils.get_last_checkpoint`, but a checkpoint a killed save left incomplete (see
+    `checkpoint_problem`) is skipped with a warning naming it, instead of being chosen and failing the resume.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    steps = sorted(
+        (int(m.group(1)), entry.path)
+        for entry in os.scandir(output_dir)
+        if (m := pattern.match(entry.name)) and entry.is_dir()
+    )
+    for _, path in reversed(steps):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning(
+            f"Skipping the incomplete checkpoint {path}: {problem}. Resuming from an earlier one, if any; the "
+            "incomplete folder is left as it is (delete it once you no longer need it)."
+        )
+    return None
+
+
+def check_resume_checkpoint(checkpoint_dir: str | os.PathLike, r2_type: str) -> int:
+    """Checks, before anything is loaded, that a run with `r2_type` can resume from `checkpoint_dir`.
+
+    Returns:
+        `int`: The step the checkpoint was saved at.
+
+    Raises:
+        ValueError: If the checkpoint is incomplete (naming the folder and what is missing), or if it holds the
+            learnable parameters of another R² regularizer than `r2_type`'s (its optimizer state has a parameter
+            group for them, so loading it would fail inside torch).
+    """
+    problem = checkpoint_problem(checkpoint_dir)
+    if problem is not None:
+        raise ValueError(
+            f"Cannot resume from {checkpoint_dir}: {problem}. Resume from an earlier complete checkpoint "
+            "(--resume_from_checkpoint <output_dir>/checkpoint-<step>), or let the example scripts pick the last "
+            "complete one by not passing --resume_from_checkpoint."
+        )
+    path = Path(checkpoint_dir) / R2_STATE_NAME
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            saved_type = (f.metadata() or {}).get("r2_type")
+        if saved_type != r2_type:
+            raise ValueError(
+                f"{checkpoint_dir} was trained with r2_type={saved_type!r}: it holds that regularizer's learnable "
+                f"parameters ({R2_STATE_NAME}) and their optimizer state, so it cannot be resumed with "
+                f"r2_type={r2_type!r}. Resume with --r2_type {saved_type}, or start a new run from its weights "
+                f"(--model_name_or_path {checkpoint_dir} with a new --output_dir)."
+            )
+    return checkpoint_global_step(checkpoint_dir)
+
+
+def resolve_resume_checkpoint(args: TrainingArguments) -> str | None:
+    """The checkpoint an example script resumes from, checked before the data and model are loaded.
+
+    `--resume_from_checkpoint` when given; otherwise, as transformers' example scripts do, the last complete
+    checkpoint in `--output_dir`, announced with a warning (visible at the default verbosity) that says how to start
+    fresh instead. `None` without `--do_train` or without a checkpoint.
+
+    Raises:
+        ValueError: If the checkpoint cannot be resumed (`check_resume_checkpoint`), or if it already reached
+            `--max_steps`: the run would train nothing and report the old model as its result.
+    """
+    if not args.do_train:
+        return None
+    checkpoint = args.resume_from_checkpoint
+    found = checkpoint is None
+    if found:
+        checkpoint = get_last_complete_checkpoint(args.output_dir)
+        if checkpoint is None:
+            return None
+    step = check_resume_checkpoint(checkpoint, getattr(args, "r2_type", "none"))
+    if args.max_steps > 0 and step >= args.max_steps:
+        raise ValueError(
+            f"{checkpoint} was saved at step {step}, which already reaches --max_steps {args.max_steps}: resuming "
+            "would train 0 steps and report the old model as this run's result. To start fresh, give a new "
+            f"--output_dir{' (or delete the checkpoint-* folders in it)' if found else ''}; to continue training, "
+            f"raise --max_steps above {step}."
+        )
+    if found:
+        logger.warning(
+            f"--output_dir {args.output_dir} holds {Path(checkpoint).name} (step {step}) of an earlier run: resuming "
+            "from it, so only the steps after it are trained. To start fresh instead, give a new --output_dir (or "
+            "delete the checkpoint-* folders in it; transformers 5 has no --overwrite_output_dir)."
+        )
+    return checkpoint
+
+
+def check_steps_trained(trainer: Trainer, checkpoint: str | None) -> int:
+    """After `trainer.train(resume_from_checkpoint=checkpoint)`: the steps this run trained, refusing 0.
+
+    Raises:
+        ValueError: If the run trained no step (the checkpoint had already reached the end of training): its model
+            is the old one, which the example scripts would otherwise save and publish as this run's result.
+    """
+    start = checkpoint_global_step(checkpoint) if checkpoint else 0
+    trained = trainer.state.global_step - start
+    if trained <= 0:
+        where = f": {checkpoint} (step {start}) had already reached the end of training" if checkpoint else ""
+        raise ValueError(
+            f"This run trained 0 steps{where} (--max_steps {trainer.args.max_steps}, --num_train_epochs "
+            f"{trainer.args.num_train_epochs}). Nothing was saved or published. Give a new --output_dir to start "
+            "fresh, or raise --max_steps / --num_train_epochs to continue."
+        )
+    return trained
+
 
 def _normalize_module_pattern(value: Any, name: str) -> str | list[str] | None:
     """Turns a CLI value into the `select_modules` syntax: a list of names, or one regex string.
@@ -227,8 +395,8 @@ class R2TrainingArguments(TrainingArguments):
             raise ValueError(f"r2_cluster_dim must be an integer >= 1, got {self.r2_cluster_dim!r}.")
         if not _is_finite_number(self.r2_margin_init_std) or self.r2_margin_init_std <= 0:
             raise ValueError(f"r2_margin_init_std must be a finite number > 0, got {self.r2_margin_init_std!r}.")
-        if not _is_finite_number(self.r2_alpha_init):
-            raise ValueError(f"r2_alpha_init must be a finite number, got {self.r2_alpha_init!r}.")
+        if not (_is_finite_number(self.r2_alpha_init) and self.r2_alpha_init > 0):
+            raise ValueError(f"r2_alpha_init must be a finite number > 0, got {self.r2_alpha_init!r}.")
         if self.r2_learning_rate is not None and (
             not _is_finite_number(self.r2_learning_rate) or self.r2_learning_rate < 0
         ):
@@ -325,6 +493,13 @@ class R2Trainer(Trainer):
                 )
         elif args_type != "none" and self.model is not None:
             reg = RangeRegularizer(self.model, self.args.to_r2_config())
+        engine = self._unsupported_sharding_engine()
+        if reg is not None and engine is not None:
+            raise ValueError(
+                f"R² (r2_type={reg.config.r2_type!r}) is not supported under {engine}: it shards parameters outside "
+                "the forward in a layout the range loss cannot gather, so the loss would be silently wrong. Use FSDP2 "
+                "(fsdp_config={'version': 2}), DDP (`accelerate launch --multi_gpu` or torchrun), or r2_type='none'."
+            )
         if reg is not None:
             param = next(self.model.parameters(), None)
             if param is not None:
@@ -333,6 +508,16 @@ class R2Trainer(Trainer):
         self._r2_sum = None
         self._r2_count = 0
         self._range_layer_names = self._select_range_layer_names()
+
+    def _unsupported_sharding_engine(self) -> str | None:
+        """The engine R² refuses, if one is on. FSDP2 keeps each weight a DTensor that the regularizer gathers
+        (`RangeRegularizer` reads `full_tensor()`); FSDP1 flattens weights across layers and DeepSpeed ZeRO-3
+        partitions them behind its own API."""
+        if self.is_deepspeed_enabled:
+            return "DeepSpeed"
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            return "FSDP1"
+        return None
 
     def _select_range_layer_names(self) -> list[str]:
         if self.r2_regularizer is not None:
@@ -454,10 +639,25 @@ class R2Trainer(Trainer):
                 logs["max_weight_range"] = max_weight_range({n: modules[n] for n in self._range_layer_names})
         super().log(logs, start_time)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`, refusing an incomplete or incompatible checkpoint before anything is loaded.
+
+        `resume_from_checkpoint=True` resumes from the last *complete* checkpoint of `output_dir`
+        (`get_last_complete_checkpoint`: one a killed save left incomplete is skipped with a warning); a given
+        checkpoint is checked with `check_resume_checkpoint` (complete, same R² regularizer).
+        """
         # Drop range losses accumulated by a previous, interrupted `train` call.
         self._r2_sum, self._r2_count = None, 0
-        return super().train(*args, **kwargs)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir}).")
+        elif resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        if resume_from_checkpoint is not None:
+            r2_type = self.r2_regularizer.config.r2_type if self.r2_regularizer is not None else "none"
+            check_resume_checkpoint(resume_from_checkpoint, r2_type)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- model card ----
 

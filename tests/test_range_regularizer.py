@@ -338,7 +338,7 @@ def test_cluster_dim_not_dividing_names_layer():
     ("kwargs", "match"),
     [
         ({"margin_init_std": -1.0}, "margin_init_std must be a finite number > 0, got -1.0"),
-        ({"alpha_init": math.inf}, "alpha_init must be a finite number, got inf"),
+        ({"alpha_init": math.inf}, "alpha_init must be a finite number > 0, got inf"),
         ({"target_modules": []}, "target_modules must be None, a regex string or a non-empty list"),
     ],
 )

@@ -27,11 +27,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from hf_r2.utils import check_cluster_dim, vectors_to_weight
 
 __all__ = [
     "PALETTIZATION_FORMAT_VERSION",
+    "PalettizedConv1D",
     "PalettizedConv2d",
     "PalettizedEmbedding",
     "PalettizedLinear",
@@ -39,6 +41,7 @@ __all__ = [
     "attach_palettization_config",
     "decode_palettized",
     "pack_indices",
+    "output_channels_first",
     "packed_num_bytes",
     "palettized_modules",
     "to_palettized",
@@ -161,6 +164,24 @@ def _unpack_chunk(packed: torch.Tensor, count: int, n_bits: int) -> torch.Tensor
     return (bits[: count * n_bits].view(count, n_bits) * weights).sum(dim=1).long()
 
 
+def output_channels_first(layer: nn.Module, tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """`layer.weight` (or `tensor`, shaped like it) seen with the output channels first.
+
+    Every layer stores its weight output-channels-first except transformers' `Conv1D` (GPT-2 and friends: `nn.Linear`
+    with the weight stored as `(in, out)`), whose weight is transposed here. The vector layout
+    (`hf_r2.utils.weight_to_vectors`), `cluster_dim` and a checkpoint's `shape` all refer to this view. The inverse
+    is the same call (a transpose is its own inverse).
+    """
+    tensor = layer.weight if tensor is None else tensor
+    return tensor.t() if isinstance(layer, Conv1D) else tensor
+
+
+def output_channels_first_shape(layer: nn.Module) -> tuple[int, ...]:
+    """Shape of `output_channels_first(layer)`, without touching the weight's values (works on the meta device)."""
+    shape = tuple(layer.weight.shape)
+    return shape[::-1] if isinstance(layer, Conv1D) else shape
+
+
 def _layer_label(name: str | None) -> str:
     return f"palettized layer {name!r}" if name else "palettized layer"
 
@@ -248,7 +269,7 @@ class PalettizedMixin:
 
     def _init_palettization(self, n_bits: int, cluster_dim: int, device: Any, dtype: Any) -> None:
         _check_n_bits(n_bits)
-        check_cluster_dim(cluster_dim, self.weight.shape, name=type(self).__name__)
+        check_cluster_dim(cluster_dim, self.dense_shape, name=type(self).__name__)
         self.n_bits = n_bits
         self.cluster_dim = cluster_dim
         self.layer_name = None
@@ -278,7 +299,7 @@ class PalettizedMixin:
 
     @property
     def dense_shape(self) -> tuple[int, ...]:
-        """Shape of the decoded dense weight (the parent layer's weight shape)."""
+        """Shape of the decoded dense weight, output channels first (`output_channels_first_shape`)."""
         return tuple(self._dense_shape)
 
     def set_palettization(self, lut: torch.Tensor, indices: torch.Tensor) -> None:
@@ -294,12 +315,13 @@ class PalettizedMixin:
 
     def _load_palettized(self, packed: torch.Tensor, lut: torch.Tensor) -> None:
         dense, _ = decode_palettized(packed, lut, self.dense_shape, self.n_bits, self.cluster_dim, name=self.layer_name)
-        self.weight = nn.Parameter(dense, requires_grad=False)
+        self.weight = nn.Parameter(output_channels_first(self, dense).contiguous(), requires_grad=False)
         self.weight_lut = lut
         self.weight_packed_indices = packed
 
     def decode_weight(self) -> torch.Tensor:
-        """Decodes the dense weight again from the stored LUT and packed indices (does not touch `weight`)."""
+        """Decodes the dense weight again from the stored LUT and packed indices, shaped like `weight` (does not touch
+        `weight`)."""
         dense, _ = decode_palettized(
             self.weight_packed_indices,
             self.weight_lut,
@@ -308,7 +330,7 @@ class PalettizedMixin:
             self.cluster_dim,
             name=self.layer_name,
         )
-        return dense
+        return output_channels_first(self, dense)
 
     def indices(self) -> torch.Tensor:
         """Returns the unpacked LUT row of every vector, `(num_vectors,)` `LongTensor`."""
@@ -346,7 +368,7 @@ class PalettizedMixin:
             return
         # torch copies the checkpoint into the existing tensors: give it the decoded weight and a LUT buffer of the
         # stored number of rows (k may be below 2**n_bits). `load_state_dict` already works on its own copy of the dict.
-        state_dict[weight_key] = dense
+        state_dict[weight_key] = output_channels_first(self, dense)
         if self.weight_lut.shape != lut.shape:
             self.weight_lut = torch.empty(lut.shape, dtype=self.weight_lut.dtype, device=self.weight_lut.device)
         super()._load_from_state_dict(
@@ -470,8 +492,31 @@ class PalettizedEmbedding(PalettizedMixin, nn.Embedding):
         )
 
 
+class PalettizedConv1D(PalettizedMixin, Conv1D):
+    """transformers' `Conv1D` (GPT-2: a Linear whose weight is stored `(in, out)`) with a LUT and packed indices.
+
+    The indices and `cluster_dim` follow the output-channels-first view `weight.t()`, exactly as for a
+    `PalettizedLinear` of the same size (the same bytes for the same linear map); `weight` keeps Conv1D's `(in, out)`
+    shape.
+    """
+
+    def __init__(self, nf, nx, *, n_bits, cluster_dim=1, device=None, dtype=None):
+        with torch.device(device if device is not None else torch.get_default_device()):
+            super().__init__(nf, nx)
+        if dtype is not None:
+            self.to(dtype)
+        self._dense_shape = (nf, nx)
+        self._init_palettization(n_bits, cluster_dim, device, dtype)
+
+    @classmethod
+    def like(cls, layer: Conv1D, n_bits: int, cluster_dim: int, device: Any = "meta") -> PalettizedConv1D:
+        """Builds an empty palettized layer with the structure of `layer` (weights on `device`)."""
+        return cls(layer.nf, layer.nx, n_bits=n_bits, cluster_dim=cluster_dim, device=device, dtype=layer.weight.dtype)
+
+
 # Most specific first: the palettized classes are themselves subclasses of the plain ones.
 _PALETTIZED_CLASSES: tuple[tuple[type[nn.Module], type[PalettizedMixin]], ...] = (
+    (Conv1D, PalettizedConv1D),
     (nn.Linear, PalettizedLinear),
     (nn.Conv2d, PalettizedConv2d),
     (nn.Embedding, PalettizedEmbedding),
@@ -528,7 +573,7 @@ def to_palettized(
     if isinstance(layer, PalettizedMixin):
         raise TypeError(f"{type(layer).__name__} is already palettized.")
     _check_n_bits(n_bits)
-    check_cluster_dim(cluster_dim, layer.weight.shape, name=f"{type(layer).__name__}.weight")
+    check_cluster_dim(cluster_dim, output_channels_first_shape(layer), name=f"{type(layer).__name__}.weight")
     num_vectors = layer.weight.numel() // cluster_dim
     if not isinstance(lut, torch.Tensor) or not lut.is_floating_point() or lut.dim() != 2:
         raise ValueError(f"lut must be a 2-D floating tensor (k, cluster_dim), got {getattr(lut, 'shape', lut)!r}.")

@@ -27,6 +27,7 @@ from hf_r2.palettization.compressed import (
     PALETTIZATION_FORMAT_VERSION,
     SUPPORTED_LAYER_TYPES,
     PalettizedMixin,
+    output_channels_first_shape,
     palettized_class_for,
     unpalettize,
 )
@@ -155,12 +156,13 @@ class PalettizationHfQuantizer(HfQuantizer):
             if not isinstance(layer, SUPPORTED_LAYER_TYPES):
                 raise ValueError(
                     f"quantization_config lists {ckpt_name!r} as palettized, but in {type(model).__name__} it is a "
-                    f"{type(layer).__name__} (palettizable: Linear, Conv2d, Embedding)."
+                    f"{type(layer).__name__} (palettizable: Linear, Conv2d, Embedding, Conv1D)."
                 )
-            if list(layer.weight.shape) != list(spec["shape"]):
+            if list(output_channels_first_shape(layer)) != list(spec["shape"]):
                 raise ValueError(
                     f"quantization_config gives palettized layer {ckpt_name!r} the shape {list(spec['shape'])}, but "
-                    f"{type(model).__name__} builds it with shape {list(layer.weight.shape)} (config.json mismatch)."
+                    f"{type(model).__name__} builds it with shape {list(output_channels_first_shape(layer))} (output "
+                    "channels first; config.json mismatch)."
                 )
             new = palettized_class_for(layer).like(
                 layer, spec["n_bits"], spec["cluster_dim"], device=layer.weight.device

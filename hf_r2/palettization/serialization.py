@@ -26,7 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_r2.palettization.compressed import SUPPORTED_LAYER_TYPES, PalettizedMixin, palettized_modules
+from hf_r2.palettization.compressed import (
+    SUPPORTED_LAYER_TYPES,
+    PalettizedMixin,
+    output_channels_first_shape,
+    palettized_modules,
+)
 
 __all__ = ["PalettizedSizeReport", "palettized_size_report", "save_palettized"]
 
@@ -272,10 +277,12 @@ def palettized_size_report(
     tensors = _state_tensors(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYER_TYPES)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear, nn.Conv2d or nn.Embedding layer to palettize.")
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear, nn.Conv2d, nn.Embedding or Conv1D layer to palettize."
+        )
     # A layer whose output channels cluster_dim does not divide (a 2-label classifier at d=4) can only be palettized
     # with scalar vectors: count it at d=1.
-    dims = {n: cluster_dim if m.weight.shape[0] % cluster_dim == 0 else 1 for n, m in layers}
+    dims = {n: cluster_dim if output_channels_first_shape(m)[0] % cluster_dim == 0 else 1 for n, m in layers}
     first, last = layers[0][0], layers[-1][0]
     layer_names = {n for n, _ in layers}
     weight_numel = {n: m.weight.numel() for n, m in layers}
