@@ -47,6 +47,7 @@ from transformers import (
 )
 
 from hf_r2.arguments import config_with_overrides, parse_script_args
+from hf_r2.export import check_coreml_export_request, export_coreml_to_dir
 from hf_r2.hub import card_reference, check_publish_dir, publish_from_args, resolve_publish_dir
 from hf_r2.trainer import R2Trainer, check_steps_trained, resolve_resume_checkpoint
 from hf_r2.utils import atomic_path
@@ -401,6 +402,8 @@ def build_config(model_args: ModelArguments, num_labels: int, task_name: str):
 def main(args_list: list[str] | None = None) -> dict[str, float]:
     """Runs the script; `args_list` replaces `sys.argv[1:]` (used by the tests). Returns all metrics."""
     model_args, data_args, training_args, compression_args, publish_args = parse_args(args_list)
+    # Before any data or model is loaded: the export needs a compressed model and coremltools.
+    check_coreml_export_request(publish_args.export_coreml, compression_args.method)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -579,6 +582,16 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
                 for index, item in enumerate(predictions):
                     writer.write(f"{index}\t{item:3.3f}\n" if is_regression else f"{index}\t{int(item)}\n")
 
+    coreml_bytes = None
+    if publish_args.export_coreml and trainer.is_world_process_zero():
+        # One example padded to --max_seq_length: the Core ML package's fixed input shape.
+        export_collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max_seq_length)
+        source = eval_dataset or train_dataset or predict_dataset
+        example = model_inputs(export_collator, source, n_batches=1, batch_size=1)
+        coreml_report = export_coreml_to_dir(trainer.model, example[0], publish_args.export_coreml)
+        coreml_bytes = coreml_report.weight_file_bytes
+        logger.info(coreml_report.summary())
+
     if want_publish and trainer.is_world_process_zero():
         batches = model_inputs(collator, eval_dataset or train_dataset or predict_dataset, n_batches=1, batch_size=2)
         publish_from_args(
@@ -593,6 +606,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             reference_ranges=reference_ranges,
             reference_label=reference_label,
             float32_bytes=float32_bytes,
+            coreml_bytes=coreml_bytes,
             verify_inputs=batches[0] if batches else None,
             base_model=model_args.model_name_or_path,
             dataset=data_args.train_file or data_args.validation_file or data_args.dataset_name,

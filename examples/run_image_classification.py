@@ -48,6 +48,7 @@ from transformers import (
 )
 
 from hf_r2.arguments import config_with_overrides, parse_script_args
+from hf_r2.export import check_coreml_export_request, export_coreml_to_dir
 from hf_r2.hub import card_reference, check_publish_dir, publish_from_args, resolve_publish_dir
 from hf_r2.trainer import R2Trainer, check_steps_trained, resolve_resume_checkpoint
 from hf_r2.utils import make_temp_dir_beside, replace_dir
@@ -283,6 +284,8 @@ def build_image_processor(model_args: ModelArguments, config: Any):
 def main(args_list: list[str] | None = None) -> dict[str, float]:
     """Runs the script; `args_list` replaces `sys.argv[1:]` (used by the tests). Returns all metrics."""
     model_args, data_args, training_args, compression_args, publish_args = parse_args(args_list)
+    # Before any data or model is loaded: the export needs a compressed model and coremltools.
+    check_coreml_export_request(publish_args.export_coreml, compression_args.method)
     if training_args.do_predict:
         # TrainingArguments parses it, but this script has no test split: refuse rather than silently skip it.
         raise ValueError("--do_predict is not supported by run_image_classification.py (no test split); use --do_eval.")
@@ -446,6 +449,13 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         trainer.save_metrics("eval", eval_metrics)
         all_metrics.update(eval_metrics)
 
+    coreml_bytes = None
+    if publish_args.export_coreml and trainer.is_world_process_zero():
+        example = pixel_batches(1, batch_size=1)  # the Core ML package's fixed input shape: one image
+        coreml_report = export_coreml_to_dir(trainer.model, example[0], publish_args.export_coreml)
+        coreml_bytes = coreml_report.weight_file_bytes
+        logger.info(coreml_report.summary())
+
     if want_publish and trainer.is_world_process_zero():
         batches = pixel_batches(1, batch_size=2)
         publish_from_args(
@@ -460,6 +470,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             reference_ranges=reference_ranges,
             reference_label=reference_label,
             float32_bytes=float32_bytes,
+            coreml_bytes=coreml_bytes,
             verify_inputs=batches[0] if batches else None,
             base_model=model_args.model_name_or_path,
             dataset=data_args.dataset_name or data_args.train_dir or data_args.validation_dir,

@@ -473,6 +473,14 @@ class PublishArguments:
     card_reference_label: str = field(
         default="without R²", metadata={"help": "How the card names --card_reference_model."}
     )
+    export_coreml: str | None = field(
+        default=None,
+        metadata={
+            "help": "After compressing, also write DIR/model.mlpackage: a Core ML package (iOS 18 / macOS 15) whose "
+            "palettized or quantized weights stay compressed, checked equal to the PyTorch weights "
+            "(pip install hf-r2[coreml]; docs/export.md). Needs --dkm_bits or --quant_method."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.card_histogram_layers, bool) or not isinstance(self.card_histogram_layers, int) or (

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import json
 import os
 import re
 import shutil
@@ -54,17 +55,21 @@ from hf_r2.palettization.layers import DKMLayerMixin
 from hf_r2.quantization import functional as quant_functional
 from hf_r2.quantization.functional import dequantize
 from hf_r2.quantization.layers import QuantConv2d, QuantizedConv2d, QuantizedLinear, QuantLinear
-from hf_r2.utils import replace_dir
+from hf_r2.utils import atomic_path, replace_dir
 
 __all__ = [
     "COREML_INSTALL_HINT",
     "COREML_LUT_BITS",
+    "COREML_PACKAGE_NAME",
+    "COREML_REPORT_NAME",
     "CoreMLCompressedWeight",
     "CoreMLExportReport",
     "CoreMLLayerExport",
     "coreml_export_plan",
+    "check_coreml_export_request",
     "default_constant_inputs",
     "export_coreml",
+    "export_coreml_to_dir",
     "read_coreml_compressed_weights",
 ]
 
@@ -765,7 +770,17 @@ def export_coreml(
         raise ValueError(f"{overlap} are both in example_inputs and constant_inputs; give each input once.")
     plans = _plan(model)
 
-    export_model = copy.deepcopy(model).eval()
+    # A private CPU copy: the caller's model (its device, training mode, layers) is left as it was.
+    export_model = copy.deepcopy(model).cpu().eval()
+    inputs = {name: tensor.cpu() for name, tensor in inputs.items()}
+    constants = {name: tensor.cpu() for name, tensor in constants.items()}
+    example = tuple(inputs.values())
+    with torch.no_grad():
+        # The model's own outputs, without the export adaptations (constant inputs, 4-D mask), to check them against.
+        names, expected = _output_tensors(export_model(**inputs))
+    for plan in plans.values():
+        plan.weight = plan.weight.cpu()
+        plan.metadata = {key: value.cpu() for key, value in plan.metadata.items()}
     _build_export_layers(export_model, plans)
     wrapper = _ExportModule(
         export_model, list(inputs), constants, _mask_mode(model) if "attention_mask" in inputs else None
@@ -774,9 +789,7 @@ def export_coreml(
     for name, plan in plans.items():
         plan.report.coreml_weight_name = _coreml_name(f"{_WRAPPED_MODEL}.{name}.weight")
 
-    example = tuple(inputs.values())
     with torch.no_grad():
-        names, expected = _output_tensors(model.eval()(**inputs, **constants) if constants else model.eval()(**inputs))
         wrapper.eval()
         with _autograd_free_quantizers():
             traced = torch.jit.trace(wrapper, example, check_trace=False, strict=False)
@@ -877,3 +890,49 @@ def default_constant_inputs(model: nn.Module, example_inputs: Mapping[str, torch
 
 
 _ABSOLUTE_POSITION_MODELS = frozenset({"bert", "mobilebert", "distilbert", "electra", "albert"})
+
+
+COREML_PACKAGE_NAME = "model.mlpackage"
+COREML_REPORT_NAME = "coreml_export.json"
+
+
+def check_coreml_export_request(export_dir: str | os.PathLike | None, compression_method: str | None) -> None:
+    """Checks an example script's `--export_coreml DIR` before training, so a run does not fail at its very end.
+
+    Args:
+        export_dir (`str` or `os.PathLike`, *optional*): The flag's value; `None` checks nothing.
+        compression_method (`str`, *optional*): The script's compression method (`"dkm"`, `"lsq"`, ...), `None` if
+            the run compresses nothing.
+
+    Raises:
+        ValueError: Without a compression method (a dense model has nothing to keep compressed), or if `export_dir` is
+            an existing file.
+        ImportError: Without coremltools (`pip install hf-r2[coreml]`).
+    """
+    if export_dir is None:
+        return
+    if compression_method is None:
+        raise ValueError(
+            f"--export_coreml {export_dir} exports the compressed model, but this run compresses nothing: add "
+            "--dkm_bits (palettization) or --quant_method (quantization)."
+        )
+    if Path(export_dir).exists() and not Path(export_dir).is_dir():
+        raise ValueError(f"--export_coreml {export_dir} is an existing file; give a folder.")
+    _import_coremltools()
+
+
+def export_coreml_to_dir(
+    model: nn.Module, example_inputs: Mapping[str, torch.Tensor] | torch.Tensor, export_dir: str | os.PathLike, **kwargs
+) -> CoreMLExportReport:
+    """`export_coreml` into `export_dir/model.mlpackage` plus `export_dir/coreml_export.json` (the report).
+
+    What the example scripts' `--export_coreml DIR` runs. BERT-family models get their default position ids as a
+    constant (`default_constant_inputs`). Other keyword arguments go to `export_coreml`.
+    """
+    export_dir = Path(export_dir)
+    inputs = _example_inputs(example_inputs)
+    kwargs.setdefault("constant_inputs", default_constant_inputs(model, inputs))
+    report = export_coreml(model, inputs, export_dir / COREML_PACKAGE_NAME, **kwargs)
+    with atomic_path(export_dir / COREML_REPORT_NAME) as tmp:
+        tmp.write_text(json.dumps(report.to_dict(), indent=2, default=list) + "\n")
+    return report

