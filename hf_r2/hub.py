@@ -93,7 +93,7 @@ def r2_info_from_args(args: Any) -> dict[str, Any] | None:
     r2_type = getattr(args, "r2_type", "none")
     if r2_type in (None, "none"):
         return None
-    unused = {"linf": ("r2_margin_init_std", "r2_alpha_init"), "margin": ("r2_alpha_init",),
+    unused = {"linf": ("r2_margin_init_std", "r2_alpha_init", "r2_scale_free"), "margin": ("r2_alpha_init",),
               "soft_min_max": ("r2_margin_init_std",)}.get(r2_type, ())
     info = {k: v for k, v in sorted(vars(args).items()) if k.startswith("r2_") and v is not None and k not in unused}
     resolve = getattr(args, "resolved_r2_learning_rate", None)

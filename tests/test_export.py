@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
+from transformers.pytorch_utils import Conv1D
 
 from hf_r2.export import (
     COREML_INSTALL_HINT,
@@ -28,7 +29,14 @@ from hf_r2.export import (
 from hf_r2.hub import build_model_card
 from hf_r2.palettization import DKMConfig, finalize, palettize
 from hf_r2.palettization.compressed import PalettizedLinear, attach_palettization_config, to_palettized
-from hf_r2.quantization import QuantizedConv2d, QuantizedLinear, calibrate, get_quantization_config, quantize
+from hf_r2.quantization import (
+    QuantizedConv1D,
+    QuantizedConv2d,
+    QuantizedLinear,
+    calibrate,
+    get_quantization_config,
+    quantize,
+)
 from hf_r2.quantization import finalize as finalize_quantized
 from hf_r2.utils import weight_to_vectors
 
@@ -222,6 +230,52 @@ def test_float16_export_keeps_the_indices_and_rounds_only_the_luts(tmp_path):
         found = weights[report.layers[name].coreml_weight_name]
         assert found.stored["lut"].dtype == np.float16 and found.value.dtype == np.float16
         assert np.array_equal(found.value, model.get_submodule(name).weight.detach().half().numpy())
+
+
+class TinyConv1DNet(nn.Module):
+    """Two transformers `Conv1D` layers (GPT-2's Linear with an `(in, out)` weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = Conv1D(256, 64), Conv1D(16, 256)
+
+    def forward(self, input):
+        return self.down(torch.relu(self.up(input)))
+
+
+def test_conv1d_palettized_and_quantized_export_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = TinyConv1DNet().eval()
+    generator = torch.Generator().manual_seed(0)
+    for name, (n_bits, cluster_dim) in {"up": (2, 4), "down": (4, 1)}.items():
+        layer = getattr(model, name)
+        vectors = weight_to_vectors(layer.weight.detach().t(), cluster_dim)  # vectors along the output channels
+        indices = torch.randint(0, 2**n_bits, (vectors.shape[0],), generator=generator)
+        lut = torch.randn(2**n_bits, cluster_dim, generator=generator)
+        setattr(model, name, to_palettized(layer, lut, indices, n_bits, cluster_dim))
+    example = torch.randn(2, 64)
+    report = export_coreml(model, example, tmp_path / "pal.mlpackage")
+    weights, _ = read_coreml_compressed_weights(tmp_path / "pal.mlpackage")
+    for name in ("up", "down"):
+        layer = getattr(model, name)
+        found = weights[report.layers[name].coreml_weight_name]
+        assert found.op_type == "constexpr_lut_to_dense"
+        assert np.array_equal(found.value, layer.weight.detach().numpy())  # Conv1D's (in, out) weight, exactly
+    assert weights[report.layers["up"].coreml_weight_name].stored["lut"].shape == (1, 1, 4, 4)
+
+    for kwargs, op_type in (({"w_bits": 4, "per_channel": True}, "constexpr_blockwise_shift_scale"),
+                            ({"w_bits": 2, "a_bits": 8}, "constexpr_lut_to_dense")):  # fmt: skip
+        model = TinyConv1DNet().eval()
+        quantize(model, get_quantization_config("ptq", **kwargs))
+        calibrate(model, [example])
+        finalize_quantized(model)
+        assert isinstance(model.up, QuantizedConv1D)
+        report = export_coreml(model, example, tmp_path / "q.mlpackage")
+        weights, _ = read_coreml_compressed_weights(tmp_path / "q.mlpackage")
+        for name in ("up", "down"):
+            found = weights[report.layers[name].coreml_weight_name]
+            assert found.op_type == op_type
+            assert np.array_equal(found.value, getattr(model, name).weight.detach().numpy())
 
 
 def test_dkm_palettize_finalize_then_export(tmp_path):
