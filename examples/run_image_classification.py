@@ -414,7 +414,8 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     )
 
     def pixel_batches(n_batches, batch_size=8):
-        ds = train_dataset or eval_dataset
+        # Training images when there are any, even with --do_eval alone (calibration must not use evaluation data).
+        ds = train_dataset or take("train", n_batches * batch_size) or eval_dataset
         if ds is None:
             return []
         rows = [ds[i] for i in range(min(len(ds), n_batches * batch_size))]

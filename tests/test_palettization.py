@@ -552,3 +552,14 @@ def test_multihead_attention_is_refused_loudly():
         palettize(model, DKMConfig(n_bits=2))
     palettize(model, DKMConfig(n_bits=2, exclude_modules=["attn"]))
     assert list(dkm_layers(model)) == ["head"]
+
+
+def test_finalize_refuses_diverged_centroids_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    palettize(model, DKMConfig(n_bits=2))
+    with torch.no_grad():
+        model[1].centroids[0] = float("nan")
+    first = model[0].centroids.clone()
+    with pytest.raises(ValueError, match="DKM layer '1' has non-finite centroids.*nothing was finalized"):
+        finalize(model, compress=False)
+    assert isinstance(model[0], DKMLinear) and torch.equal(model[0].centroids, first)  # layer 0 was not converted
