@@ -532,6 +532,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         processing_class=tokenizer,
         data_collator=collator,
         compute_metrics=compute_metrics,
+        callbacks=compression_args.trainer_callbacks(),  # EWGS: its delta-updating callback
     )
 
     all_metrics: dict[str, float] = {}

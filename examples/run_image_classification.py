@@ -410,6 +410,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         processing_class=processor,
         data_collator=collate,
         compute_metrics=compute_metrics,
+        callbacks=compression_args.trainer_callbacks(),  # EWGS: its delta-updating callback
     )
 
     def pixel_batches(n_batches, batch_size=8):

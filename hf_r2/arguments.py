@@ -229,6 +229,14 @@ class CompressionArguments:
         default=None,
         metadata={"help": "Modules never to quantize: names or one regex (same syntax as --quant_target_modules)."},
     )
+    r2_during_compression: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep --r2_type on while DKM or QAT trains (it then regularizes the latent weights the compression "
+            "trains). Off by default, and refused without this flag: the paper turns R² off during compression "
+            "(R² run first, then a compression run from its output)."
+        },
+    )
 
     def __post_init__(self):
         _check_bits("dkm_bits", self.dkm_bits)
@@ -377,6 +385,46 @@ class CompressionArguments:
         result = package.finalize(model)
         return model if result is None or not isinstance(result, nn.Module) else result
 
+    def check_training_args(self, training_args: Any) -> None:
+        """Refuses, before anything is loaded, flag combinations of the compression and the training arguments.
+
+        * `--r2_type` with `--dkm_bits` or a QAT `--quant_method` while training: the paper turns R² off during
+          compression, so this needs `--r2_during_compression` (PTQ comes after training: R² then PTQ is the paper's
+          own recipe and is accepted).
+        * `--r2_cluster_dim` other than `--dkm_cluster_dim`: the regularizer would shape vectors DKM does not cluster.
+
+        Args:
+            training_args (`R2TrainingArguments`): The parsed training flags.
+        """
+        r2_type = getattr(training_args, "r2_type", "none")
+        compresses_in_training = self.trains_compressed and getattr(training_args, "do_train", False)
+        if r2_type != "none" and compresses_in_training and not self.r2_during_compression:
+            switch = f"--dkm_bits {self.dkm_bits}" if self.method == "dkm" else f"--quant_method {self.quant_method}"
+            raise ValueError(
+                f"--r2_type {r2_type} with {switch} would keep R² on while the compression trains, regularizing its "
+                "latent weights; the paper turns R² off during compression. Run R² first (--r2_type alone), then the "
+                f"compression from its output with --r2_type none; or pass --r2_during_compression to do both at once."
+            )
+        if self.r2_during_compression and not (r2_type != "none" and compresses_in_training):
+            raise ValueError(
+                "--r2_during_compression applies only with --r2_type, --do_train and --dkm_bits or a QAT "
+                f"--quant_method (lsq, ewgs, pact); got --r2_type {r2_type}, method {self.method!r}."
+            )
+        r2_dim = getattr(training_args, "r2_cluster_dim", 1)
+        dkm_dim = self.dkm_cluster_dim or 1
+        if self.method == "dkm" and r2_type != "none" and r2_dim != dkm_dim:
+            raise ValueError(
+                f"--r2_cluster_dim {r2_dim} differs from --dkm_cluster_dim {dkm_dim}: R² would regularize "
+                f"{r2_dim}-dimensional vectors while DKM clusters {dkm_dim}-dimensional ones. Give both the same value."
+            )
+
+    def trainer_callbacks(self) -> list[Any]:
+        """The `TrainerCallback`s the method needs during training: `EWGSDeltaCallback` for `--quant_method ewgs`
+        (without it EWGS's delta stays at its starting value), none otherwise."""
+        if self.method == "ewgs":
+            return [importlib.import_module("hf_r2.quantization").EWGSDeltaCallback()]
+        return []
+
     def card_info(self, model: nn.Module | None = None) -> dict[str, Any] | None:
         """What was done, for the model card (`hf_r2.hub`); `None` without compression.
 
@@ -494,6 +542,7 @@ def parse_script_args(model_args_cls: type, data_args_cls: type, args_list: list
 
     `(model_args, data_args, R2TrainingArguments, CompressionArguments, PublishArguments)`, from `args_list` (default
     `sys.argv[1:]`) or, when that is a single `.json` path, from that file (as transformers' example scripts do).
+    Combinations across them are checked here (`CompressionArguments.check_training_args`).
     """
     import os
     import sys
@@ -507,5 +556,9 @@ def parse_script_args(model_args_cls: type, data_args_cls: type, args_list: list
     )
     argv = sys.argv[1:] if args_list is None else args_list
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    _, _, training_args, compression_args, _ = parsed
+    compression_args.check_training_args(training_args)  # flag combinations, before any data or model is loaded
+    return parsed

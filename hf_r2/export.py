@@ -3,13 +3,14 @@
 `export_coreml(model, example_inputs, "model.mlpackage")` converts a finalized hf_r2 model with coremltools and writes
 an ML Program whose compressed layers stay compressed:
 
-* a palettized layer (`PalettizedLinear` / `PalettizedConv2d` / `PalettizedEmbedding`, scalar or vector) becomes a
-  `constexpr_lut_to_dense` op: its LUT plus one index per `cluster_dim`-vector;
-* a quantized layer (`QuantizedLinear` / `QuantizedConv2d`) with a 4-, 7- or 8-bit grid and an integer zero point
-  becomes a `constexpr_blockwise_shift_scale` op (int4/uint4/int8/uint8 codes, per-tensor or per-channel scale and
-  offset); any other grid (1-3, 5, 6 bits, or DoReFa's half-integer zero point) becomes a `constexpr_lut_to_dense` op
-  whose LUT holds the grid's `2**bits` dequantized levels (one LUT per output channel when the scale is per channel):
-  iOS 18's integer op stores only 4- and 8-bit codes, and the LUT keeps a 2-bit grid at 2 bits instead of widening it.
+* a palettized layer (`PalettizedLinear` / `PalettizedConv2d` / `PalettizedEmbedding` / `PalettizedConv1D`, scalar
+  or vector) becomes a `constexpr_lut_to_dense` op: its LUT plus one index per `cluster_dim`-vector;
+* a quantized layer (`QuantizedLinear` / `QuantizedConv2d` / `QuantizedConv1D`) with a 4-, 7- or 8-bit grid and an
+  integer zero point becomes a `constexpr_blockwise_shift_scale` op (int4/uint4/int8/uint8 codes, per-tensor or
+  per-channel scale and offset); any other grid (1-3, 5, 6 bits, or DoReFa's half-integer zero point) becomes a
+  `constexpr_lut_to_dense` op whose LUT holds the grid's `2**bits` dequantized levels (one LUT per output channel
+  when the scale is per channel): iOS 18's integer op stores only 4- and 8-bit codes, and the LUT keeps a 2-bit grid
+  at 2 bits instead of widening it.
 
 How: coremltools' documented compression-info protocol ("Use compression info embedded in torch models" in its
 conversion guide): buffers named `_COREML_/weight/<field>` on each compressed module (`compression_type`, `lut`,
@@ -83,6 +84,8 @@ __all__ = [
 ]
 
 COREML_INSTALL_HINT = "pip install hf-r2[coreml]"
+COREML_PACKAGE_NAME = "model.mlpackage"  # what `export_coreml_to_dir` (the scripts' --export_coreml DIR) writes
+COREML_REPORT_NAME = "coreml_export.json"
 COREML_LUT_BITS = (1, 2, 3, 4, 6, 8)
 """Index widths of iOS 18's `constexpr_lut_to_dense`; a 5- or 7-bit palette is stored at 6 or 8 bits."""
 
@@ -927,10 +930,6 @@ def default_constant_inputs(model: nn.Module, example_inputs: Mapping[str, torch
 
 
 _ABSOLUTE_POSITION_MODELS = frozenset({"bert", "mobilebert", "distilbert", "electra", "albert"})
-
-
-COREML_PACKAGE_NAME = "model.mlpackage"
-COREML_REPORT_NAME = "coreml_export.json"
 
 
 def check_coreml_export_request(export_dir: str | os.PathLike | None, compression_method: str | None) -> None:

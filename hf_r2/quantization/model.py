@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
 
@@ -379,7 +380,10 @@ def estimate_ewgs_deltas(
     for q in quantizers.values():
         q._capture, q._captured = True, None
     try:
-        loss = loss_fn()
+        # Hessian-vector products differentiate the backward pass again: the fused attention kernels (flash,
+        # memory-efficient) have no double backward, the plain math one does.
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = loss_fn()
         names = [n for n, q in quantizers.items() if q._captured is not None and q._captured.requires_grad]
         values = [quantizers[n]._captured for n in names]
     finally:
