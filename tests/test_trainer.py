@@ -339,10 +339,10 @@ def test_works_on_models_with_wrapped_layers(tmp_path):
 # ---- the point of it all ----
 
 
-# r2_weight 1.0 and a larger initial temperature make 30 steps of a tiny model enough for every layer; the paper's
+# r2_weight 1.0 makes 30 steps of a tiny model enough for every layer (default, scale-free temperature); the paper's
 # 0.01 and alpha 0.1 are meant for runs of thousands of steps (see docs/trainer.md).
 SHRINK_SETTINGS = dict(
-    steps=30, r2_weight=1.0, r2_alpha_init=20.0, r2_learning_rate=None, learning_rate=1e-3, logging_steps=30
+    steps=30, r2_weight=1.0, r2_learning_rate=None, learning_rate=1e-3, logging_steps=30
 )
 
 
