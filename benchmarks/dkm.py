@@ -21,7 +21,8 @@ k-means initialisation is set to one k-means++ run (`kmeans_init="kmeans++"`, `k
 its first step; its per-step DKM (3 iterations, tau 1e-4, squared distance) is its default, as is ours.
 
 Usage:
-    python benchmarks/dkm.py [--steps 3] [--threads 1] [--skip_coremltools] [--skip_accuracy]
+    python benchmarks/dkm.py [--steps 3] [--threads 1] [--device cpu|cuda] [--cases 2x1 4x1 2x2 4x4]
+                             [--skip_coremltools] [--skip_accuracy]
 """
 
 from __future__ import annotations
@@ -46,13 +47,20 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def _build(kind: str, bits: int, dim: int):
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _build(kind: str, bits: int, dim: int, device: str = "cpu"):
     import torch
     from torch import nn
     from transformers import MobileBertConfig, MobileBertForSequenceClassification
 
     torch.manual_seed(0)
-    model = MobileBertForSequenceClassification(MobileBertConfig(num_hidden_layers=4))
+    model = MobileBertForSequenceClassification(MobileBertConfig(num_hidden_layers=4)).to(device)
     model.train()
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     after_step = None
@@ -77,8 +85,8 @@ def _build(kind: str, bits: int, dim: int):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(1)
     batch = {
-        "input_ids": torch.randint(0, model.config.vocab_size, (8, 128), generator=generator),
-        "labels": torch.randint(0, 2, (8,), generator=generator),
+        "input_ids": torch.randint(0, model.config.vocab_size, (8, 128), generator=generator).to(device),
+        "labels": torch.randint(0, 2, (8,), generator=generator).to(device),
     }
 
     def step():
@@ -92,45 +100,57 @@ def _build(kind: str, bits: int, dim: int):
     return model, step
 
 
-def worker(kind: str, bits: int, dim: int, steps: int, threads: int) -> dict:
-    """One case in this process: peak extra memory of a step, then interleaved timing against a plain model."""
+def worker(kind: str, bits: int, dim: int, steps: int, threads: int, device: str = "cpu") -> dict:
+    """One case in this process: peak extra memory of a step, then interleaved timing against a plain model.
+
+    On CUDA the memory is the allocator's peak during the step minus what was allocated just before it."""
     import torch
 
     torch.set_num_threads(threads)
-    _, step = _build(kind, bits, dim)
+    _, step = _build(kind, bits, dim, device)
     step()  # warm-up: k-means initialisation (coremltools), allocator, gradients
     gc.collect()
-    before = _rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    step()
-    extra_mib = (_rss_kib("VmHWM") - before) / 1024
+    if device.startswith("cuda"):
+        _sync(device)
+        before_bytes = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        _sync(device)
+        extra_mib = (torch.cuda.max_memory_allocated() - before_bytes) / 2**20
+    else:
+        before = _rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        step()
+        extra_mib = (_rss_kib("VmHWM") - before) / 1024
     result = {"kind": kind, "bits": bits, "dim": dim, "extra_mib": extra_mib}
     if kind != "plain":
-        _, plain_step = _build("plain", bits, dim)
+        _, plain_step = _build("plain", bits, dim, device)
         plain_step()
         times, plain_times = [], []
         for _ in range(steps):
             for fn, bucket in ((plain_step, plain_times), (step, times)):
+                _sync(device)
                 start = time.perf_counter()
                 fn()
+                _sync(device)
                 bucket.append(time.perf_counter() - start)
         result.update(step_s=statistics.median(times), plain_step_s=statistics.median(plain_times))
     return result
 
 
-def accuracy(bits: int, dim: int, threads: int) -> float:
+def accuracy(bits: int, dim: int, threads: int, device: str = "cpu") -> float:
     """Relative L2 error of the default ('auto') weight gradients against the exact DKM gradients, one batch."""
     import torch
 
     torch.set_num_threads(threads)
     grads = {}
     for kind in ("ours", "exact"):
-        model, _ = _build(kind, bits, dim)
+        model, _ = _build(kind, bits, dim, device)
         generator = torch.Generator().manual_seed(1)
         batch = {
-            "input_ids": torch.randint(0, model.config.vocab_size, (8, 128), generator=generator),
-            "labels": torch.randint(0, 2, (8,), generator=generator),
+            "input_ids": torch.randint(0, model.config.vocab_size, (8, 128), generator=generator).to(device),
+            "labels": torch.randint(0, 2, (8,), generator=generator).to(device),
         }
         model(**batch).loss.backward()
         from hf_r2.palettization import dkm_layers
@@ -163,10 +183,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _parse_case(text: str) -> tuple[int, int]:
+    bits, _, dim = text.partition("x")
+    if not (bits.isdigit() and dim.isdigit() and int(bits) in (1, 2, 4, 8) and int(dim) >= 1):
+        raise SystemExit(f"--cases: {text!r} is not BITSxDIM with BITS in 1, 2, 4, 8 and DIM >= 1 (e.g. 4x4)")
+    return int(bits), int(dim)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=_positive_int, default=3, help="Timed steps per model (median reported).")
     parser.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process.")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (memory: RSS on CPU, allocator peak on CUDA).")
+    parser.add_argument("--cases", nargs="+", default=[f"{b}x{d}" for b, d in CASES],
+                        help="Cases as BITSxDIM, e.g. 2x1 4x1 2x2 4x4.")
     parser.add_argument("--skip_coremltools", action="store_true")
     parser.add_argument("--skip_accuracy", action="store_true")
     parser.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
@@ -175,10 +205,11 @@ def main() -> None:
     if args._worker:
         kind = args._worker[0]
         if kind == "accuracy":
-            print(json.dumps({"rel_err": accuracy(int(args._worker[1]), int(args._worker[2]), args.threads)}))
+            rel_err = accuracy(int(args._worker[1]), int(args._worker[2]), args.threads, args.device)
+            print(json.dumps({"rel_err": rel_err}))
         else:
             bits, dim = int(args._worker[1]), int(args._worker[2])
-            print(json.dumps(worker(kind, bits, dim, args.steps, args.threads)))
+            print(json.dumps(worker(kind, bits, dim, args.steps, args.threads, args.device)))
         return
 
     kinds = ["ours"]
@@ -193,15 +224,16 @@ def main() -> None:
             kinds.append("coremltools")
         except ImportError:
             print("coremltools: not installed, its rows are skipped (pip install coremltools==9.0)")
-    common = ["--steps", str(args.steps), "--threads", str(args.threads)]
+    cases = [_parse_case(text) for text in args.cases]
+    common = ["--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
     plain = _run_worker(["plain", "0", "1", *common])
     if plain is None:
         sys.exit("plain step failed")
-    print(f"plain step: peak extra memory {plain['extra_mib']:.0f} MiB  (threads={args.threads})")
+    print(f"plain step: peak extra memory {plain['extra_mib']:.0f} MiB  (device={args.device}, threads={args.threads})")
     header = f"{'case':<14}{'method':<14}{'step s':>9}{'plain s':>9}{'time x':>9}{'extra MiB':>11}{'memory x':>10}"
     print(header)
     print("-" * len(header))
-    for bits, dim in CASES:
+    for bits, dim in cases:
         for kind in kinds:
             r = _run_worker([kind, str(bits), str(dim), *common])
             case = f"{bits}-bit d={dim}"
@@ -216,7 +248,7 @@ def main() -> None:
             )
     if not args.skip_accuracy:
         for bits in (2, 4):
-            r = _run_worker(["accuracy", str(bits), "1", "--threads", str(args.threads)])
+            r = _run_worker(["accuracy", str(bits), "1", "--threads", str(args.threads), "--device", args.device])
             if r is not None:
                 print(f"grid vs exact DKM gradient, {bits}-bit: relative L2 error {r['rel_err']:.2e}")
 

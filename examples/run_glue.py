@@ -25,8 +25,8 @@ Metrics are computed locally (`evaluate.load` needs the Hub). See `docs/examples
 
 from __future__ import annotations
 
+import copy
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +45,11 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_r2.arguments import config_with_overrides, parse_script_args
-from hf_r2.hub import card_reference, publish_from_args
-from hf_r2.trainer import R2Trainer
+from hf_r2.export import check_coreml_export_request, export_coreml_to_dir
+from hf_r2.hub import card_reference, check_publish_dir, publish_from_args, resolve_publish_dir
+from hf_r2.trainer import R2Trainer, check_steps_trained, resolve_resume_checkpoint
 from hf_r2.utils import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -249,6 +249,48 @@ def check_columns(raw_datasets: datasets.DatasetDict, task_name: str, files: dic
             )
 
 
+def check_rows(raw_datasets: datasets.DatasetDict, task_name: str, files: dict[str, str]) -> None:
+    """Fails before training if a split has no example, or a row lacks the text of one of the task's columns (a
+    null or non-string value, which the tokenizer would reject mid-run naming no row)."""
+    keys = [k for k in task_to_keys[task_name] if k is not None]
+    for split, ds in raw_datasets.items():
+        source = files.get(split, f"the {split} split")
+        if len(ds) == 0:
+            raise ValueError(f"{source} holds no examples.")
+        for key in keys:
+            bad = next(((i, v) for i, v in enumerate(ds[key]) if not isinstance(v, str)), None)
+            if bad is not None:
+                i, value = bad
+                raise ValueError(
+                    f"{source}: row {i} (counting from 0) has {value!r} in column {key!r}, where task {task_name!r} "
+                    "needs text. Fix or remove that row."
+                )
+
+
+def check_classes_trained(
+    raw_datasets: datasets.DatasetDict, task_name: str, files: dict[str, str], data_args: DataTrainingArguments
+) -> None:
+    """Fails before training if the evaluated examples hold a class that no training example has.
+
+    Such a class cannot be learned: its examples would be scored against a class the model was never shown. Checked
+    on the examples actually used (after `--max_train_samples` / `--max_eval_samples`).
+    """
+    if task_num_labels[task_name] == 1 or "train" not in raw_datasets or "validation" not in raw_datasets:
+        return
+    train = raw_datasets["train"]["label"][: data_args.max_train_samples]
+    evaluated = raw_datasets["validation"]["label"][: data_args.max_eval_samples]
+    missing = sorted(set(evaluated) - set(train))
+    if missing:
+        limit = f" among the first {data_args.max_train_samples} (--max_train_samples)" if (
+            data_args.max_train_samples is not None and data_args.max_train_samples < len(raw_datasets["train"])
+        ) else ""
+        raise ValueError(
+            f"{files.get('validation', 'the validation split')} has class(es) {missing} that no training example "
+            f"has{limit}: the model could never learn them. Train on data holding every class"
+            f"{', or raise --max_train_samples' if limit else ''}."
+        )
+
+
 def check_labels(raw_datasets: datasets.DatasetDict, task_name: str, files: dict[str, str]) -> None:
     """Fails before training if labels fall outside the task's label set (0..n-1; any number for stsb)."""
     n = task_num_labels[task_name]
@@ -294,6 +336,27 @@ def model_inputs(collator: Any, dataset: Any, n_batches: int, batch_size: int = 
     return batches
 
 
+def _has_content(path: str, chunk: int = 1 << 16) -> bool:
+    """Whether the file holds anything but white space (read in chunks: data files can be large)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
+def _load_file(path: str, flag: str, cache_dir: str | None) -> datasets.Dataset:
+    """One local data file as a `Dataset`; a file without rows (a CSV holding only its header) is a clear error."""
+    try:
+        return load_dataset(
+            "csv" if path.endswith(".csv") else "json", data_files=path, split="train", cache_dir=cache_dir
+        )
+    except ValueError as err:
+        if "corresponds to no data" not in str(err):
+            raise
+        raise ValueError(f"{flag} {path} holds no examples.") from err
+
+
 def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments) -> tuple[Any, dict[str, str]]:
     files = {
         split: path
@@ -305,16 +368,13 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
         if path is not None
     }
     if files:
+        for split, path in files.items():
+            if not _has_content(path):  # `datasets` fails on an empty JSON file with a bare StopIteration
+                raise ValueError(f"--{split}_file {path} is empty: it holds no examples.")
         # One load per file: loaded together, files with different columns fail inside `datasets` with an unclear
         # schema error instead of `check_columns`' message.
         raw = datasets.DatasetDict({
-            split: load_dataset(
-                "csv" if path.endswith(".csv") else "json",
-                data_files=path,
-                split="train",
-                cache_dir=model_args.cache_dir,
-            )
-            for split, path in files.items()
+            split: _load_file(path, f"--{split}_file", model_args.cache_dir) for split, path in files.items()
         })
     else:
         raw = load_dataset(data_args.dataset_name, data_args.task_name, cache_dir=model_args.cache_dir)
@@ -342,6 +402,8 @@ def build_config(model_args: ModelArguments, num_labels: int, task_name: str):
 def main(args_list: list[str] | None = None) -> dict[str, float]:
     """Runs the script; `args_list` replaces `sys.argv[1:]` (used by the tests). Returns all metrics."""
     model_args, data_args, training_args, compression_args, publish_args = parse_args(args_list)
+    # Before any data or model is loaded: the export needs a compressed model and coremltools.
+    check_coreml_export_request(publish_args.export_coreml, compression_args.method)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -358,12 +420,15 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     push = training_args.push_to_hub
     training_args.push_to_hub = False
     want_publish = publish_args.publish_dir is not None or push
+    publish_dir = resolve_publish_dir(training_args, publish_args, push)
+    if publish_dir is not None and training_args.should_save:
+        # Before anything else: publishing replaces the whole folder, so one that holds anything hf_r2 did not
+        # write there (or the output dir itself) is refused now rather than after training.
+        check_publish_dir(publish_dir, output_dir=training_args.output_dir, name="--publish_dir")
 
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Checkpoint found at {last_checkpoint}: resuming from it.")
+    # --resume_from_checkpoint, or the last complete checkpoint of --output_dir (announced with a warning); refused
+    # now if incomplete, written for another R² regularizer, or already at --max_steps.
+    checkpoint = resolve_resume_checkpoint(training_args)
 
     set_seed(training_args.seed)
 
@@ -379,7 +444,10 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             source = "--train_file" if split == "train" else f"--{split}_file"
             raise ValueError(f"{flag} needs a {split} split, which the data lacks; give {source}.")
     check_columns(raw_datasets, task, files)
+    check_rows(raw_datasets, task, files)
     check_labels(raw_datasets, task, files)
+    if training_args.do_train and training_args.do_eval:
+        check_classes_trained(raw_datasets, task, files, data_args)
     num_labels = task_num_labels[task]
     is_regression = num_labels == 1
 
@@ -445,6 +513,10 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     float32_bytes = 4 * sum(p.numel() for p in model.parameters())
 
     model = compression_args.apply(model)
+    if compression_args.method == "ptq" and training_args.do_train:
+        # PTQ is applied after training: try it now on a copy, so that a --quant_target_modules entry that matches
+        # nothing (or a layer it cannot quantize) fails before training rather than after it.
+        compression_args.apply(copy.deepcopy(model), before_training=False)
 
     def compute_metrics(p: EvalPrediction) -> dict[str, float]:
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
@@ -460,13 +532,14 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         processing_class=tokenizer,
         data_collator=collator,
         compute_metrics=compute_metrics,
+        callbacks=compression_args.trainer_callbacks(),  # EWGS: its delta-updating callback
     )
 
     all_metrics: dict[str, float] = {}
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = dict(train_result.metrics)
+        metrics["train_steps_this_run"] = check_steps_trained(trainer, checkpoint)  # refuses a run that trained 0
         metrics["train_samples"] = len(train_dataset)
         trainer.save_model()
         trainer.log_metrics("train", metrics)
@@ -480,8 +553,11 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             metrics = trainer.evaluate(metric_key_prefix="eval_float")
             trainer.log_metrics("eval_float", metrics)
             all_metrics.update(metrics)
+        # Calibration (PTQ ranges; QAT activation steps when nothing was trained) uses training rows, even with
+        # --do_eval alone, when the train split is there.
+        calibration_rows = train_dataset or ("train" in raw_datasets and take("train", 32)) or eval_dataset
         trainer.model = compression_args.finalize(
-            trainer.model, calibration_batches=model_inputs(collator, train_dataset or eval_dataset, n_batches=4)
+            trainer.model, calibration_batches=model_inputs(collator, calibration_rows, n_batches=4)
         )
         trainer.model_wrapped = trainer.model
         trainer.save_model()
@@ -507,6 +583,16 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
                 for index, item in enumerate(predictions):
                     writer.write(f"{index}\t{item:3.3f}\n" if is_regression else f"{index}\t{int(item)}\n")
 
+    coreml_bytes = None
+    if publish_args.export_coreml and trainer.is_world_process_zero():
+        # One example padded to --max_seq_length: the Core ML package's fixed input shape.
+        export_collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max_seq_length)
+        source = eval_dataset or train_dataset or predict_dataset
+        example = model_inputs(export_collator, source, n_batches=1, batch_size=1)
+        coreml_report = export_coreml_to_dir(trainer.model, example[0], publish_args.export_coreml)
+        coreml_bytes = coreml_report.weight_file_bytes
+        logger.info(coreml_report.summary())
+
     if want_publish and trainer.is_world_process_zero():
         batches = model_inputs(collator, eval_dataset or train_dataset or predict_dataset, n_batches=1, batch_size=2)
         publish_from_args(
@@ -521,6 +607,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             reference_ranges=reference_ranges,
             reference_label=reference_label,
             float32_bytes=float32_bytes,
+            coreml_bytes=coreml_bytes,
             verify_inputs=batches[0] if batches else None,
             base_model=model_args.model_name_or_path,
             dataset=data_args.train_file or data_args.validation_file or data_args.dataset_name,

@@ -24,11 +24,11 @@ See `docs/examples.md`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,15 +46,17 @@ from transformers import (
     ViTImageProcessor,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_r2.arguments import config_with_overrides, parse_script_args
-from hf_r2.hub import card_reference, publish_from_args
-from hf_r2.trainer import R2Trainer
-from hf_r2.utils import replace_dir
+from hf_r2.export import check_coreml_export_request, export_coreml_to_dir
+from hf_r2.hub import card_reference, check_publish_dir, publish_from_args, resolve_publish_dir
+from hf_r2.trainer import R2Trainer, check_steps_trained, resolve_resume_checkpoint
+from hf_r2.utils import make_temp_dir_beside, replace_dir
 
 logger = logging.getLogger(__name__)
 
+#: Marker file of a `write_digits_imagefolder` folder: only such a folder is replaced by a later call.
+DIGITS_MARKER = ".hf_r2_digits"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -67,7 +69,8 @@ def write_digits_imagefolder(
     folder is built next to `root` and renamed into place, so an interrupted run never leaves a partial dataset.
 
     Args:
-        root (`str` or `os.PathLike`): Destination folder (replaced if it exists).
+        root (`str` or `os.PathLike`): Destination folder: new, empty, or written earlier by this function (then
+            replaced); any other existing folder is refused.
         validation_fraction (`float`, *optional*, defaults to 0.2): Share of images in `validation`.
         seed (`int`, *optional*, defaults to 0): Seed of the split.
 
@@ -84,9 +87,14 @@ def write_digits_imagefolder(
     order = np.random.default_rng(seed).permutation(len(images))
     n_val = int(round(len(images) * validation_fraction))
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    if root.exists() and any(root.iterdir()) and not (root / DIGITS_MARKER).is_file():
+        raise ValueError(
+            f"{root} exists and was not written by write_digits_imagefolder (no {DIGITS_MARKER}); it would be "
+            "replaced as a whole, so it is refused. Give a new or empty folder."
+        )
+    tmp = make_temp_dir_beside(root)
     try:
+        (tmp / DIGITS_MARKER).write_text("scikit-learn digits written by write_digits_imagefolder\n")
         for rank, i in enumerate(order):
             split = "validation" if rank < n_val else "train"
             folder = tmp / split / str(digits.target[i])
@@ -127,6 +135,8 @@ class DataTrainingArguments:
             path = getattr(self, name)
             if path is not None and not Path(path).is_dir():
                 raise FileNotFoundError(f"--{name} {path!r} is not a directory.")
+            if path is not None and not any(p.is_file() for p in Path(path).rglob("*")):
+                raise ValueError(f"--{name} {path!r} holds no images (expected <{name}>/<label>/<image> files).")
         if self.train_val_split is not None and not 0 < self.train_val_split < 1:
             raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -227,6 +237,21 @@ def label_names(raw, label_column: str) -> list[str]:
     return names
 
 
+def check_classes_trained(train_dataset, eval_dataset, label_column: str, names: list[str]) -> None:
+    """Fails before training if the evaluated images hold a class that no training image has (after
+    `--max_train_samples` / `--max_eval_samples`): the model could never learn it."""
+    def classes(ds):  # the raw labels, without running the image transform
+        return set(ds.with_format(None)[label_column])
+
+    missing = sorted(classes(eval_dataset) - classes(train_dataset), key=str)
+    if missing:
+        shown = [names[v] if isinstance(v, int) and 0 <= v < len(names) else v for v in missing]
+        raise ValueError(
+            f"The validation images hold class(es) {shown[:10]} that no training image has (of {len(train_dataset)} "
+            "used): the model could never learn them. Train on images of every class, or raise --max_train_samples."
+        )
+
+
 def check_num_labels(config: Any, num_labels: int, model_args: ModelArguments) -> None:
     """Fails if the checkpoint's (or the overridden) classifier does not have one output per class."""
     has_head = any(a.endswith("ForImageClassification") for a in (getattr(config, "architectures", None) or []))
@@ -259,6 +284,8 @@ def build_image_processor(model_args: ModelArguments, config: Any):
 def main(args_list: list[str] | None = None) -> dict[str, float]:
     """Runs the script; `args_list` replaces `sys.argv[1:]` (used by the tests). Returns all metrics."""
     model_args, data_args, training_args, compression_args, publish_args = parse_args(args_list)
+    # Before any data or model is loaded: the export needs a compressed model and coremltools.
+    check_coreml_export_request(publish_args.export_coreml, compression_args.method)
     if training_args.do_predict:
         # TrainingArguments parses it, but this script has no test split: refuse rather than silently skip it.
         raise ValueError("--do_predict is not supported by run_image_classification.py (no test split); use --do_eval.")
@@ -275,12 +302,17 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     push = training_args.push_to_hub
     training_args.push_to_hub = False  # hf_r2 pushes the checked publish folder, not output_dir
     want_publish = publish_args.publish_dir is not None or push
+    publish_dir = resolve_publish_dir(training_args, publish_args, push)
+    if publish_dir is not None and training_args.should_save:
+        # Before anything else: publishing replaces the whole folder, so one that holds anything hf_r2 did not
+        # write there (or the output dir itself) is refused now rather than after training.
+        check_publish_dir(publish_dir, output_dir=training_args.output_dir, name="--publish_dir")
     # Images are transformed on the fly, so the Trainer must not drop the raw image column.
     training_args.remove_unused_columns = False
 
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    # --resume_from_checkpoint, or the last complete checkpoint of --output_dir (announced with a warning); refused
+    # now if incomplete, written for another R² regularizer, or already at --max_steps.
+    checkpoint = resolve_resume_checkpoint(training_args)
     set_seed(training_args.seed)
 
     # ---- data and every check that can fail before training
@@ -326,6 +358,8 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
 
     train_dataset = take("train", data_args.max_train_samples) if training_args.do_train else None
     eval_dataset = take("validation", data_args.max_eval_samples) if training_args.do_eval else None
+    if train_dataset is not None and eval_dataset is not None:
+        check_classes_trained(train_dataset, eval_dataset, data_args.label_column_name, names)
 
     def collate(examples):
         return {
@@ -359,6 +393,10 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     float32_bytes = 4 * sum(p.numel() for p in model.parameters())
 
     model = compression_args.apply(model)
+    if compression_args.method == "ptq" and training_args.do_train:
+        # PTQ is applied after training: try it now on a copy, so that a --quant_target_modules entry that matches
+        # nothing (or a layer it cannot quantize) fails before training rather than after it.
+        compression_args.apply(copy.deepcopy(model), before_training=False)
 
     def compute_metrics(p: EvalPrediction) -> dict[str, float]:
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
@@ -372,10 +410,12 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         processing_class=processor,
         data_collator=collate,
         compute_metrics=compute_metrics,
+        callbacks=compression_args.trainer_callbacks(),  # EWGS: its delta-updating callback
     )
 
     def pixel_batches(n_batches, batch_size=8):
-        ds = train_dataset or eval_dataset
+        # Training images when there are any, even with --do_eval alone (calibration must not use evaluation data).
+        ds = train_dataset or take("train", n_batches * batch_size) or eval_dataset
         if ds is None:
             return []
         rows = [ds[i] for i in range(min(len(ds), n_batches * batch_size))]
@@ -384,8 +424,9 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
 
     all_metrics: dict[str, float] = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = dict(train_result.metrics)
+        metrics["train_steps_this_run"] = check_steps_trained(trainer, checkpoint)  # refuses a run that trained 0
         metrics["train_samples"] = len(train_dataset)
         trainer.save_model()
         trainer.log_metrics("train", metrics)
@@ -410,6 +451,13 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         trainer.save_metrics("eval", eval_metrics)
         all_metrics.update(eval_metrics)
 
+    coreml_bytes = None
+    if publish_args.export_coreml and trainer.is_world_process_zero():
+        example = pixel_batches(1, batch_size=1)  # the Core ML package's fixed input shape: one image
+        coreml_report = export_coreml_to_dir(trainer.model, example[0], publish_args.export_coreml)
+        coreml_bytes = coreml_report.weight_file_bytes
+        logger.info(coreml_report.summary())
+
     if want_publish and trainer.is_world_process_zero():
         batches = pixel_batches(1, batch_size=2)
         publish_from_args(
@@ -424,6 +472,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             reference_ranges=reference_ranges,
             reference_label=reference_label,
             float32_bytes=float32_bytes,
+            coreml_bytes=coreml_bytes,
             verify_inputs=batches[0] if batches else None,
             base_model=model_args.model_name_or_path,
             dataset=data_args.dataset_name or data_args.train_dir or data_args.validation_dir,

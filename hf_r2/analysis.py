@@ -3,8 +3,8 @@
 `weight_ranges` measures, for every selected layer, `max(W) - min(W)`, `std(W)`, `min(W)` and `max(W)`;
 `format_weight_range_table` renders one or two such measurements (with and without R²) side by side as a markdown or
 plain-text table. The default selection is the range regularizer's: the weights of every `nn.Linear`, `nn.Conv1d`,
-`nn.Conv2d`, `nn.Embedding` and transformers `Conv1D` (subclasses included, so palettization and quantization
-wrappers count too).
+`nn.Conv2d`, `nn.Embedding`, transformers `Conv1D` (subclasses included, so palettization and quantization
+wrappers count too) and the packed `in_proj_weight` of `nn.MultiheadAttention`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from hf_r2.utils import ModulePattern, select_modules
 __all__ = [
     "DEFAULT_LAYER_TYPES",
     "LayerWeightStats",
+    "measured_weight",
     "weight_stats",
     "weight_ranges",
     "max_weight_range",
@@ -66,6 +67,17 @@ def _stats(name: str, weight: torch.Tensor) -> LayerWeightStats:
     )
 
 
+def measured_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight tensor whose range a layer is measured (and regularized) by: `in_proj_weight` for
+    `nn.MultiheadAttention`, `weight` otherwise, gathered whole when FSDP2 shards it; `None` when the module has no
+    such tensor."""
+    weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    # FSDP2 keeps a DTensor shard outside the forward: measure the whole weight (a collective: call on every rank).
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
 def weight_stats(modules: Mapping[str, nn.Module]) -> dict[str, LayerWeightStats]:
     """Computes `LayerWeightStats` for already selected modules.
 
@@ -80,8 +92,8 @@ def weight_stats(modules: Mapping[str, nn.Module]) -> dict[str, LayerWeightStats
     """
     out: dict[str, LayerWeightStats] = {}
     for name, module in modules.items():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
+        weight = measured_weight(module)
+        if weight is None:
             raise ValueError(f"Module {name!r} ({type(module).__name__}) has no weight tensor to measure.")
         out[name] = _stats(name, weight)
     return out
@@ -118,7 +130,7 @@ def weight_ranges(
 @torch.no_grad()
 def max_weight_range(modules: Mapping[str, nn.Module]) -> float:
     """Largest `max(W) - min(W)` over `modules` (cheap: no std), e.g. for logging during training."""
-    ranges = [torch.aminmax(m.weight.detach().reshape(-1)) for m in modules.values()]
+    ranges = [torch.aminmax(measured_weight(m).detach().reshape(-1)) for m in modules.values()]
     if not ranges:
         raise ValueError("max_weight_range needs at least one module.")
     return max((hi.double() - lo.double()).item() for lo, hi in ranges)

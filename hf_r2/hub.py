@@ -9,7 +9,8 @@ Three steps, each usable alone:
 2. `prepare_publish_folder(model, folder, ...)` writes the exact folder that would be uploaded (safetensors weights,
    config, tokenizer or image processor, `README.md`, `weight_histograms.png`) atomically, without the regularizer's
    own parameters, and by default checks that it loads back with `from_pretrained` with no missing or unexpected key
-   and the same outputs.
+   and the same outputs. It never replaces a folder hf_r2 did not write as a publish folder (`check_publish_dir`:
+   each publish folder carries the marker `PUBLISH_MARKER`, which is not uploaded).
 3. `push_folder(folder, repo_id, ...)` creates the repository if needed and uploads that folder
    (`huggingface_hub.HfApi.create_repo` / `upload_folder`).
 
@@ -33,8 +34,8 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,20 @@ from torch import nn
 
 from hf_r2.analysis import LayerWeightStats, format_weight_range_table, weight_ranges
 from hf_r2.plotting import layer_weights, pick_histogram_layers, plot_weight_histograms
-from hf_r2.utils import replace_dir
+from hf_r2.utils import make_temp_dir_beside, recover_replaced_dir, remove_stale_temp_dirs, replace_dir
 
 logger = logging.getLogger(__name__)
 
 TAGS = ("hf_r2", "range-regularization")
 HISTOGRAM_FILE = "weight_histograms.png"
 CARD_FILE = "README.md"
+#: Marker file hf_r2 writes into every publish folder it creates, listing the files it wrote there. An existing folder
+#: is replaced only if it holds this marker and nothing but the files the marker lists (plus the marker): hf_r2 never
+#: deletes a folder, or a file, that it did not create as part of a publish folder. It is not uploaded.
+PUBLISH_MARKER = ".hf_r2_publish.json"
+PUBLISH_MARKER_FORMAT = "hf_r2 publish folder"
+#: Name of the Trainer's checkpoint folders (`checkpoint-<step>`), which it deletes when rotating checkpoints.
+_CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")
 #: Section headings of the card, in order (a section is left out when there is nothing to say in it).
 SECTIONS = {
     "r2": "## Range regularization (R²)",
@@ -85,7 +93,7 @@ def r2_info_from_args(args: Any) -> dict[str, Any] | None:
     r2_type = getattr(args, "r2_type", "none")
     if r2_type in (None, "none"):
         return None
-    unused = {"linf": ("r2_margin_init_std", "r2_alpha_init"), "margin": ("r2_alpha_init",),
+    unused = {"linf": ("r2_margin_init_std", "r2_alpha_init", "r2_scale_free"), "margin": ("r2_alpha_init",),
               "soft_min_max": ("r2_margin_init_std",)}.get(r2_type, ())
     info = {k: v for k, v in sorted(vars(args).items()) if k.startswith("r2_") and v is not None and k not in unused}
     resolve = getattr(args, "resolved_r2_learning_rate", None)
@@ -132,6 +140,8 @@ def _size_table(size: Mapping[str, Any]) -> str:
         lines.append(f"| float32 (32 bit) | {size['float32_bytes'] / 1e6:.3f} |")
     label = size.get("label", "this checkpoint")
     lines.append(f"| {label} | {size['checkpoint_bytes'] / 1e6:.3f} |")
+    if size.get("coreml_bytes"):
+        lines.append(f"| Core ML package weight file (iOS 18, `hf_r2.export`) | {size['coreml_bytes'] / 1e6:.3f} |")
     text = "\n".join(lines)
     if "float32_bytes" in size and size["checkpoint_bytes"]:
         text += f"\n\nCompression ratio versus float32: {size['float32_bytes'] / size['checkpoint_bytes']:.2f}×."
@@ -194,13 +204,15 @@ def build_model_card(
         method = compression.get("method")
         tags += ["palettization", "dkm"] if method == "dkm" else ["quantization", str(method)]
     tags += [t for t in extra_tags if t not in tags]
-    # Only Hub-style ids go in the metadata (`base_model` must name a repo); a local path stays in the text.
-    hub_base = base_model if base_model and not os.path.exists(base_model) and base_model.count("/") == 1 else None
+    # A card must never carry a local path (it would publish the user's file-system layout): a local checkpoint is
+    # named by its Hub id when it is a Hub download, else by its folder's name; only Hub ids go in the metadata.
+    base_id, base_local = _public_source(base_model)
+    dataset_id, dataset_local = _public_source(dataset, keep_parent=True)
     data = ModelCardData(
         library_name="transformers",
         tags=tags,
-        base_model=hub_base,
-        datasets=[dataset] if dataset and not os.path.exists(dataset) and dataset.count("/") <= 1 else None,
+        base_model=base_id if base_id and base_id.count("/") == 1 and not base_local else None,
+        datasets=[dataset_id] if dataset_id and not dataset_local else None,
         pipeline_tag=pipeline_tag,
         license=license,
         language=language,
@@ -212,8 +224,12 @@ def build_model_card(
         what.append(f"R² range regularization (`{r2.get('r2_type')}`, weight {_fmt(r2.get('r2_weight'))})")
     if compression:
         what.append(_describe_compression(compression))
-    origin = f" from `{base_model}`" if base_model else " from scratch"
-    on = f" on `{dataset}`" if dataset else ""
+    origin = " from scratch"
+    if base_id:
+        origin = f" from the local checkpoint `{base_id}`" if base_local else f" from `{base_id}`"
+    on = ""
+    if dataset_id:
+        on = f" on the local data `{dataset_id}`" if dataset_local else f" on `{dataset_id}`"
     summary = f"Trained{origin}{on} with {' and '.join(what) if what else 'no R² and no compression'}"
     parts = [
         f"# {model_name}",
@@ -258,6 +274,29 @@ def build_model_card(
     return ModelCard(content)
 
 
+def _public_source(name_or_path: str | os.PathLike | None, keep_parent: bool = False) -> tuple[str | None, bool]:
+    """How a card names a model or dataset given by Hub id or local path, without revealing a local path.
+
+    Returns `(name, is_local)`: a Hub id is kept; a folder of the Hugging Face cache (`.../models--org--name/...`)
+    gives back its Hub id; any other local path (or an absolute path that does not exist here) gives its last
+    component (with `keep_parent`, its parent folder's name too, e.g. `qnli-squad/train.jsonl`).
+    """
+    if name_or_path is None or not str(name_or_path):
+        return None, False
+    text = str(name_or_path)
+    if not os.path.isabs(text) and not os.path.exists(text) and text.count("/") <= 1 and not text.startswith("."):
+        return text, False  # a Hub id (or a plain name)
+    path = Path(os.path.abspath(text))
+    for part in path.parts:
+        match = re.fullmatch(r"(?:models|datasets)--(.+)", part)
+        if match and os.path.exists(text):
+            return match.group(1).replace("--", "/"), False
+    name = path.name
+    if keep_parent and path.parent.name and not path.is_dir():
+        name = f"{path.parent.name}/{name}"
+    return name, True
+
+
 def _metric_name(key: str) -> str:
     return key.split("_", 1)[1] if key.startswith(("eval_", "test_", "predict_")) else key
 
@@ -279,6 +318,128 @@ def _describe_compression(info: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- publish folder
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    """The content of `folder`'s `PUBLISH_MARKER`, or `None` if it has none (or not one hf_r2 wrote)."""
+    try:
+        data = json.loads((folder / PUBLISH_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != PUBLISH_MARKER_FORMAT or not isinstance(
+        data.get("files"), list
+    ):
+        return None
+    return data
+
+
+def _write_marker(folder: Path) -> None:
+    files = sorted(p.name for p in folder.iterdir() if p.name != PUBLISH_MARKER)
+    text = json.dumps({"format": PUBLISH_MARKER_FORMAT, "version": 1, "files": files}, indent=2) + "\n"
+    (folder / PUBLISH_MARKER).write_text(text, encoding="utf-8")
+
+
+def is_publish_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a publish folder written by hf_r2 (it holds the `PUBLISH_MARKER` file)."""
+    return Path(folder).is_dir() and _read_marker(Path(folder)) is not None
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_publish_dir(
+    folder: str | os.PathLike, *, output_dir: str | os.PathLike | None = None, name: str = "The publish folder"
+) -> Path:
+    """Refuses a publish folder that hf_r2 may not (or cannot) replace, before any work is done.
+
+    `prepare_publish_folder` replaces its folder as a whole. It may replace only a folder that hf_r2 itself created
+    as a publish folder (it holds `PUBLISH_MARKER`) and that holds nothing but the files hf_r2 wrote there, or an
+    empty one. A publish swap killed halfway is repaired first (see `hf_r2.utils.recover_replaced_dir`).
+
+    Args:
+        folder (`str` or `os.PathLike`): The publish folder.
+        output_dir (`str` or `os.PathLike`, *optional*): The training run's output folder: the publish folder may not
+            be it, contain it, or lie inside one of its `checkpoint-<step>` folders.
+        name (`str`, *optional*): How the folder is named in error messages (e.g. `"--publish_dir"`).
+
+    Returns:
+        `Path`: `folder`.
+
+    Raises:
+        ValueError: If the folder is the output folder, contains it, is inside one of its checkpoints, is a file or a
+            symbolic link, or exists holding files hf_r2 did not write there as a publish folder.
+        PermissionError: If the folder (or the folder it would be created in) is not writable.
+    """
+    folder = Path(folder)
+    restored = recover_replaced_dir(folder, owned=is_publish_folder)
+    if restored is not None:
+        logger.warning(
+            f"{name} {folder} was missing and its previous version was found at {restored.name} (a publish swap "
+            "interrupted between its two renames): restored it."
+        )
+    real = Path(os.path.realpath(folder))
+    if output_dir is not None:
+        out = Path(os.path.realpath(output_dir))
+        if real == out:
+            raise ValueError(
+                f"{name} {folder} is the run's --output_dir: publishing replaces the whole folder, which would delete "
+                f"the run's checkpoints, trainer_state.json and results. Use a subfolder such as {out / 'publish'} "
+                "(the default) or another new folder."
+            )
+        if real in out.parents:
+            raise ValueError(
+                f"{name} {folder} contains the run's --output_dir {output_dir}: publishing replaces the whole folder, "
+                f"which would delete the run. Use a subfolder of the output dir such as {out / 'publish'} "
+                "(the default) or another new folder."
+            )
+        if out in real.parents:
+            first = real.relative_to(out).parts[0]
+            if _CHECKPOINT_FOLDER.fullmatch(first):
+                raise ValueError(
+                    f"{name} {folder} lies inside the checkpoint folder {out / first} of --output_dir, which the "
+                    "Trainer deletes when it rotates checkpoints and reads when it resumes. Use "
+                    f"{out / 'publish'} (the default) or a folder outside the checkpoints."
+                )
+    if folder.is_symlink():
+        raise ValueError(f"{name} {folder} is a symbolic link; give the folder it points to, {real}, or a new folder.")
+    if folder.exists():
+        if not folder.is_dir():
+            raise ValueError(f"{name} {folder} is a file, not a folder; give a new or empty folder.")
+        entries = sorted(p.name for p in folder.iterdir())
+        marker = _read_marker(folder)
+        if entries and marker is None:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise ValueError(
+                f"{name} {folder} already exists and holds files that hf_r2 did not write there as a publish folder "
+                f"({shown}; no {PUBLISH_MARKER}). Publishing replaces the whole folder, so it is refused: give a new "
+                "or empty folder, or move these files away."
+            )
+        if marker is not None:
+            foreign = [e for e in entries if e != PUBLISH_MARKER and e not in marker["files"]]
+            if foreign:
+                raise ValueError(
+                    f"{name} {folder} is a publish folder written by hf_r2, but it now also holds {foreign[:5]}, which "
+                    "hf_r2 did not write: publishing would delete them, so it is refused. Move them away or give "
+                    "another folder."
+                )
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{name} {folder} is not writable; give a folder you can write to.")
+    parent = _nearest_existing(real.parent)
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{name} {folder} cannot be written: {parent} is not a writable folder. Give a folder you can write to."
+        )
+    return folder
+
+
+def resolve_publish_dir(training_args: Any, publish_args: Any, push: bool) -> Path | None:
+    """The example scripts' publish folder: `--publish_dir`, else `<output_dir>/publish` when pushing, else `None`."""
+    if publish_args.publish_dir:
+        return Path(publish_args.publish_dir)
+    return Path(training_args.output_dir) / "publish" if push else None
+
+
 def _regularizer_prefixes(model: nn.Module) -> list[str]:
     """State-dict prefixes of R² regularizer modules attached to `model` (their parameters are training state)."""
     try:
@@ -376,6 +537,7 @@ def prepare_publish_folder(
     reference_label: str = "start of this run",
     histogram_layers: int = 4,
     float32_bytes: int | None = None,
+    coreml_bytes: int | None = None,
     size_report: str | Callable[[Path], str] | None = None,
     verify: bool = True,
     verify_inputs: Mapping[str, torch.Tensor] | None = None,
@@ -385,12 +547,15 @@ def prepare_publish_folder(
     """Writes the exact folder to publish, atomically, and (by default) checks it loads back identically.
 
     Contents: the `save_pretrained` weights (safetensors) and config without any R² regularizer parameter,
-    `tokenizer` (a tokenizer or image processor) if given, `README.md` (see `build_model_card`) and
-    `weight_histograms.png` when `histogram_layers > 0`.
+    `tokenizer` (a tokenizer or image processor) if given, `README.md` (see `build_model_card`),
+    `weight_histograms.png` when `histogram_layers > 0`, and the `PUBLISH_MARKER` file (not uploaded) that lets a
+    later call replace the folder. An existing `folder` is replaced only if hf_r2 wrote it (see `check_publish_dir`);
+    the new folder gets the usual permissions (the umask).
 
     Args:
         model (`PreTrainedModel`): The trained (and, if compressed, finalized) model.
-        folder (`str` or `os.PathLike`): Destination; replaced only once the new folder is complete.
+        folder (`str` or `os.PathLike`): Destination: a new or empty folder, or a publish folder written earlier
+            by hf_r2; replaced only once the new folder is complete.
         tokenizer (*optional*): Tokenizer or image processor to save with the model.
         model_name (`str`, *optional*): Card title; defaults to the folder name.
         r2, compression, metrics, training: See `build_model_card`.
@@ -403,6 +568,8 @@ def prepare_publish_folder(
         histogram_layers (`int`, *optional*, defaults to 4): Layers in the figure when `reference_weights` is not
             given; 0 for no figure.
         float32_bytes (`int`, *optional*): Size of the uncompressed float32 weights, for the size table.
+        coreml_bytes (`int`, *optional*): Weight-file size of the Core ML export (`hf_r2.export`), for the size
+            table next to the safetensors size.
         size_report (`str` or `Callable[[Path], str]`, *optional*): Extra size report shown verbatim in the
             compression section, or a function computing it from the written folder (e.g. `dkm_size_report`).
         verify (`bool`, *optional*, defaults to `True`): Load the written folder back and compare (see
@@ -414,11 +581,15 @@ def prepare_publish_folder(
 
     Returns:
         `Path`: The folder.
+
+    Raises:
+        ValueError, PermissionError: If `folder` may not be replaced (see `check_publish_dir`), before any work.
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    folder = check_publish_dir(folder)
+    remove_stale_temp_dirs(folder, owned=is_publish_folder)
+    tmp = make_temp_dir_beside(folder)
     try:
+        _write_marker(tmp)  # first: the leftover of a killed run is recognisably hf_r2's (removed by the next run)
         dropped = _save_model(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -444,6 +615,8 @@ def prepare_publish_folder(
         size = {"checkpoint_bytes": folder_size_bytes(tmp), "label": "this checkpoint (safetensors on disk)"}
         if float32_bytes:
             size["float32_bytes"] = float32_bytes
+        if coreml_bytes:
+            size["coreml_bytes"] = coreml_bytes
         if callable(size_report):
             size_report = size_report(tmp)
         card = build_model_card(
@@ -464,6 +637,8 @@ def prepare_publish_folder(
         card.save(tmp / CARD_FILE)
         if verify:
             verify_publish_folder(tmp, model, inputs=verify_inputs, ignore_keys=dropped, atol=verify_atol)
+        _write_marker(tmp)
+        check_publish_dir(folder)  # again: the folder may have changed while this one was written
         replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -576,7 +751,8 @@ def push_folder(
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     target = getattr(url, "repo_id", None) or repo_id
     return api.upload_folder(
-        repo_id=target, folder_path=str(folder), commit_message=commit_message, revision=revision, repo_type="model"
+        repo_id=target, folder_path=str(folder), commit_message=commit_message, revision=revision, repo_type="model",
+        ignore_patterns=[PUBLISH_MARKER],
     )
 
 
@@ -593,8 +769,9 @@ def publish_from_args(
 ) -> Path:
     """The example scripts' last step: `prepare_publish_folder` from their flags, then `push_folder` if `push`.
 
-    The folder is `--publish_dir` (default `<output_dir>/publish`) and the repository `--hub_model_id` (default the
-    output folder's name); the card gets the R² settings, the compression, the numeric `eval_metrics` and (after
+    The folder is `--publish_dir` (default `<output_dir>/publish`; refused if it is or contains `--output_dir`, see
+    `check_publish_dir`, which the scripts also call before training) and the repository `--hub_model_id` (default
+    the output folder's name); the card gets the R² settings, the compression, the numeric `eval_metrics` and (after
     training) the training hyperparameters; the push uses `--hub_token`, `--hub_private_repo` and `--hub_revision`.
 
     Args:
@@ -609,14 +786,15 @@ def publish_from_args(
     Returns:
         `Path`: The publish folder.
     """
-    folder = publish_args.publish_dir or os.path.join(training_args.output_dir, "publish")
+    folder = resolve_publish_dir(training_args, publish_args, push=True)
+    check_publish_dir(folder, output_dir=training_args.output_dir, name="--publish_dir")
     repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
     prepare_publish_folder(
         model,
         folder,
         model_name=repo_id.split("/")[-1],
         r2=r2_info_from_args(training_args),
-        compression=compression_args.card_info(),
+        compression=compression_args.card_info(model),
         metrics={k: v for k, v in (eval_metrics or {}).items() if isinstance(v, (int, float))},
         training=training_info_from_args(training_args) if training_args.do_train else None,
         histogram_layers=publish_args.card_histogram_layers,

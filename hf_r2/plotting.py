@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hf_r2.analysis import DEFAULT_LAYER_TYPES
+from hf_r2.analysis import DEFAULT_LAYER_TYPES, measured_weight
 from hf_r2.utils import atomic_path
 
 #: The weight-range table's (and the regularizer's) layer types, so the figure picks among the measured layers.
@@ -52,10 +52,10 @@ def pick_histogram_layers(model: nn.Module, max_layers: int = 4) -> list[str]:
 def layer_weights(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Detached float32 CPU copies of the `weight` of each named module (for histograms taken before training)."""
     modules = dict(model.named_modules())
-    missing = [n for n in names if not isinstance(getattr(modules.get(n), "weight", None), torch.Tensor)]
+    missing = [n for n in names if n not in modules or measured_weight(modules[n]) is None]
     if missing:
         raise ValueError(f"No weight tensor at module(s) {missing} of {type(model).__name__}.")
-    return {n: modules[n].weight.detach().float().cpu().clone() for n in names}
+    return {n: measured_weight(modules[n]).detach().float().cpu().clone() for n in names}
 
 
 def plot_weight_histograms(

@@ -4,8 +4,8 @@ Two conventions live here so that every part of hf_r2 agrees on them (and `atomi
 written):
 
 * **Module selection** (`select_modules`): peft-style `target_modules` / `exclude_modules`, given as a list of names
-  (a module matches when its full name equals the entry or ends with `.entry`) or as one regular expression
-  (matched in full against the module name).
+  (a module matches when its full name equals the entry or ends with `.entry`, and so does everything beneath it)
+  or as one regular expression (matched in full against the module name). An entry that matches nothing is an error.
 * **Vector layout** (`weight_to_vectors` / `vectors_to_weight`): for vector palettization and the multi-dimensional
   regularizers, a weight of shape `(out, ...)` is seen as a set of `cluster_dim`-dimensional vectors, each made of
   `cluster_dim` consecutive output channels at one input position (the layout coremltools uses).
@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -48,7 +48,14 @@ def check_module_regex(pattern: str, name: str = "module pattern") -> str:
 def _matches(name: str, pattern: str | Sequence[str]) -> bool:
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
-    return any(name == entry or name.endswith("." + entry) for entry in pattern)
+    return any(_entry_covers(name, entry) for entry in pattern)
+
+
+def _entry_covers(name: str, entry: str) -> bool:
+    """Whether module `name` is the module a name entry designates (full name, or `.entry` suffix) or lies beneath it
+    (`--quant_target_modules attention` means every layer inside every `...attention` block)."""
+    padded = f".{name}."
+    return f".{entry}." in padded
 
 
 def select_modules(
@@ -64,22 +71,37 @@ def select_modules(
     Args:
         model (`nn.Module`): The model to search.
         supported_types (`tuple[type]`): Layer types the transform can handle.
-        target_modules (`str` or `list[str]`, *optional*): Names (suffix match on `.`-boundaries) or one regex
-            (full match). Defaults to every module of a supported type.
-        exclude_modules (`str` or `list[str]`, *optional*): Same syntax; matching modules are skipped.
+        target_modules (`str` or `list[str]`, *optional*): Names or one regex (full match). A name designates the
+            modules whose full name equals it or ends with `.name`, and everything beneath them (so `attention`
+            selects every supported layer inside each `...attention` block). Defaults to every module of a supported
+            type.
+        exclude_modules (`str` or `list[str]`, *optional*): Same syntax; matching modules (and what lies beneath
+            them) are skipped.
         what (`str`, *optional*): Name of the transform, used in error messages.
 
     Raises:
-        ValueError: If a listed target name matches no module, if a module selected explicitly by name has a type the
-            transform cannot handle, or if nothing is selected at all.
+        ValueError: If a listed target or exclude name matches no module, if a list mixes a regular expression into
+            names (a regex must be the only entry), if a module selected explicitly by name has a type the transform
+            cannot handle, if a target name selects no supported layer, or if nothing is selected at all.
     """
-    if target_modules is not None and not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-        unknown = [t for t in target_modules if not any(_matches(n, [t]) for n, _ in model.named_modules())]
+    names = [n for n, _ in model.named_modules() if n]
+    patterns = {}
+    for label, pattern in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+        if pattern is None or isinstance(pattern, str):
+            patterns[label] = pattern
+            continue
+        pattern = list(pattern)
+        regexes = [entry for entry in pattern if REGEX_CHARS.search(entry)]
+        if regexes:
+            raise ValueError(
+                f"{label} {pattern} mixes module names with regular-expression syntax ({regexes}): a regular "
+                "expression must stand alone (pass it as the only entry, a string), names are matched literally."
+            )
+        unknown = [entry for entry in pattern if not any(_entry_covers(n, entry) for n in names)]
         if unknown:
-            raise ValueError(f"target_modules {unknown} match no module of {type(model).__name__} for {what}.")
-    if exclude_modules is not None and not isinstance(exclude_modules, str):
-        exclude_modules = list(exclude_modules)
+            raise ValueError(f"{label} {unknown} match no module of {type(model).__name__} for {what}.")
+        patterns[label] = pattern
+    target_modules, exclude_modules = patterns["target_modules"], patterns["exclude_modules"]
 
     selected: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -95,10 +117,22 @@ def select_modules(
             continue
         if isinstance(module, supported_types):
             selected[name] = module
-        elif not isinstance(target_modules, str) and not any(True for _ in module.children()):
+        elif (
+            not isinstance(target_modules, str)
+            and not any(True for _ in module.children())
+            and any(name == entry or name.endswith("." + entry) for entry in target_modules)
+        ):  # an unsupported leaf named itself, not one merely inside a named block
             allowed = ", ".join(t.__name__ for t in supported_types)
             raise ValueError(
                 f"Module {name!r} is a {type(module).__name__}, which {what} does not support (supported: {allowed})."
+            )
+    if target_modules is not None and not isinstance(target_modules, str):
+        empty = [entry for entry in target_modules if not any(_entry_covers(n, entry) for n in selected)]
+        if empty:
+            allowed = ", ".join(t.__name__ for t in supported_types)
+            raise ValueError(
+                f"target_modules {empty} name modules of {type(model).__name__} that hold no layer {what} supports "
+                f"({allowed}), or only excluded ones."
             )
     if not selected:
         raise ValueError(
@@ -169,13 +203,106 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def make_temp_dir_beside(target: str | os.PathLike) -> Path:
+    """Creates and returns an empty, uniquely named folder next to `target` to build its new contents in.
+
+    The folder is named `.<target name>.tmp-<pid>-<random>` (so `remove_stale_temp_dirs` can tell whose it is) and is
+    created with the usual permissions (the umask), not `tempfile.mkdtemp`'s 0700, which `replace_dir`'s rename would
+    carry over to `target`. The parent folder is created if needed.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        try:
+            tmp.mkdir()
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+        return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:  # pragma: no cover - e.g. an id out of range
+        return False
+    return True
+
+
+def _siblings(folder: Path, kind: str) -> list[tuple[Path, int]]:
+    """`(path, pid)` of the `.<name>.<kind>-<pid>...` folders next to `folder` whose process is gone."""
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.{kind}-(\d+)(?:-[0-9a-f]+)?")
+    if not folder.parent.is_dir():
+        return []
+    found = []
+    for entry in folder.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match.group(1))):
+            found.append((entry, int(match.group(1))))
+    return found
+
+
+def remove_stale_temp_dirs(
+    target: str | os.PathLike, owned: Callable[[Path], bool] = lambda path: True
+) -> list[Path]:
+    """Removes the `make_temp_dir_beside(target)` folders left by processes that were killed while building them.
+
+    Only folders named by `make_temp_dir_beside` for this `target`, whose process no longer runs and for which
+    `owned(path)` is true, are removed. Returns them.
+    """
+    removed = []
+    for tmp, _ in _siblings(Path(target), "tmp"):
+        if owned(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def recover_replaced_dir(
+    folder: str | os.PathLike, owned: Callable[[Path], bool] = lambda path: True
+) -> Path | None:
+    """Repairs what a `replace_dir` killed halfway left behind next to `folder`.
+
+    `replace_dir` renames the old folder aside to `.<name>.old-<pid>`, renames the new one into place, then deletes
+    the old one. Killed between the two renames, it leaves no `folder` and the old one aside: it is renamed back (the
+    newest, if several). Killed after the second rename, the old one is left aside although `folder` is complete: it
+    is removed, provided `owned(folder)` holds too (the folder in place is one the caller made). Only
+    `.<name>.old-<pid>` folders of processes that no longer run, and for which `owned(path)` is true, are touched.
+
+    Returns:
+        `Path` or `None`: The folder restored to `folder`, if any.
+    """
+    folder = Path(folder)
+    backups = sorted((b for b, _ in _siblings(folder, "old") if owned(b)), key=lambda b: b.stat().st_mtime)
+    restored = None
+    if backups and not os.path.lexists(folder):
+        restored = backups.pop()
+        os.replace(restored, folder)
+    if owned(folder):
+        for backup in backups:
+            shutil.rmtree(backup, ignore_errors=True)
+    return restored
+
+
 def replace_dir(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
     """Moves the finished folder `tmp` to `folder`; an existing `folder` is replaced only once `tmp` is complete.
 
-    The old folder is renamed aside first and restored if the move fails, so `folder` is never left missing or
-    half-written. `tmp` should sit next to `folder` (same file system) for the renames to be atomic.
+    The old folder is renamed aside first (to `.<name>.old-<pid>`) and restored if the move fails, so `folder` is
+    never left half-written; a process killed between the two renames leaves the old folder aside, which
+    `recover_replaced_dir` (called here first, and by callers before they start work) puts back. `tmp` should sit next
+    to `folder` (same file system) for the renames to be atomic; `make_temp_dir_beside` creates it there.
+
+    Callers decide whether `folder` may be replaced at all: this function replaces whatever is there.
     """
     tmp, folder = Path(tmp), Path(folder)
+    recover_replaced_dir(folder)
     backup = None
     if folder.exists():
         backup = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -205,3 +332,47 @@ def register_hf_quantization_method(method: str, config_cls: type, quantizer_cls
         register_quantization_config(method)(config_cls)
     if method not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(method)(quantizer_cls)
+
+
+def tied_weight_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Every parameter name that shares its tensor with another name, mapped to all names of that tensor (sorted).
+
+    Ties are found both by identity (one `nn.Parameter` under several modules, as `tie_weights` makes them) and from
+    transformers' declared ties (`all_tied_weights_keys`), so a model whose ties are declared but not yet applied is
+    caught too.
+    """
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_by_tensor.setdefault(id(parameter), []).append(name)
+    groups = [set(names) for names in names_by_tensor.values() if len(names) > 1]
+    declared = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in dict(declared).items():
+        groups.append({target, source})
+    merged: list[set[str]] = []
+    for group in groups:
+        overlapping = [g for g in merged if g & group]
+        for g in overlapping:
+            merged.remove(g)
+            group |= g
+        merged.append(group)
+    return {name: sorted(group) for group in merged for name in group}
+
+
+def refuse_multihead_attention(model: nn.Module, selected: Iterable[str], what: str) -> None:
+    """Raises a `ValueError` if `selected` holds the `out_proj` of an `nn.MultiheadAttention`.
+
+    `nn.MultiheadAttention` computes with `in_proj_weight` and `out_proj.weight` directly
+    (`F.multi_head_attention_forward`), never calling `out_proj.forward`: a swapped-in compressed `out_proj` would be
+    counted as compressed but never used, and `in_proj_weight` (not a layer) cannot be swapped at all.
+    """
+    selected = set(selected)
+    attention = [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention) and f"{name}.out_proj" in selected
+    ]
+    if attention:
+        raise ValueError(
+            f"{what} cannot compress nn.MultiheadAttention {attention!r}: it computes with in_proj_weight and "
+            "out_proj.weight directly, so a replaced out_proj would never run and in_proj_weight cannot be replaced. "
+            f"Leave it in full precision with exclude_modules={attention!r} (together with your other exclusions)."
+        )

@@ -43,3 +43,26 @@ def test_two_processes_match_one_process(tmp_path):
         # The regularizer's parameters are not in DDP: the ranks agree because they compute the same gradient.
         assert_tensors_close(ddp["r2_state"], rank1[layout]["r2_state"], atol=0)
         assert_tensors_close(ddp["weights"], rank1[layout]["weights"], atol=0)
+
+
+@pytest.mark.slow
+def test_fsdp2_range_loss_gradients_and_dkm_match_one_process():
+    """FSDP2 (`fully_shard`, DTensor shards at rest): every r2_type, scalar and 2-dim, gives the single-process range
+    loss and gradients; DKM clusters whole weights and a gathered full state dict finalizes like one process."""
+    script = os.path.join(os.path.dirname(SCRIPT), "fsdp2_parity.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "ok"
+
+
+@pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("fsdp2", "FSDP")])
+def test_accelerate_launch_files_parse(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = os.path.join(os.path.dirname(os.path.dirname(SCRIPT)), os.pardir, "examples", "accelerate_configs")
+    config = ClusterConfig.from_yaml_file(os.path.join(path, f"{name}.yaml"))
+    assert config.distributed_type.name == kind
+    if name == "fsdp2":
+        assert config.fsdp_config["fsdp_version"] == 2

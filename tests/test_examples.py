@@ -6,6 +6,7 @@ runs `run_glue.py` under `torchrun --nproc_per_node 2` (gloo, CPU) and compares 
 """
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -160,6 +161,9 @@ def test_run_glue_mobilebert_from_config_with_r2_publish_and_push(glue_r2):
         assert SECTIONS[key] in text
     assert "soft_min_max" in text and f"{metrics['eval_accuracy']:.4g}" in text
     assert {"hf_r2", "range-regularization"} <= set(read_card_metadata(publish)["tags"])
+    for path in publish.iterdir():  # no local path in any published file (the tokenizer comes from site-packages)
+        content = path.read_bytes()
+        assert MINILM.encode() not in content and str(out).encode() not in content and str(QNLI).encode() not in content
 
     # The published folder and the trained model agree exactly.
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(publish)
@@ -217,6 +221,32 @@ def test_run_glue_qat_and_ptq(glue_r2, tmp_path):
     assert metrics["eval_float_accuracy"] == pytest.approx(glue_r2[1]["eval_accuracy"])  # same float model
 
 
+def test_run_glue_rerun_into_an_output_dir_resumes_visibly_and_never_reports_zero_steps(tmp_path, caplog,
+                                                                                         monkeypatch):
+    out = tmp_path / "out"
+    saving = ("--save_strategy", "steps", "--save_steps", "2", "--num_train_epochs", "1")  # 32 pairs / 8 = 4 steps
+    run_glue.main(glue_args(out, "--do_train", *saving))
+    model_bytes = (out / "model.safetensors").read_bytes()
+
+    # The same command again: the checkpoint is at the end of training. Nothing is trained, saved or reported.
+    with pytest.raises(ValueError, match=r"This run trained 0 steps: .*checkpoint-4 \(step 4\) had already reached"):
+        run_glue.main(glue_args(out, "--do_train", *saving))
+    assert (out / "model.safetensors").read_bytes() == model_bytes
+    # With --max_steps at or below the checkpoint's step, refused before any data or model is loaded.
+    with monkeypatch.context() as patch:
+        patch.setattr(run_glue, "load_raw_datasets", lambda *a: pytest.fail("data loaded before the check"))
+        with pytest.raises(ValueError, match="already reaches --max_steps 1: resuming would train 0 steps"):
+            run_glue.main(glue_args(out, "--do_train", *saving, "--max_steps", "1"))
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        metrics = run_glue.main(glue_args(out, "--do_train", *saving, "--max_steps", "6"))
+    assert metrics["train_steps_this_run"] == 2
+    resumed = [r for r in caplog.records if "of an earlier run: resuming from it" in r.getMessage()]
+    assert len(resumed) == 1 and resumed[0].levelno == logging.WARNING
+    assert "To start fresh instead, give a new --output_dir" in resumed[0].getMessage()
+
+
 # ----------------------------------------------------------------------------------------------------- bad input
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -257,6 +287,45 @@ def test_run_glue_labels_outside_the_task(tmp_path, no_training):
         run_glue.main(args)
 
 
+def with_train_file(args, path):
+    args[args.index("--train_file") + 1] = str(path)
+    return args
+
+
+def test_run_glue_empty_file_null_text_and_untrained_class_fail_before_training(tmp_path, no_training):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"--train_file .*empty.jsonl is empty: it holds no examples"):
+        run_glue.main(with_train_file(glue_args(tmp_path / "out", "--do_train"), tmp_path / "empty.jsonl"))
+    (tmp_path / "header.csv").write_text("question,sentence,label\n")
+    with pytest.raises(ValueError, match=r"header.csv holds no examples"):
+        run_glue.main(with_train_file(glue_args(tmp_path / "out", "--do_train"), tmp_path / "header.csv"))
+
+    null = rows()
+    null[3]["sentence"] = None
+    bad = write_jsonl(tmp_path / "null.jsonl", null)
+    with pytest.raises(ValueError, match=r"null.jsonl: row 3 \(counting from 0\) has None in column 'sentence'"):
+        run_glue.main(with_train_file(glue_args(tmp_path / "out", "--do_train"), bad))
+
+    one_class = write_jsonl(tmp_path / "zeros.jsonl", rows(8, label=0))
+    with pytest.raises(ValueError, match=r"validation.jsonl has class\(es\) \[1\] that no training example has"):
+        run_glue.main(with_train_file(glue_args(tmp_path / "out", "--do_train", "--do_eval"), one_class))
+    # Only among the examples actually trained on (the vendored file's first pair is of class 0 or 1, not both).
+    with pytest.raises(ValueError, match=r"that no training example has among the first 1 \(--max_train_samples\)"):
+        run_glue.main(glue_args(tmp_path / "out", "--do_train", "--do_eval", "--max_train_samples", "1"))
+
+
+def test_run_glue_ptq_targets_and_publish_dir_are_checked_before_training(tmp_path, no_training, monkeypatch):
+    with pytest.raises(ValueError, match=r"target_modules \['attention_typo'\] match no module"):
+        run_glue.main(glue_args(tmp_path / "out", "--do_train", "--quant_method", "ptq", "--w_bits", "4",
+                                "--quant_target_modules", "attention_typo"))
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
+    with pytest.raises(PermissionError, match=r"--publish_dir .*ro/pub cannot be written"):
+        run_glue.main(glue_args(tmp_path / "out", "--do_train", "--publish_dir", str(read_only / "pub")))
+
+
 def test_run_glue_head_with_other_label_count(tmp_path, no_training):
     from transformers import BertForSequenceClassification
 
@@ -271,6 +340,23 @@ def test_run_glue_head_with_other_label_count(tmp_path, no_training):
         run_glue.main(glue_args(tmp_path / "out2", "--do_train", "--config_overrides", "num_labels=3",
                                 model=("--model_type", "mobilebert", "--tokenizer_name", MINILM)))
     assert not (tmp_path / "out" / "trainer_state.json").exists()
+
+
+def test_run_glue_refuses_a_publish_dir_it_would_destroy_before_training(tmp_path, no_training):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    for publish, message in ((out, "is the run's --output_dir"), (tmp_path, "contains the run's --output_dir"),
+                             (out / "checkpoint-2" / "pub", "inside the checkpoint folder"),
+                             (other, "holds files that hf_r2 did not write")):
+        with pytest.raises(ValueError, match=message):
+            run_glue.main(glue_args(out, "--do_train", "--publish_dir", str(publish)))
+    assert (other / "thesis.tex").read_text() == "years of work"
+    assert (out / "checkpoint-2" / "trainer_state.json").read_text() == "{}"
 
 
 # ------------------------------------------------------------------------------------------ run_image_classification
@@ -296,6 +382,15 @@ def test_digits_imagefolder_is_the_whole_set(digits):
     assert sorted(p.name for p in train.iterdir()) == [str(i) for i in range(10)]
     image = Image.open(next(train.rglob("*.png")))
     assert image.size == (8, 8) and image.mode == "L"
+
+
+def test_digits_imagefolder_never_replaces_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.png").write_bytes(b"not really")
+    with pytest.raises(ValueError, match="photos exists and was not written by write_digits_imagefolder"):
+        run_ic.write_digits_imagefolder(tmp_path / "photos")
+    assert (tmp_path / "photos" / "cat.png").read_bytes() == b"not really"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 
 @pytest.fixture(scope="module")
@@ -349,6 +444,18 @@ def test_run_image_classification_mobilenet_v2_with_lsq(digits, tmp_path):
     assert np.isfinite(metrics["eval_loss"])
 
 
+def test_run_image_classification_refuses_a_class_without_training_images(digits, tmp_path, no_training):
+    train, validation = digits
+    for split, source, classes in (("train", train, "01"), ("validation", validation, "012")):
+        for c in classes:
+            shutil.copytree(source / c, tmp_path / split / c)
+    args = ic_args(tmp_path / "out", digits, "--do_train", "--do_eval", "--max_train_samples", "400")
+    args[args.index("--train_dir") + 1] = str(tmp_path / "train")
+    args[args.index("--validation_dir") + 1] = str(tmp_path / "validation")
+    with pytest.raises(ValueError, match=r"validation images hold class\(es\) \['2'\] that no training image has"):
+        run_ic.main(args)
+
+
 def test_run_image_classification_bad_input(digits, tmp_path, no_training):
     with pytest.raises(ValueError, match="--do_predict is not supported"):
         run_ic.main(ic_args(tmp_path, digits, "--do_predict"))
@@ -364,6 +471,13 @@ def test_run_image_classification_bad_input(digits, tmp_path, no_training):
     with pytest.raises(ValueError, match="reference .* has other layers than the model"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train", "--publish_dir", str(tmp_path / "pub"),
                             "--card_reference_model", str(tmp_path / "other")))
+    with pytest.raises(ValueError, match="is the run's --output_dir"):
+        run_ic.main(ic_args(tmp_path, digits, "--do_train", "--publish_dir", str(tmp_path)))
+    (tmp_path / "empty" / "0").mkdir(parents=True)
+    args = ic_args(tmp_path, digits, "--do_train")
+    args[args.index("--train_dir") + 1] = str(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"--train_dir .*empty' holds no images"):
+        run_ic.main(args)
     with pytest.raises(ValueError, match=r"keys \['depth'\] are not attributes of ResNetConfig"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train", model=("--model_type", "resnet", "--config_overrides",
                                                                     "depth=3")))
@@ -395,3 +509,16 @@ def test_run_glue_two_processes_match_one(tmp_path):
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
     for key in ("r2_loss", "task_loss"):
         assert log_values(tmp_path / "two", key) == pytest.approx(log_values(tmp_path / "one", key), rel=1e-5)
+
+
+def test_run_glue_ewgs_updates_its_delta_and_r2_during_compression_is_explicit(tmp_path):
+    """Issue 10.3: the scripts never attached EWGS's delta-updating callback (delta stayed at its start, 1e-3), and
+    --r2_type with a compression that trains kept R² on silently."""
+    run_glue.main(glue_args(
+        tmp_path / "ewgs", "--do_train", "--max_steps", "2", "--quant_method", "ewgs", "--w_bits", "4", "--a_bits", "4",
+    ))
+    with safe_open(tmp_path / "ewgs" / "model.safetensors", framework="pt") as f:
+        deltas = [float(f.get_tensor(k)) for k in f.keys() if k.endswith("ewgs_delta_state")]
+    assert deltas and all(d != pytest.approx(1e-3, rel=1e-6) for d in deltas), deltas
+    with pytest.raises(ValueError, match="--r2_type linf with --dkm_bits 2 would keep R² on.*--r2_during_compression"):
+        run_glue.main(glue_args(tmp_path / "dkm", "--do_train", "--r2_type", "linf", "--dkm_bits", "2"))

@@ -2,6 +2,10 @@
 
 import base64
 import json
+import os
+import stat
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -120,13 +124,13 @@ def test_r2_info_lists_only_the_settings_the_type_uses(tmp_path):
         return hub.r2_info_from_args(R2TrainingArguments(output_dir=str(tmp_path), learning_rate=2e-5, **kwargs))
 
     smm = info(r2_type="soft_min_max")
-    assert smm["r2_alpha_init"] == 0.1 and "r2_margin_init_std" not in smm
+    assert smm["r2_alpha_init"] == 4.0 and "r2_margin_init_std" not in smm  # scale-free default
     assert smm["r2_learning_rate"] == 1e-2  # the per-type default it trained with, not a missing entry
     margin = info(r2_type="margin", r2_learning_rate=1e-3)
     assert margin["r2_margin_init_std"] == 2.0 and "r2_alpha_init" not in margin
     assert margin["r2_learning_rate"] == 1e-3
     linf = info(r2_type="linf", r2_weight=0.05)
-    assert linf == {"r2_cluster_dim": 1, "r2_type": "linf", "r2_weight": 0.05}
+    assert linf == {"r2_cluster_dim": 1, "r2_mode": "loss", "r2_type": "linf", "r2_weight": 0.05}
     assert info(r2_type="none") is None
 
 
@@ -186,7 +190,7 @@ def test_publish_folder_loads_back_identically_without_regularizer_params(traine
         reference_weights=start_weights, reference_ranges=start, verify_inputs=inputs(),
     )
     files = sorted(p.name for p in folder.iterdir())
-    assert files == ["README.md", "config.json", "model.safetensors", HISTOGRAM_FILE]
+    assert files == [hub.PUBLISH_MARKER, "README.md", "config.json", "model.safetensors", HISTOGRAM_FILE]
     assert [p.name for p in tmp_path.iterdir()] == ["publish"]  # the temporary folder was renamed away
 
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
@@ -311,7 +315,7 @@ def test_push_uploads_exactly_the_prepared_folder_to_a_local_hub(trained, tmp_pa
     created = fake.created[0]
     assert (created["organization"], created["name"], created["visibility"]) == ("me", "tiny-r2", "private")
     assert fake.commits == [("me/tiny-r2", "Upload R² model")]
-    assert fake.files == {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert fake.files == {p.name: p.read_bytes() for p in folder.iterdir() if p.name != hub.PUBLISH_MARKER}
     assert commit.oid == "a" * 40
 
 
@@ -339,3 +343,178 @@ def test_push_calls_the_api_with_the_folder(tmp_path):
     assert calls[1][1]["repo_id"] == "org/tiny" and Path(calls[1][1]["folder_path"]) == folder
     with pytest.raises(ValueError, match="repo_id must look like"):
         push_folder(folder, "a/b/c", api=RecordingApi())
+
+
+# -------------------------------------------------------------------------- what a publish folder may replace
+def user_files(folder):
+    """A folder of the user's own files, as `{relative path: bytes}` after writing them."""
+    files = {"notes.txt": b"my notes", "data/train.jsonl": b'{"a": 1}\n'}
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return files
+
+
+def assert_files_survive(folder, files):
+    for name, data in files.items():
+        assert (folder / name).read_bytes() == data, name
+
+
+def test_publish_refuses_a_folder_holding_other_files_and_keeps_them(tmp_path):
+    folder = tmp_path / "mine"
+    files = user_files(folder)
+    with pytest.raises(ValueError, match=r"mine already exists and holds files that hf_r2 did not write .*data, "
+                                         r"notes.txt; no \.hf_r2_publish\.json"):
+        prepare_publish_folder(tiny_bert(), folder, histogram_layers=0)
+    assert_files_survive(folder, files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left either
+
+
+def test_publish_refuses_the_output_dir_a_folder_containing_it_and_a_checkpoint_folder(tmp_path):
+    out = tmp_path / "runs" / "run1"
+    files = user_files(out)
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ValueError, match="is the run's --output_dir"):
+        hub.check_publish_dir(out, output_dir=out, name="--publish_dir")
+    with pytest.raises(ValueError, match=r"contains the run's --output_dir"):
+        hub.check_publish_dir(tmp_path / "runs", output_dir=out)
+    with pytest.raises(ValueError, match=r"contains the run's --output_dir"):
+        hub.check_publish_dir(tmp_path, output_dir=str(out / ".." / "run1"))  # spelled differently, same folder
+    with pytest.raises(ValueError, match="inside the checkpoint folder .*checkpoint-4"):
+        hub.check_publish_dir(out / "checkpoint-4" / "pub", output_dir=out)
+    assert hub.check_publish_dir(out / "publish", output_dir=out) == out / "publish"  # the default is fine
+    assert_files_survive(out, files)
+    assert (out / "checkpoint-4" / "trainer_state.json").read_text() == "{}"
+
+
+def test_publish_replaces_its_own_folder_but_not_files_added_to_it(tmp_path):
+    folder = prepare_publish_folder(tiny_bert(0), tmp_path / "pub", histogram_layers=0)
+    assert hub.is_publish_folder(folder)
+    marker = json.loads((folder / hub.PUBLISH_MARKER).read_text())
+    assert marker["files"] == ["README.md", "config.json", "model.safetensors"]
+    prepare_publish_folder(tiny_bert(1), folder, histogram_layers=0)  # its own folder: replaced
+    loaded = BertForSequenceClassification.from_pretrained(folder)
+    assert all(torch.equal(v, tiny_bert(1).state_dict()[k]) for k, v in loaded.state_dict().items())
+
+    (folder / "my_results.csv").write_text("keep me")
+    with pytest.raises(ValueError, match=r"also holds \['my_results.csv'\], which hf_r2 did not write"):
+        prepare_publish_folder(tiny_bert(2), folder, histogram_layers=0)
+    assert (folder / "my_results.csv").read_text() == "keep me"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert hub.is_publish_folder(prepare_publish_folder(tiny_bert(0), empty, histogram_layers=0))
+
+
+def test_publish_refuses_a_file_a_symlink_and_an_unwritable_place(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        hub.check_publish_dir(tmp_path / "file")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        hub.check_publish_dir(tmp_path / "link")
+    # Root may write anywhere, so the read-only case is simulated at the permission check itself.
+    read_only = {tmp_path / "ro"}
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) not in read_only and real_access(p, mode))
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(PermissionError, match=r"ro/new/pub cannot be written: .*ro is not a writable folder"):
+        hub.check_publish_dir(tmp_path / "ro" / "new" / "pub")
+    with pytest.raises(PermissionError, match="ro is not writable"):
+        hub.check_publish_dir(tmp_path / "ro")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_publish_refuses_a_read_only_parent(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    try:
+        with pytest.raises(PermissionError, match="not a writable folder"):
+            hub.check_publish_dir(tmp_path / "ro" / "pub")
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+
+
+def dead_pid():
+    """The id of a process that has exited (reused ids are possible but not within this test)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_publish_swap_killed_between_its_renames_is_recovered(tmp_path):
+    folder = prepare_publish_folder(tiny_bert(0), tmp_path / "pub", histogram_layers=0)
+    before = (folder / "model.safetensors").read_bytes()
+    # The state `replace_dir` leaves when killed between renaming the old folder aside and the new one into place,
+    # plus the half-built temporary folder of that killed run.
+    pid = dead_pid()
+    os.replace(folder, tmp_path / f".pub.old-{pid}")
+    half = tmp_path / f".pub.tmp-{pid}-0123456789ab"
+    half.mkdir()
+    hub._write_marker(half)
+    mine = tmp_path / f".pub.tmp-{pid}-ba9876543210"  # same name shape, not hf_r2's: never touched
+    mine.mkdir()
+    assert not folder.exists()
+
+    hub.check_publish_dir(folder)  # what the scripts call before training
+    assert (folder / "model.safetensors").read_bytes() == before
+    prepare_publish_folder(tiny_bert(1), folder, histogram_layers=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "pub"]
+
+
+def test_a_stale_backup_next_to_a_complete_publish_folder_is_removed(tmp_path):
+    # Killed after the second rename: the new folder is in place, the old one still aside.
+    folder = prepare_publish_folder(tiny_bert(0), tmp_path / "pub", histogram_layers=0)
+    old = prepare_publish_folder(tiny_bert(1), tmp_path / "old", histogram_layers=0)
+    backup = tmp_path / f".pub.old-{dead_pid()}"
+    os.replace(old, backup)
+    hub.check_publish_dir(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pub"]
+    # Next to a folder hf_r2 did not make (here: one created by hand after the kill), the backup is kept.
+    prepare_publish_folder(tiny_bert(1), tmp_path / "old", histogram_layers=0)
+    os.replace(tmp_path / "old", backup)
+    (tmp_path / "other").mkdir()
+    os.replace(backup, tmp_path / f".other.old-{dead_pid()}")
+    hub.check_publish_dir(tmp_path / "other")
+    assert len(list(tmp_path.glob(".other.old-*"))) == 1
+
+
+def test_publish_folder_gets_the_usual_permissions(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    folder = prepare_publish_folder(tiny_bert(), tmp_path / "pub", histogram_layers=0)
+    assert stat.S_IMODE(folder.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    old_umask = os.umask(0o027)
+    try:
+        folder = prepare_publish_folder(tiny_bert(), tmp_path / "pub", histogram_layers=0)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+
+
+def test_published_files_hold_no_absolute_local_path(tmp_path):
+    base = tmp_path / "models" / "my-base-model"
+    tiny_bert().save_pretrained(base)
+    data = tmp_path / "data" / "qnli" / "train.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text("{}\n")
+    model = BertForSequenceClassification.from_pretrained(base)
+    folder = prepare_publish_folder(model, tmp_path / "pub", base_model=str(base), dataset=str(data),
+                                    metrics={"eval_accuracy": 0.5})
+    text = (folder / "README.md").read_text()
+    assert "from the local checkpoint `my-base-model`" in text and "on the local data `qnli/train.jsonl`" in text
+    meta = read_card_metadata(folder)
+    assert "base_model" not in meta and "datasets" not in meta
+    for path in folder.iterdir():
+        content = path.read_bytes()
+        for needle in (str(tmp_path), str(tmp_path.resolve()), os.path.expanduser("~") + "/"):
+            assert needle.encode() not in content, (path.name, needle)
+
+
+def test_card_names_a_hub_cache_folder_by_its_hub_id(tmp_path):
+    cached = tmp_path / "hub" / "models--google--mobilebert-uncased" / "snapshots" / "abc123"
+    cached.mkdir(parents=True)
+    card = str(build_model_card(model_name="x", base_model=str(cached), dataset="glue"))
+    assert "from `google/mobilebert-uncased`" in card and str(tmp_path) not in card
+    assert "base_model: google/mobilebert-uncased" in card and "- glue" in card

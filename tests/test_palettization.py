@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
 from transformers import MobileBertConfig, MobileBertForSequenceClassification
@@ -287,10 +288,90 @@ def test_bad_layers_are_clear_errors_and_change_nothing():
         palettize(model, DKMConfig(n_bits=2, target_modules=["0"]))
     tied = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8, bias=False))
     tied[1].weight = tied[0].weight
-    with pytest.raises(ValueError, match="1.weight is tied to 0.weight"):
+    with pytest.raises(ValueError, match=r"0.weight = 1.weight are one tensor.*exclude_modules=\['0', '1'\]"):
         palettize(tied, DKMConfig(n_bits=1))
+    assert type(tied[0]) is nn.Embedding and type(tied[1]) is nn.Linear
     with pytest.raises(ValueError, match="no DKM layer"):
         finalize(nn.Sequential(nn.Linear(2, 2)))
+
+
+def _tiny_gpt2_lm(**kwargs):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+                        eos_token_id=0, **kwargs)
+    return GPT2LMHeadModel(config)
+
+
+def _tiny_bert_mlm():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                        vocab_size=64, max_position_embeddings=16)
+    return BertForMaskedLM(config)
+
+
+@pytest.mark.parametrize(
+    "build, embedding, head",
+    [(_tiny_gpt2_lm, "transformer.wte", "lm_head"), (_tiny_bert_mlm, "bert.embeddings.word_embeddings",
+                                                     "cls.predictions.decoder")],
+)
+def test_tied_embeddings_are_refused_at_palettize_naming_them(build, embedding, head):
+    """Issue 15.2: a tied LM head used to pass `palettize` (head excluded) and lose the trained model at finalize."""
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for exclude in (None, [head]):  # excluding only the head leaves the tied embedding palettized: still refused
+        with pytest.raises(ValueError, match=rf"palettize: tied weights.*{head}.weight.*are one tensor.*"
+                                             rf"exclude_modules=.*'{embedding}'.*tie_word_embeddings"):
+            palettize(model, DKMConfig(n_bits=2, exclude_modules=exclude))
+        assert not dkm_layers(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    palettize(model, DKMConfig(n_bits=2, exclude_modules=[embedding, head]))  # the documented fix works
+    assert embedding not in dkm_layers(model) and head not in dkm_layers(model)
+
+
+def test_finalize_validates_everything_before_changing_anything(tmp_path):
+    """A finalize refusal (here a tie made after palettize) must leave the trained DKM model intact and finalizable."""
+    from transformers import GPT2LMHeadModel
+
+    import hf_r2.palettization.quantizer  # noqa: F401  (registers the loader)
+
+    model = _tiny_gpt2_lm(tie_word_embeddings=False)
+    palettize(model, DKMConfig(n_bits=2, exclude_modules=["lm_head"]))
+    model.train()
+    model(torch.randint(0, 64, (2, 8)))  # one training forward: centroids move
+    centroids = {n: m.centroids.clone() for n, m in dkm_layers(model).items()}
+    model.lm_head.weight = model.transformer.wte.weight  # e.g. a `tie_weights()` call after palettize
+    with pytest.raises(ValueError, match=r"finalize: tied weights.*lm_head.weight = transformer.wte.weight.*"
+                                         r"Nothing was changed"):
+        finalize(model)
+    layers = dkm_layers(model)
+    assert set(layers) == set(centroids) and not palettized_modules(model)
+    assert all(torch.equal(layers[n].centroids, c) for n, c in centroids.items())
+    assert getattr(model.config, "quantization_config", None) is None
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # the advised fix
+    model.eval()
+    ids = torch.randint(0, 64, (2, 8))
+    expected = model(ids).logits
+    finalize(model)
+    assert set(palettized_modules(model)) == set(centroids)
+    for name, c in centroids.items():  # the trained centroids are the LUTs
+        torch.testing.assert_close(palettized_modules(model)[name].weight_lut.float(), c, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_palettize_refuses_non_finite_weights_naming_the_layer():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+        model[1].weight[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"1.weight holds 2 NaN/Inf value\(s\).*exclude_modules=\['1'\]"):
+        palettize(model, DKMConfig(n_bits=2))
+    assert type(model[0]) is nn.Linear
 
 
 # ---- end to end through the Trainer ----
@@ -362,6 +443,31 @@ def test_bfloat16_weights_train_and_finalize(backend):
     assert model[0].weight.dtype == torch.bfloat16 and torch.unique(model[0].weight).numel() <= 4
 
 
+@pytest.mark.parametrize("backend,cluster_dim", [("grid", 1), ("exact", 1), ("exact", 2)])
+def test_dkm_trains_under_bfloat16_autocast_with_float32_clustering(backend, cluster_dim):
+    """Issue 15.11: `--bf16` (CPU autocast) crashed at the first DKM step ("mat1 and mat2 must have the same dtype").
+    The clustering must run in float32 inside autocast: its centroids equal those of a float32 step."""
+    results = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8))
+        palettize(model, DKMConfig(n_bits=2, cluster_dim=cluster_dim, backend=backend, grid_size=256))
+        x = torch.randn(4, 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+            soft = model[0].soft_weight(update=False)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert soft.dtype == torch.float32  # the clustering itself never runs in half precision
+        out.float().square().sum().backward()
+        results.append((soft.detach(), model[0].centroids.clone(), model[0].weight.grad.clone(), out.detach()))
+    (soft32, c32, g32, o32), (soft16, c16, g16, o16) = results
+    torch.testing.assert_close(c16, c32, rtol=1e-6, atol=1e-7)  # float32 clustering in both runs
+    torch.testing.assert_close(soft16, soft32, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(o16.float(), o32, rtol=0.05, atol=0.05)  # bf16 matmuls around it
+    cosine = F.cosine_similarity(g16.reshape(-1), g32.reshape(-1), dim=0)
+    assert cosine > 0.99, cosine
+
+
 def test_dkm_benchmark_refuses_non_positive_steps_and_threads():
     # argparse refuses them before any worker starts (0 steps had no median; 0 threads failed in every worker).
     import subprocess
@@ -373,3 +479,87 @@ def test_dkm_benchmark_refuses_non_positive_steps_and_threads():
         proc = subprocess.run([sys.executable, str(script), flag, value], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert f"argument {flag}: must be an integer >= 1, got '{value}'" in proc.stderr
+
+
+# ---- issue 15.5: transformers Conv1D (GPT-2) is palettized; nn.MultiheadAttention is refused, not skipped ----
+
+
+@pytest.mark.parametrize("cluster_dim", [1, 2])
+def test_conv1d_trains_and_finalizes_like_the_linear_with_the_transposed_weight(cluster_dim):
+    """Conv1D stores its weight (in, out): vectors must run along its output channels, as for the same nn.Linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    from hf_r2.palettization import DKMConv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(8, 6)
+    linear = nn.Linear(6, 8)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    conv_model, linear_model = nn.Sequential(conv), nn.Sequential(linear)
+    config = DKMConfig(n_bits=2, cluster_dim=cluster_dim, backend="exact")
+    for model in (conv_model, linear_model):
+        palettize(model, config)
+    assert isinstance(conv_model[0], DKMConv1D)
+    torch.testing.assert_close(conv_model[0].centroids, linear_model[0].centroids, rtol=1e-6, atol=1e-8)
+    x = torch.randn(3, 4, 6)
+    conv_out, linear_out = conv_model(x), linear_model(x)  # training mode: soft-clustered weights
+    torch.testing.assert_close(conv_out, linear_out, rtol=1e-5, atol=1e-6)
+    conv_out.square().sum().backward()
+    linear_out.square().sum().backward()
+    torch.testing.assert_close(conv.weight.grad, linear.weight.grad.t(), rtol=1e-5, atol=1e-7)
+    finalize(conv_model, compress=False)
+    finalize(linear_model, compress=False)
+    assert type(conv_model[0]) is Conv1D
+    torch.testing.assert_close(conv_model[0].weight, linear_model[0].weight.t(), rtol=1e-6, atol=1e-8)
+    vectors = weight_to_vectors(conv_model[0].weight.t(), cluster_dim)
+    assert len(vectors.unique(dim=0)) <= 4  # at most 2**2 distinct output-channel vectors
+
+
+def test_gpt2_palettizes_every_conv1d_and_round_trips(tmp_path):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    import hf_r2.palettization.quantizer  # noqa: F401  (registers the loader)
+    from hf_r2.palettization import PalettizedConv1D
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        num_labels=2,
+    ))
+    palettize(model, DKMConfig(n_bits=2, cluster_dim=2, exclude_modules=["score"]))
+    ids = torch.randint(1, 64, (2, 8))
+    model.train()
+    model(ids)
+    model.eval()
+    finalize(model)
+    conv1d = [n for n, m in model.named_modules() if isinstance(m, PalettizedConv1D)]
+    assert conv1d == [f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = GPT2ForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert [n for n, m in loaded.named_modules() if isinstance(m, PalettizedConv1D)] == conv1d
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_multihead_attention_is_refused_loudly():
+    model = nn.Sequential()
+    model.add_module("attn", nn.MultiheadAttention(8, 2))
+    model.add_module("head", nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"cannot compress nn.MultiheadAttention \['attn'\].*exclude_modules="
+                                         r"\['attn'\]"):
+        palettize(model, DKMConfig(n_bits=2))
+    palettize(model, DKMConfig(n_bits=2, exclude_modules=["attn"]))
+    assert list(dkm_layers(model)) == ["head"]
+
+
+def test_finalize_refuses_diverged_centroids_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    palettize(model, DKMConfig(n_bits=2))
+    with torch.no_grad():
+        model[1].centroids[0] = float("nan")
+    first = model[0].centroids.clone()
+    with pytest.raises(ValueError, match="DKM layer '1' has non-finite centroids.*nothing was finalized"):
+        finalize(model, compress=False)
+    assert isinstance(model[0], DKMLinear) and torch.equal(model[0].centroids, first)  # layer 0 was not converted

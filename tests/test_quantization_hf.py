@@ -106,3 +106,203 @@ def test_without_the_quantization_config_loading_fails_instead_of_random_weights
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match="size mismatch|mismatch"):
         BertForSequenceClassification.from_pretrained(tmp_path)
+
+
+# ---- issue 15.3: checkpoints that saved but did not load now either load or are refused before anything changes ----
+
+
+def _tiny_gpt2_lm(**kwargs):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0,
+                        **kwargs)
+    return GPT2LMHeadModel(config)
+
+
+def _save_and_reload(model, tmp_path):
+    model.eval()
+    with torch.no_grad():
+        expected = model(**BATCH).logits
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**BATCH).logits, expected, rtol=1e-5, atol=1e-5)
+    return loaded
+
+
+def test_palettized_model_is_refused_by_quantize_and_its_dequantized_form_round_trips(tmp_path):
+    """DKM run, then PTQ of its output: PTQ overwrote the palettization config and the checkpoint did not load."""
+    from hf_r2.palettization import DKMConfig, palettize, unpalettize
+    from hf_r2.palettization import finalize as dkm_finalize
+
+    model = palettize(_tiny_bert(), DKMConfig(n_bits=2, exclude_modules=["classifier"]))
+    dkm_finalize(model)
+    model.save_pretrained(tmp_path / "dkm")
+    palettized = BertForSequenceClassification.from_pretrained(tmp_path / "dkm")
+    config = get_quantization_config("ptq", w_bits=4)
+    with pytest.raises(ValueError, match=r"already compressed \('hf_r2_palettization', e.g. palettized layer "
+                                         r"'bert.embeddings.word_embeddings'\).*unpalettize"):
+        quantize(palettized, config)
+    assert not any(isinstance(m, QuantizedLinear) for m in palettized.modules())
+    unpalettize(palettized)  # the advised way: plain layers holding the palettized values
+    finalize(quantize(palettized, config))
+    loaded = _save_and_reload(palettized, tmp_path / "ptq")
+    assert isinstance(loaded.classifier, QuantizedLinear)
+
+
+def test_tied_lm_head_is_refused_by_quantize_and_untied_one_round_trips(tmp_path):
+    """GPT-2 LM after PTQ failed to load with "`weight` is not an nn.Parameter" (the quantized head was tied)."""
+    from transformers import GPT2LMHeadModel
+
+    model = _tiny_gpt2_lm()
+    with pytest.raises(ValueError, match=r"tied weights \(lm_head.weight = transformer.wte.weight.*"
+                                         r"exclude_modules=\['lm_head'\]"):
+        quantize(model, get_quantization_config("ptq", w_bits=4))
+    assert type(model.lm_head) is torch.nn.Linear
+    untied = _tiny_gpt2_lm(tie_word_embeddings=False)
+    finalize(quantize(untied, get_quantization_config("ptq", w_bits=4, target_modules=["lm_head"])))
+    loaded = _save_and_reload(untied, tmp_path)
+    assert isinstance(loaded, GPT2LMHeadModel) and isinstance(loaded.lm_head, QuantizedLinear)
+
+
+def test_non_finite_weights_are_refused_at_quantize_and_at_finalize():
+    """PTQ of a model holding an inf weight saved a checkpoint that was then refused as corrupt."""
+    model = _tiny_bert()
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"classifier.weight holds 1 NaN/Inf value\(s\).*exclude_modules="
+                                         r"\['classifier'\]"):
+        quantize(model, get_quantization_config("ptq", w_bits=4))
+    assert type(model.classifier) is torch.nn.Linear
+    # A weight that turns non-finite during QAT is caught at finalize, before any layer is replaced.
+    model = quantize(_tiny_bert(), get_quantization_config("lsq", w_bits=4))
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"classifier.weight holds NaN/Inf values.*Nothing was finalized"):
+        finalize(model)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert getattr(model.config, "quantization_config", None) is None
+
+
+# ---- issue 15.5: transformers Conv1D (GPT-2) is quantized; nn.MultiheadAttention is refused, not silently skipped ----
+
+
+@pytest.mark.parametrize("method,kwargs", [("ptq", {"w_bits": 4, "a_bits": 8}), ("lsq", {"w_bits": 3, "a_bits": 4})])
+def test_conv1d_is_quantized_like_the_linear_with_the_transposed_weight(method, kwargs):
+    """Conv1D is nn.Linear with its weight stored (in, out): per-channel scales must run along the output channels."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(6, 5)
+    with torch.no_grad():
+        conv.weight.mul_(torch.logspace(-1, 1, 6))  # very different output-channel ranges: per-channel matters
+        conv.bias.normal_()
+    linear = torch.nn.Linear(5, 6)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    conv_model, linear_model = torch.nn.Sequential(conv), torch.nn.Sequential(linear)
+    x = torch.randn(3, 4, 5)
+    for model in (conv_model, linear_model):
+        quantize(model, get_quantization_config(method, **kwargs))
+        calibrate(model, [x])
+    torch.testing.assert_close(conv_model(x), linear_model(x), rtol=1e-5, atol=1e-5)
+    finalize(conv_model)
+    finalize(linear_model)
+    from hf_r2.quantization import QuantizedConv1D
+
+    assert isinstance(conv_model[0], QuantizedConv1D)
+    assert torch.equal(conv_model[0].weight_int, linear_model[0].weight_int)  # integer codes: exact
+    torch.testing.assert_close(conv_model[0].weight, linear_model[0].weight.t(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(conv_model(x), linear_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_ptq_quantizes_every_conv1d_and_round_trips(tmp_path):
+    """GPT-2 with PTQ used to quantize only `score` (every Conv1D was skipped), and the card claimed PTQ anyway."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from hf_r2.arguments import compressed_summary
+    from hf_r2.quantization import QuantizedConv1D
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        num_labels=2,
+    ))
+    finalize(quantize(model, get_quantization_config("ptq", w_bits=2)))
+    conv1d = [n for n, m in model.named_modules() if isinstance(m, QuantizedConv1D)]
+    assert conv1d == [f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    summary = compressed_summary(model)
+    # 16*48 + 16*16 + 16*64 + 64*16 (Conv1D) + 16*2 (score) compressed, of those plus wte 50*16 and wpe 16*16.
+    assert summary["compressed_layers"] == 5
+    assert summary["compressed_weights"] == "3,104 of 4,160 (74.6 %)"
+    loaded = _save_and_reload(model, tmp_path)
+    assert [n for n, m in loaded.named_modules() if isinstance(m, QuantizedConv1D)] == conv1d
+
+
+class _WithMultiheadAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x)[0])
+
+
+def test_multihead_attention_is_refused_loudly_and_excluding_it_works():
+    """MHA never calls out_proj.forward (it was counted as quantized but ran in full precision)."""
+    from hf_r2.quantization import quantized_layers
+
+    model = _WithMultiheadAttention()
+    with pytest.raises(ValueError, match=r"cannot compress nn.MultiheadAttention \['attn'\].*exclude_modules="
+                                         r"\['attn'\]"):
+        quantize(model, get_quantization_config("lsq", w_bits=4))
+    assert type(model.attn.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+    quantize(model, get_quantization_config("lsq", w_bits=4, exclude_modules=["attn"]))
+    assert list(quantized_layers(model)) == ["head"]
+
+
+# ---- issue 15.8: activation quantizers finalized before any batch are refused, or calibrated by the scripts ----
+
+
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [("lsq", {"w_bits": 4, "a_bits": 4}), ("ewgs", {"w_bits": 4, "a_bits": 4}), ("pact", {"w_bits": 4, "a_bits": 4})],
+)
+def test_finalize_refuses_activation_quantizers_that_saw_no_batch(method, kwargs):
+    model = quantize(_tiny_bert(), get_quantization_config(method, **kwargs))
+    with pytest.raises(ValueError, match=r"input quantizers of \d+ layer\(s\), e.g. \['bert.encoder.layer.0.attention"
+                                         r".*have seen no batch.*calibrate.*Nothing was finalized"):
+        finalize(model)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    calibrate(model, [BATCH])
+    finalize(model)  # once calibrated it finalizes
+    # PACT with an explicit sign needs no batch: its clipping level is a parameter that starts at alpha_init.
+    finalize(quantize(_tiny_bert(), get_quantization_config("pact", w_bits=4, a_bits=4, a_signed=True)))
+
+
+def test_scripts_calibrate_untrained_activation_quantizers_on_the_given_batches(tmp_path):
+    """`--quant_method lsq --a_bits 4 --do_eval` without training saved step sizes that the first batch after loading
+    set, so two loads of one checkpoint disagreed (0.009 in logits)."""
+    from transformers import HfArgumentParser
+
+    from hf_r2.arguments import CompressionArguments
+
+    (compression,) = HfArgumentParser(CompressionArguments).parse_args_into_dataclasses(
+        ["--quant_method", "lsq", "--w_bits", "4", "--a_bits", "4"]
+    )
+    model = compression.apply(_tiny_bert().eval())
+    seen = {}  # the classifier's input during calibration (earlier layers already quantized)
+    model.classifier.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
+    model = compression.finalize(model, calibration_batches=[BATCH])
+    # LSQ's initial step, 2 mean|x| / sqrt(Q_P), from the given batch (the classifier's input is signed: Q_P = 7).
+    expected_step = 2 * seen["x"].abs().mean() / 7**0.5
+    torch.testing.assert_close(model.classifier.input_quantizer.step.detach(), expected_step, rtol=1e-5, atol=1e-7)
+    model.save_pretrained(tmp_path)
+    other = {"input_ids": torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(5))}
+    first, second = (BertForSequenceClassification.from_pretrained(tmp_path).eval() for _ in range(2))
+    with torch.no_grad():
+        first(**other)  # another batch first: must not set anything
+        torch.testing.assert_close(first(**BATCH).logits, second(**BATCH).logits, rtol=1e-5, atol=1e-6)

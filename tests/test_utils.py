@@ -1,4 +1,7 @@
 import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,6 +10,9 @@ from torch import nn
 from hf_r2.utils import (
     atomic_path,
     check_cluster_dim,
+    make_temp_dir_beside,
+    recover_replaced_dir,
+    remove_stale_temp_dirs,
     replace_dir,
     select_modules,
     vectors_to_weight,
@@ -114,6 +120,47 @@ def test_replace_dir_swaps_in_the_new_folder_and_restores_the_old_one_on_failure
     with pytest.raises(OSError, match="disk full"):
         replace_dir(newer, folder)
     assert (folder / "new.txt").read_text() == "new"  # the previous folder is back
+
+
+def exited_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_replace_dir_killed_between_its_renames_is_recovered(tmp_path):
+    folder = tmp_path / "data"
+    pid = exited_pid()
+    stranded = tmp_path / f".data.old-{pid}"  # the old folder, renamed aside; the new one never arrived
+    stranded.mkdir()
+    (stranded / "old.txt").write_text("old")
+    running = tmp_path / f".data.old-{os.getpid()}"  # a swap of a live process (this one) is left alone
+    running.mkdir()
+    assert recover_replaced_dir(folder) == stranded
+    assert (folder / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "data"]
+
+    # Killed after the second rename: the folder is complete, the old one aside is removed.
+    stale = tmp_path / f".data.old-{pid}"
+    stale.mkdir()
+    assert recover_replaced_dir(folder) is None
+    assert not stale.exists() and (folder / "old.txt").exists()
+
+    # `owned` guards what is touched.
+    stale.mkdir()
+    assert recover_replaced_dir(folder, owned=lambda p: False) is None and stale.exists()
+
+
+def test_temp_dirs_beside_a_target_get_the_umask_and_stale_ones_are_removed(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    tmp = make_temp_dir_beside(tmp_path / "out")
+    assert tmp.parent == tmp_path and tmp.name.startswith(f".out.tmp-{os.getpid()}-")
+    assert stat.S_IMODE(tmp.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)  # not mkdtemp's 0700
+    left = tmp_path / f".out.tmp-{exited_pid()}-00ff00ff00ff"
+    left.mkdir()
+    assert remove_stale_temp_dirs(tmp_path / "out") == [left]
+    assert tmp.exists() and not left.exists()  # this process's own temporary folder is in use
 
 
 def test_hf_quantization_methods_are_registered_once_on_import():

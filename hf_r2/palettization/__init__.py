@@ -12,6 +12,7 @@ Example:
 """
 
 from .compressed import (
+    PalettizedConv1D,
     PalettizedConv2d,
     PalettizedEmbedding,
     PalettizedLinear,
@@ -22,16 +23,18 @@ from .compressed import (
 )
 from .config import DKMConfig
 from .functional import dkm_exact, dkm_grid, kmeans, nearest_centroid, soft_assignment
-from .layers import DKMConv2d, DKMEmbedding, DKMLayerMixin, DKMLinear
+from .layers import DKMConv1D, DKMConv2d, DKMEmbedding, DKMLayerMixin, DKMLinear
 from .model import dkm_layers, finalize, palettize
 from .serialization import PalettizedSizeReport, palettized_size_report, save_palettized
 
 __all__ = [
     "DKMConfig",
+    "DKMConv1D",
     "DKMConv2d",
     "DKMEmbedding",
     "DKMLayerMixin",
     "DKMLinear",
+    "PalettizedConv1D",
     "PalettizedConv2d",
     "PalettizedEmbedding",
     "PalettizedLinear",

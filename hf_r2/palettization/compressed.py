@@ -14,7 +14,12 @@ forward pass is the parent class's own (`nn.Linear.forward`, ...) and costs noth
 That makes `save_pretrained` write the compact form, and makes any loader that does not know the format (transformers
 without `import hf_r2`, a plain `nn.Linear`) fail with a shape mismatch instead of loading random weights.
 
-Bit layout of the packed indices (format version 1): the indices form one little-endian bit stream; index `i` occupies
+Format version 2 adds, per layer, `weight_checksum` (persistent `int64` buffer of 3 entries, `palettized_checksum`):
+CRC-32s of the packed index bytes and of the LUT, written at save time and verified on load, so a flipped bit in
+either is refused instead of loading as a slightly different model. Version 1 checkpoints (no checksum) still load,
+without that check.
+
+Bit layout of the packed indices (versions 1 and 2): the indices form one little-endian bit stream; index `i` occupies
 stream bits `i * n_bits ... (i + 1) * n_bits - 1` (its least significant bit first) and stream bit `j` is bit `j % 8`
 of byte `j // 8`. The unused high bits of the last byte are zero. Hence `ceil(num_vectors * n_bits / 8)` bytes.
 """
@@ -22,16 +27,19 @@ of byte `j // 8`. The unused high bits of the last byte are zero. Hence `ceil(nu
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from hf_r2.utils import check_cluster_dim, vectors_to_weight
 
 __all__ = [
     "PALETTIZATION_FORMAT_VERSION",
+    "PalettizedConv1D",
     "PalettizedConv2d",
     "PalettizedEmbedding",
     "PalettizedLinear",
@@ -39,15 +47,18 @@ __all__ = [
     "attach_palettization_config",
     "decode_palettized",
     "pack_indices",
+    "output_channels_first",
     "packed_num_bytes",
+    "palettized_checksum",
     "palettized_modules",
     "to_palettized",
     "unpack_indices",
     "unpalettize",
 ]
 
-PALETTIZATION_FORMAT_VERSION = 1
-"""Version of the on-disk layout described in this module's docstring; stored in `quantization_config`."""
+PALETTIZATION_FORMAT_VERSION = 2
+"""Version of the on-disk layout described in this module's docstring; stored in `quantization_config`. 2: a CRC-32
+of each layer's packed indices and LUT (`weight_checksum`); 1: no checksum."""
 
 # Indices processed per chunk by pack/unpack: bounds the temporary bit matrix to ~`_CHUNK * 8 * 4` bytes. A multiple of
 # 8, so every chunk starts on a byte boundary for any n_bits.
@@ -161,6 +172,44 @@ def _unpack_chunk(packed: torch.Tensor, count: int, n_bits: int) -> torch.Tensor
     return (bits[: count * n_bits].view(count, n_bits) * weights).sum(dim=1).long()
 
 
+def output_channels_first(layer: nn.Module, tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """`layer.weight` (or `tensor`, shaped like it) seen with the output channels first.
+
+    Every layer stores its weight output-channels-first except transformers' `Conv1D` (GPT-2 and friends: `nn.Linear`
+    with the weight stored as `(in, out)`), whose weight is transposed here. The vector layout
+    (`hf_r2.utils.weight_to_vectors`), `cluster_dim` and a checkpoint's `shape` all refer to this view. The inverse
+    is the same call (a transpose is its own inverse).
+    """
+    tensor = layer.weight if tensor is None else tensor
+    return tensor.t() if isinstance(layer, Conv1D) else tensor
+
+
+def output_channels_first_shape(layer: nn.Module) -> tuple[int, ...]:
+    """Shape of `output_channels_first(layer)`, without touching the weight's values (works on the meta device)."""
+    shape = tuple(layer.weight.shape)
+    return shape[::-1] if isinstance(layer, Conv1D) else shape
+
+
+# LUT dtypes a checksum records (its third entry), so a LUT cast on load (`from_pretrained(..., dtype=...)`) is told
+# apart from a corrupt one.
+_CHECKSUM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def palettized_checksum(packed: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """The format-version-2 checksum of a palettized layer: `int64` tensor `[crc_indices, crc_lut, lut_dtype]`.
+
+    `crc_indices` is the CRC-32 of the packed index bytes, `crc_lut` the CRC-32 of the LUT's values as float64 (exact
+    for every float dtype, so it does not depend on the device or memory layout), `lut_dtype` the position of the
+    stored LUT dtype in `(float32, float16, bfloat16, float64)`. CRC-32 detects every error of up to 3 flipped bits and
+    every burst of up to 32 bits.
+    """
+    if lut.dtype not in _CHECKSUM_DTYPES:
+        raise ValueError(f"A palettized LUT must be one of {_CHECKSUM_DTYPES}, got {lut.dtype}.")
+    crc_indices = zlib.crc32(packed.detach().contiguous().cpu().numpy().tobytes())
+    crc_lut = zlib.crc32(lut.detach().cpu().double().contiguous().numpy().tobytes())
+    return torch.tensor([crc_indices, crc_lut, _CHECKSUM_DTYPES.index(lut.dtype)], dtype=torch.int64)
+
+
 def _layer_label(name: str | None) -> str:
     return f"palettized layer {name!r}" if name else "palettized layer"
 
@@ -248,7 +297,7 @@ class PalettizedMixin:
 
     def _init_palettization(self, n_bits: int, cluster_dim: int, device: Any, dtype: Any) -> None:
         _check_n_bits(n_bits)
-        check_cluster_dim(cluster_dim, self.weight.shape, name=type(self).__name__)
+        check_cluster_dim(cluster_dim, self.dense_shape, name=type(self).__name__)
         self.n_bits = n_bits
         self.cluster_dim = cluster_dim
         self.layer_name = None
@@ -259,6 +308,10 @@ class PalettizedMixin:
         self.register_buffer(
             "weight_packed_indices", torch.zeros(num_bytes, device=device, dtype=torch.uint8), persistent=False
         )
+        # Format version 2: recomputed from the stored tensors whenever the state dict is written
+        # (`_save_to_state_dict`), so a later dtype change of the LUT cannot leave a stale value; removed for the layers
+        # of a version-1 checkpoint.
+        self.register_buffer("weight_checksum", torch.zeros(3, device=device, dtype=torch.int64))
 
     def __setattr__(self, name: str, value: Any) -> None:
         # transformers' loader assigns every checkpoint tensor with setattr. The packed indices arrive under `weight`
@@ -278,7 +331,7 @@ class PalettizedMixin:
 
     @property
     def dense_shape(self) -> tuple[int, ...]:
-        """Shape of the decoded dense weight (the parent layer's weight shape)."""
+        """Shape of the decoded dense weight, output channels first (`output_channels_first_shape`)."""
         return tuple(self._dense_shape)
 
     def set_palettization(self, lut: torch.Tensor, indices: torch.Tensor) -> None:
@@ -294,12 +347,13 @@ class PalettizedMixin:
 
     def _load_palettized(self, packed: torch.Tensor, lut: torch.Tensor) -> None:
         dense, _ = decode_palettized(packed, lut, self.dense_shape, self.n_bits, self.cluster_dim, name=self.layer_name)
-        self.weight = nn.Parameter(dense, requires_grad=False)
+        self.weight = nn.Parameter(output_channels_first(self, dense).contiguous(), requires_grad=False)
         self.weight_lut = lut
         self.weight_packed_indices = packed
 
     def decode_weight(self) -> torch.Tensor:
-        """Decodes the dense weight again from the stored LUT and packed indices (does not touch `weight`)."""
+        """Decodes the dense weight again from the stored LUT and packed indices, shaped like `weight` (does not touch
+        `weight`)."""
         dense, _ = decode_palettized(
             self.weight_packed_indices,
             self.weight_lut,
@@ -308,7 +362,7 @@ class PalettizedMixin:
             self.cluster_dim,
             name=self.layer_name,
         )
-        return dense
+        return output_channels_first(self, dense)
 
     def indices(self) -> torch.Tensor:
         """Returns the unpacked LUT row of every vector, `(num_vectors,)` `LongTensor`."""
@@ -326,6 +380,36 @@ class PalettizedMixin:
             )
         packed = self.weight_packed_indices
         destination[prefix + "weight"] = packed if keep_vars else packed.detach()
+        if "weight_checksum" in self._buffers and not weight.is_meta:
+            destination[prefix + "weight_checksum"] = palettized_checksum(packed, self.weight_lut).to(packed.device)
+
+    @staticmethod
+    def verify_checksum(stored: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, name: str) -> None:
+        """Raises a `ValueError` naming the layer unless `stored` (`palettized_checksum`) matches `packed` and `lut`.
+
+        The LUT part is checked when the LUT still has its stored dtype; a LUT cast on load (`dtype=` of
+        `from_pretrained`) cannot be compared byte for byte, and only the indices are checked then.
+        """
+        label = f"palettized layer {name!r}"
+        stored = stored.detach().cpu()
+        if stored.dtype != torch.int64 or tuple(stored.shape) != (3,) or not 0 <= int(stored[2]) < len(
+            _CHECKSUM_DTYPES
+        ):
+            raise ValueError(
+                f"{label}: the checksum ('.weight_checksum') is malformed (dtype {stored.dtype}, shape "
+                f"{tuple(stored.shape)}): corrupt checkpoint."
+            )
+        actual = palettized_checksum(packed, lut.to(_CHECKSUM_DTYPES[int(stored[2])]))
+        what = []
+        if int(stored[0]) != int(actual[0]):
+            what.append("packed indices ('.weight')")
+        if lut.dtype == _CHECKSUM_DTYPES[int(stored[2])] and int(stored[1]) != int(actual[1]):
+            what.append("LUT ('.weight_lut')")
+        if what:
+            raise ValueError(
+                f"{label}: the checksum of its {' and '.join(what)} does not match the one stored at save time: a "
+                "flipped bit, a corrupt or an edited file. Refusing to load a silently different model."
+            )
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -341,12 +425,15 @@ class PalettizedMixin:
         name = self.layer_name or prefix.rstrip(".")
         try:
             dense, _ = decode_palettized(packed, lut, self.dense_shape, self.n_bits, self.cluster_dim, name=name)
+            stored = state_dict.get(prefix + "weight_checksum")
+            if stored is not None and "weight_checksum" in self._buffers:
+                self.verify_checksum(stored, packed, lut, name)
         except ValueError as err:
             error_msgs.append(str(err))
             return
         # torch copies the checkpoint into the existing tensors: give it the decoded weight and a LUT buffer of the
         # stored number of rows (k may be below 2**n_bits). `load_state_dict` already works on its own copy of the dict.
-        state_dict[weight_key] = dense
+        state_dict[weight_key] = output_channels_first(self, dense)
         if self.weight_lut.shape != lut.shape:
             self.weight_lut = torch.empty(lut.shape, dtype=self.weight_lut.dtype, device=self.weight_lut.device)
         super()._load_from_state_dict(
@@ -470,8 +557,31 @@ class PalettizedEmbedding(PalettizedMixin, nn.Embedding):
         )
 
 
+class PalettizedConv1D(PalettizedMixin, Conv1D):
+    """transformers' `Conv1D` (GPT-2: a Linear whose weight is stored `(in, out)`) with a LUT and packed indices.
+
+    The indices and `cluster_dim` follow the output-channels-first view `weight.t()`, exactly as for a
+    `PalettizedLinear` of the same size (the same bytes for the same linear map); `weight` keeps Conv1D's `(in, out)`
+    shape.
+    """
+
+    def __init__(self, nf, nx, *, n_bits, cluster_dim=1, device=None, dtype=None):
+        with torch.device(device if device is not None else torch.get_default_device()):
+            super().__init__(nf, nx)
+        if dtype is not None:
+            self.to(dtype)
+        self._dense_shape = (nf, nx)
+        self._init_palettization(n_bits, cluster_dim, device, dtype)
+
+    @classmethod
+    def like(cls, layer: Conv1D, n_bits: int, cluster_dim: int, device: Any = "meta") -> PalettizedConv1D:
+        """Builds an empty palettized layer with the structure of `layer` (weights on `device`)."""
+        return cls(layer.nf, layer.nx, n_bits=n_bits, cluster_dim=cluster_dim, device=device, dtype=layer.weight.dtype)
+
+
 # Most specific first: the palettized classes are themselves subclasses of the plain ones.
 _PALETTIZED_CLASSES: tuple[tuple[type[nn.Module], type[PalettizedMixin]], ...] = (
+    (Conv1D, PalettizedConv1D),
     (nn.Linear, PalettizedLinear),
     (nn.Conv2d, PalettizedConv2d),
     (nn.Embedding, PalettizedEmbedding),
@@ -528,7 +638,7 @@ def to_palettized(
     if isinstance(layer, PalettizedMixin):
         raise TypeError(f"{type(layer).__name__} is already palettized.")
     _check_n_bits(n_bits)
-    check_cluster_dim(cluster_dim, layer.weight.shape, name=f"{type(layer).__name__}.weight")
+    check_cluster_dim(cluster_dim, output_channels_first_shape(layer), name=f"{type(layer).__name__}.weight")
     num_vectors = layer.weight.numel() // cluster_dim
     if not isinstance(lut, torch.Tensor) or not lut.is_floating_point() or lut.dim() != 2:
         raise ValueError(f"lut must be a 2-D floating tensor (k, cluster_dim), got {getattr(lut, 'shape', lut)!r}.")
@@ -553,6 +663,7 @@ def to_palettized(
     new.weight = nn.Parameter(torch.empty(layer.weight.shape, dtype=layer.weight.dtype, device=device), False)
     new.weight_lut = torch.empty(0, device=device)
     new.weight_packed_indices = torch.empty(0, dtype=torch.uint8, device=device)
+    new.weight_checksum = torch.zeros(3, dtype=torch.int64, device=device)  # its value is computed at save time
     if getattr(layer, "bias", None) is not None:
         new.bias = layer.bias
     new.train(layer.training)
@@ -631,8 +742,8 @@ def unpalettize(model: nn.Module) -> nn.Module:
     """
     for module in palettized_modules(model).values():
         plain = next(base for base, palettized in _PALETTIZED_CLASSES if isinstance(module, palettized))
-        for buffer in ("weight_lut", "weight_packed_indices"):
-            del module._buffers[buffer]
+        for buffer in ("weight_lut", "weight_packed_indices", "weight_checksum"):
+            module._buffers.pop(buffer, None)
             module._non_persistent_buffers_set.discard(buffer)
         for attribute in ("n_bits", "cluster_dim", "layer_name", "_dense_shape", "_loaded_packed_weight"):
             module.__dict__.pop(attribute, None)

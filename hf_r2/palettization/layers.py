@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..utils import vectors_to_weight, weight_to_vectors
+from .compressed import output_channels_first
 from .config import DKMConfig
 from .functional import dkm_exact, dkm_grid, grid_points_needed, kmeans, nearest_centroid
 
@@ -32,7 +34,7 @@ class DKMLayerMixin:
     def _setup_dkm(self, config: DKMConfig, generator: torch.Generator | None = None) -> None:
         self.dkm_config = config
         with torch.no_grad():
-            vectors = weight_to_vectors(self.weight.detach().float().cpu(), config.cluster_dim)
+            vectors = weight_to_vectors(output_channels_first(self).detach().float().cpu(), config.cluster_dim)
             centroids = kmeans(vectors, config.n_clusters, config.init_iters, config.init, generator=generator)
         self.register_buffer("centroids", centroids.to(self.weight.device))
 
@@ -74,9 +76,10 @@ class DKMLayerMixin:
             )
             soft = soft.reshape(weight.shape)
         else:
+            weight = output_channels_first(self, weight)
             vectors = weight_to_vectors(weight, config.cluster_dim)
             soft, new = dkm_exact(vectors, start, config.temperature, config.kmeans_iters, config.convergence_eps)
-            soft = vectors_to_weight(soft, weight.shape, config.cluster_dim)
+            soft = output_channels_first(self, vectors_to_weight(soft, weight.shape, config.cluster_dim))
         if update:
             with torch.no_grad():
                 self.centroids.copy_(new)
@@ -85,14 +88,16 @@ class DKMLayerMixin:
     @torch.no_grad()
     def hard_assignment(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(lut, indices)`: the current centroids `(k, d)` and each weight vector's nearest centroid `(N,)`."""
-        vectors = weight_to_vectors(self.weight.detach().float(), self.dkm_config.cluster_dim)
+        vectors = weight_to_vectors(output_channels_first(self).detach().float(), self.dkm_config.cluster_dim)
         return self.centroids.clone(), nearest_centroid(vectors, self.centroids)
 
     @torch.no_grad()
     def hard_weight(self) -> torch.Tensor:
         """The weight with every vector replaced by its nearest centroid (at most 2**n_bits distinct vectors)."""
         lut, indices = self.hard_assignment()
-        return vectors_to_weight(lut[indices], self.weight.shape, self.dkm_config.cluster_dim).to(self.weight.dtype)
+        shape = output_channels_first(self).shape
+        hard = vectors_to_weight(lut[indices], shape, self.dkm_config.cluster_dim)
+        return output_channels_first(self, hard).to(self.weight.dtype)
 
     def palettized_weight(self) -> torch.Tensor:
         """The weight the forward pass uses: soft (training) or hard (eval)."""
@@ -141,7 +146,20 @@ class DKMEmbedding(DKMLayerMixin, nn.Embedding):
         )
 
 
+class DKMConv1D(DKMLayerMixin, Conv1D):
+    """transformers' `Conv1D` (GPT-2's Linear with an `(in, out)` weight) trained with DKM palettization; vectors run
+    along the output channels, as for `DKMLinear`."""
+
+    base_class = Conv1D
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        size_out = input.size()[:-1] + (self.nf,)
+        output = torch.addmm(self.bias, input.reshape(-1, input.size(-1)), self.palettized_weight())
+        return output.view(size_out)
+
+
 DKM_LAYERS: dict[type[nn.Module], type[DKMLayerMixin]] = {
+    Conv1D: DKMConv1D,
     nn.Linear: DKMLinear,
     nn.Conv2d: DKMConv2d,
     nn.Embedding: DKMEmbedding,

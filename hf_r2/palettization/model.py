@@ -7,12 +7,64 @@ import logging
 import torch
 from torch import nn
 
-from ..utils import check_cluster_dim, select_modules, vectors_to_weight
-from .compressed import attach_palettization_config, to_palettized
+from ..utils import (
+    check_cluster_dim,
+    refuse_multihead_attention,
+    select_modules,
+    tied_weight_groups,
+    vectors_to_weight,
+)
+from .compressed import (
+    attach_palettization_config,
+    output_channels_first,
+    output_channels_first_shape,
+    palettized_modules,
+    to_palettized,
+)
 from .config import DKMConfig
 from .layers import DKM_LAYERS, DKMLayerMixin
 
 logger = logging.getLogger(__name__)
+
+
+def _refuse_tied_weights(model: nn.Module, layer_names, what: str) -> None:
+    """Raises a `ValueError` naming every tied weight among `layer_names`' weights, and how to leave them out.
+
+    `what` is `"palettize"` (the advice is to exclude the modules) or `"finalize"` (nothing was changed; untie).
+    """
+    groups = tied_weight_groups(model)
+    tied = {}
+    for name in layer_names:
+        group = groups.get(f"{name}.weight")
+        if group:
+            tied[tuple(group)] = None
+    if not tied:
+        return
+    modules = dict(model.named_modules())
+    owners = sorted(
+        {
+            owner
+            for group in tied
+            for owner in (n.rpartition(".")[0] for n in group)
+            if isinstance(modules.get(owner), tuple(DKM_LAYERS))
+        }
+    )
+    described = "; ".join(" = ".join(group) for group in tied)
+    if what == "palettize":
+        fix = (
+            f"Leave every module sharing it dense, e.g. exclude_modules={owners!r} (together with your other "
+            "exclusions), or untie the weights before building the model (e.g. `config.tie_word_embeddings = False`)."
+        )
+    else:
+        fix = (
+            "Nothing was changed: the DKM layers and their centroids are intact. Give each module its own weight "
+            "(e.g. `model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone())`) and call finalize again."
+        )
+    raise ValueError(
+        f"{what}: tied weights cannot be palettized ({described} are one tensor, e.g. tied input embeddings and LM "
+        "head). DKM would cluster the tensor for one module while the other uses it unclustered, and the compact "
+        f"checkpoint cannot store a tied palettized weight. {fix}"
+    )
 
 
 def _validate(name: str, module: nn.Module, config: DKMConfig) -> None:
@@ -24,13 +76,28 @@ def _validate(name: str, module: nn.Module, config: DKMConfig) -> None:
             f"Module {name!r} is a {type(module).__name__}, a subclass DKM cannot wrap safely (supported exactly: "
             f"{supported}); leave it out with exclude_modules=[{name!r}]."
         )
-    check_cluster_dim(config.cluster_dim, module.weight.shape, f"{name}.weight")
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        # nn.Embedding renormalizes rows in place during forward when max_norm is set: the weight would drift away
+        # from its palette, and the compact layer refuses it at finalize.
+        raise ValueError(
+            f"Module {name!r} is an nn.Embedding with max_norm={module.max_norm}, which rewrites its weights in "
+            f"forward and cannot be palettized; leave it out with exclude_modules=[{name!r}]."
+        )
+    if not torch.isfinite(module.weight).all():
+        bad = int((~torch.isfinite(module.weight)).sum())
+        raise ValueError(
+            f"{name}.weight holds {bad} NaN/Inf value(s): k-means cannot cluster it. Fix or re-initialise the layer, "
+            f"or leave it out with exclude_modules=[{name!r}]."
+        )
+    check_cluster_dim(config.cluster_dim, output_channels_first_shape(module), f"{name}.weight")
     n_vectors = module.weight.numel() // config.cluster_dim
     if n_vectors < config.n_clusters:
         raise ValueError(
             f"{name}.weight (shape {tuple(module.weight.shape)}) has {n_vectors} weight vectors of dimension "
             f"{config.cluster_dim}, fewer than the 2**{config.n_bits} = {config.n_clusters} centroids; lower n_bits, "
-            f"exclude the layer, or set weight_threshold above {module.weight.numel()}."
+            f"exclude the layer (exclude_modules=[{name!r}], --dkm_exclude_modules {name}), or leave every layer this "
+            f"small dense with weight_threshold={module.weight.numel() + 1} (--dkm_weight_threshold "
+            f"{module.weight.numel() + 1})."
         )
 
 
@@ -70,15 +137,19 @@ def palettize(model: nn.Module, config: DKMConfig) -> nn.Module:
     selected = {n: m for n, m in selected.items() if m.weight.numel() >= config.weight_threshold}
     if not selected:
         raise ValueError(f"No layer has at least weight_threshold={config.weight_threshold} weights to palettize.")
-    owners: dict[int, str] = {}
+    existing = getattr(getattr(model, "config", None), "quantization_config", None)
+    if existing is not None and dict(existing).get("quant_method") != "hf_r2_palettization":
+        raise ValueError(
+            f"{type(model).__name__} is already compressed ({dict(existing).get('quant_method')!r} in "
+            "config.quantization_config) and a checkpoint holds one compression method: palettize the dense model "
+            "instead, or call `model.dequantize()` first to get plain layers."
+        )
+    refuse_multihead_attention(model, selected, "DKM palettization")
     for name, module in selected.items():
         _validate(name, module, config)
-        first = owners.setdefault(id(module.weight), name)
-        if first != name:
-            # Two DKM layers on one tied weight would cluster it twice, with two LUTs, and finalize would overwrite one.
-            raise ValueError(
-                f"{name}.weight is tied to {first}.weight; palettize one of them: exclude_modules=[{name!r}]."
-            )
+    # Refused here, before training, not at finalize: a tied weight has no compact form, and finding that out after
+    # DKM training would throw the trained centroids away.
+    _refuse_tied_weights(model, selected, "palettize")
     generator = torch.Generator().manual_seed(config.seed)
     for module in selected.values():
         module.__class__ = DKM_LAYERS[type(module)]
@@ -123,15 +194,37 @@ def finalize(model: nn.Module, compress: bool | None = None) -> nn.Module:
             f"{type(model).__name__}; "
             "use compress=False for plain layers with hard-assigned weights."
         )
-    specs = {}
+    # Everything that can fail is checked, and every hard assignment computed, before the first layer changes: a
+    # refusal leaves the trained DKM model (centroids included) intact, ready for another finalize.
+    _refuse_tied_weights(model, layers, "finalize")
+    if compress:
+        existing = getattr(model.config, "quantization_config", None)
+        if existing is not None and not (
+            dict(existing).get("quant_method") == "hf_r2_palettization" and palettized_modules(model)
+        ):
+            raise ValueError(
+                f"{type(model).__name__}.config already has a quantization_config "
+                f"({dict(existing).get('quant_method')!r}): this model is already compressed by another method; "
+                "finalize(compress=False) keeps plain layers with hard-assigned weights."
+            )
+    assignments = {}
     for name, layer in layers.items():
-        config = layer.dkm_config
-        was_training = layer.training
         # The centroids of the last training forward pass, as the eval-mode forward uses: the finalized model is
         # exactly the one evaluated during DKM training.
         lut, indices = layer.hard_assignment()
-        hard = vectors_to_weight(lut[indices], layer.weight.shape, config.cluster_dim)
-        layer.weight.copy_(hard.to(layer.weight.dtype))
+        if not torch.isfinite(lut).all():
+            raise ValueError(
+                f"DKM layer {name!r} has non-finite centroids (training diverged); nothing was finalized."
+            )
+        assignments[name] = (lut, indices.to(torch.uint8 if layer.dkm_config.n_clusters <= 256 else torch.long))
+    specs = {}
+    for name, layer in layers.items():
+        config = layer.dkm_config
+        lut, indices = assignments.pop(name)
+        indices = indices.long()
+        was_training = layer.training
+        hard = vectors_to_weight(lut[indices], output_channels_first_shape(layer), config.cluster_dim)
+        layer.weight.copy_(output_channels_first(layer, hard).to(layer.weight.dtype))
         layer.__class__ = layer.base_class
         del layer.centroids, layer.dkm_config
         layer.train(was_training)

@@ -26,7 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_r2.palettization.compressed import SUPPORTED_LAYER_TYPES, PalettizedMixin, palettized_modules
+from hf_r2.palettization.compressed import (
+    SUPPORTED_LAYER_TYPES,
+    PalettizedMixin,
+    output_channels_first_shape,
+    palettized_modules,
+)
 
 __all__ = ["PalettizedSizeReport", "palettized_size_report", "save_palettized"]
 
@@ -139,8 +144,8 @@ class PalettizedSizeReport:
 def _state_tensors(model: nn.Module) -> list[tuple[str, nn.Module, str, torch.Tensor]]:
     """Every parameter and persistent buffer of the dense model, once each (tied tensors counted once).
 
-    A palettized layer contributes its dense `weight` (not the packed indices) and not its LUT, so the counts are those
-    of the dense model the layer stands for.
+    A palettized layer contributes its dense `weight` (not the packed indices) and not its LUT or checksum, so the
+    counts are those of the dense model the layer stands for.
     """
     seen: set[int] = set()
     out = []
@@ -151,7 +156,7 @@ def _state_tensors(model: nn.Module) -> list[tuple[str, nn.Module, str, torch.Te
         for tensor_name, tensor in tensors:
             if tensor is None or id(tensor) in seen:
                 continue
-            if isinstance(module, PalettizedMixin) and tensor_name == "weight_lut":
+            if isinstance(module, PalettizedMixin) and tensor_name in ("weight_lut", "weight_checksum"):
                 continue
             seen.add(id(tensor))
             out.append((module_name, module, tensor_name, tensor))
@@ -272,10 +277,12 @@ def palettized_size_report(
     tensors = _state_tensors(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYER_TYPES)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear, nn.Conv2d or nn.Embedding layer to palettize.")
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear, nn.Conv2d, nn.Embedding or Conv1D layer to palettize."
+        )
     # A layer whose output channels cluster_dim does not divide (a 2-label classifier at d=4) can only be palettized
     # with scalar vectors: count it at d=1.
-    dims = {n: cluster_dim if m.weight.shape[0] % cluster_dim == 0 else 1 for n, m in layers}
+    dims = {n: cluster_dim if output_channels_first_shape(m)[0] % cluster_dim == 0 else 1 for n, m in layers}
     first, last = layers[0][0], layers[-1][0]
     layer_names = {n for n, _ in layers}
     weight_numel = {n: m.weight.numel() for n, m in layers}
@@ -298,6 +305,9 @@ def palettized_size_report(
                 ideal_bytes += module.num_vectors * module.n_bits / 8.0 + module.weight_lut.numel() * (
                     module.weight_lut.element_size()
                 )
+                checksum = module._buffers.get("weight_checksum")
+                if checksum is not None:  # format version 2: stored next to the indices
+                    ideal_bytes += checksum.numel() * checksum.element_size()
             else:
                 ideal_bytes += tensor.numel() * tensor.element_size()
 

@@ -31,7 +31,9 @@ from hf_r2.quantization.layers import (
     LSQInputQuantizer,
     LSQWeightQuantizer,
     PACTInputQuantizer,
+    QuantConv1D,
     QuantConv2d,
+    QuantizedConv1D,
     QuantizedConv2d,
     QuantizedLinear,
     QuantLinear,
@@ -47,6 +49,8 @@ from hf_r2.quantization.model import (
     quantized_layers,
     quantizer_parameter_names,
     register_quantize_handler,
+    uncalibrated_input_quantizers,
+    validate_quantization,
 )
 
 __all__ = [
@@ -63,9 +67,11 @@ __all__ = [
     "PACTConfig",
     "PACTInputQuantizer",
     "PTQConfig",
+    "QuantConv1D",
     "QuantConv2d",
     "QuantLinear",
     "QuantizationConfig",
+    "QuantizedConv1D",
     "QuantizedConv2d",
     "QuantizedLinear",
     "RTNInputQuantizer",
@@ -79,4 +85,6 @@ __all__ = [
     "quantizer_parameter_names",
     "register_quantization_method",
     "register_quantize_handler",
+    "uncalibrated_input_quantizers",
+    "validate_quantization",
 ]

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from hf_r2.palettization.compressed import output_channels_first
 from hf_r2.quantization.functional import (
     add_l2_grad,
     channel_minmax,
@@ -330,8 +332,12 @@ class _QuantLayerMixin:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight used by `forward`."""
-        return self.weight_quantizer(self.weight)
+        """The fake-quantized weight used by `forward`, shaped like `weight`.
+
+        The quantizer sees the weight output channels first (`output_channels_first`: transposed for `Conv1D`), so a
+        per-channel scale is one per output channel for every layer type.
+        """
+        return output_channels_first(self, self.weight_quantizer(output_channels_first(self)))
 
     def to_float(self) -> nn.Module:
         """The plain float layer (weights not quantized), sharing this layer's parameters."""
@@ -360,6 +366,18 @@ class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
         return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
 
 
+class QuantConv1D(_QuantLayerMixin, Conv1D):
+    """transformers' `Conv1D` (GPT-2's Linear with an `(in, out)` weight) with fake-quantized weight and input."""
+
+    _ATTRS = ("nf", "nx")
+    _FLOAT = Conv1D
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        x = self._quantize_input(x)
+        return torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.quantized_weight()).view(size_out)
+
+
 class _QuantizedLayerMixin:
     """Finalized layer: `weight_int` codes, `weight_scale`, `weight_zero_point` buffers; `weight` dequantizes them.
 
@@ -374,7 +392,7 @@ class _QuantizedLayerMixin:
     def from_quant(cls, module: _QuantLayerMixin):
         """Finalizes a fake-quantized layer: stores its weight's codes; keeps its (frozen) input quantizer."""
         with torch.no_grad():
-            codes, scale, zero_point = module.weight_quantizer.encode(module.weight)
+            codes, scale, zero_point = module.weight_quantizer.encode(output_channels_first(module))
         q_min, q_max = module.weight_quantizer.code_range
         dtype = torch.int8 if q_min < 0 else torch.uint8
         scale = scale.detach().to(module.weight.dtype)
@@ -392,7 +410,9 @@ class _QuantizedLayerMixin:
 
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize(self.weight_int, self.weight_scale, self.weight_zero_point)
+        # `weight_int` is stored output channels first (per-channel scales broadcast along dim 0): transposed back for
+        # `Conv1D`, whose weight is `(in, out)`.
+        return output_channels_first(self, dequantize(self.weight_int, self.weight_scale, self.weight_zero_point))
 
     @torch.no_grad()
     def check_codes(self, name: str = "layer") -> None:
@@ -470,3 +490,15 @@ class QuantizedConv2d(_QuantizedLayerMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self._quantize_input(x), self.weight, self.bias)
+
+
+class QuantizedConv1D(_QuantizedLayerMixin, Conv1D):
+    """Finalized transformers `Conv1D`: integer codes stored output channels first (`(out, in)`, as for a
+    `QuantizedLinear`); `weight` gives Conv1D's `(in, out)` dequantized weight."""
+
+    _ATTRS = ("nf", "nx")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        x = self._quantize_input(x)
+        return torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight).view(size_out)

@@ -7,16 +7,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import TrainerCallback
+from transformers.pytorch_utils import Conv1D
 
+from hf_r2.palettization.compressed import PalettizedMixin
 from hf_r2.quantization.config import EWGSConfig, LSQConfig, PACTConfig, PTQConfig, QuantizationConfig
-from hf_r2.quantization.hf_quantizer import attach_hf_quantization_config
+from hf_r2.quantization.hf_quantizer import HF_QUANT_METHOD, attach_hf_quantization_config
 from hf_r2.quantization.layers import (
     DoReFaWeightQuantizer,
     LSQInputQuantizer,
     LSQWeightQuantizer,
     PACTInputQuantizer,
+    QuantConv1D,
     QuantConv2d,
+    QuantizedConv1D,
     QuantizedConv2d,
     QuantizedLinear,
     QuantLinear,
@@ -25,10 +30,13 @@ from hf_r2.quantization.layers import (
     WeightQuantizer,
     _all_reduce_mean,
 )
-from hf_r2.utils import select_modules
+from hf_r2.utils import refuse_multihead_attention, select_modules, tied_weight_groups
 
-SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
-_QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, Conv1D)
+# Fake-quantized and finalized class of each supported type (Conv1D: transformers' GPT-2 Linear, weight (in, out)).
+_QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, Conv1D: QuantConv1D}
+_FINALIZED_TYPES = {QuantLinear: QuantizedLinear, QuantConv2d: QuantizedConv2d, QuantConv1D: QuantizedConv1D}
+_QUANTIZED = QuantLinear | QuantConv2d | QuantConv1D | QuantizedLinear | QuantizedConv2d | QuantizedConv1D
 
 QuantizerFactory = Callable[[nn.Module, QuantizationConfig], tuple[WeightQuantizer, "nn.Module | None"]]
 _HANDLERS: dict[type[QuantizationConfig], QuantizerFactory] = {}
@@ -92,6 +100,64 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def validate_quantization(model: nn.Module, config: QuantizationConfig) -> dict[str, nn.Module]:
+    """Checks that `quantize(model, config)` can run and give a checkpoint that loads; changes nothing.
+
+    `quantize` calls it first. Call it yourself before training when quantization comes after it (PTQ), so that a
+    bad selection or an incompatible model fails before the training time is spent.
+
+    Returns:
+        `dict[str, nn.Module]`: The layers `quantize` would replace, by name.
+
+    Raises:
+        ValueError: If the model is already quantized or palettized (a checkpoint holds one compression method), the
+            selection matches nothing (or names a layer that is not a Linear/Conv2d), a selected weight is tied to
+            another module's, or a selected weight holds NaN/Inf values.
+    """
+    _handler(config)
+    already = [n for n, m in model.named_modules() if isinstance(m, _QUANTIZED)]
+    if already:
+        raise ValueError(f"Model is already quantized (e.g. {already[0]!r}); quantize a float model.")
+    existing = getattr(getattr(model, "config", None), "quantization_config", None)
+    if existing is not None and dict(existing).get("quant_method") == HF_QUANT_METHOD:
+        existing = None  # ours, with no quantized layer yet: `from_pretrained` rebuilding the layers
+    palettized = [n for n, m in model.named_modules() if isinstance(m, PalettizedMixin)]
+    if palettized or existing is not None:
+        method = dict(existing).get("quant_method") if existing is not None else "hf_r2_palettization"
+        raise ValueError(
+            f"{type(model).__name__} is already compressed ({method!r}"
+            + (f", e.g. palettized layer {palettized[0]!r}" if palettized else "")
+            + "), and a checkpoint holds one compression method: its quantization_config would be overwritten and "
+            "the saved model would not load. Quantize the dense model instead (e.g. the input of the DKM run), or "
+            "call `model.dequantize()` (or `hf_r2.palettization.unpalettize(model)`) first to quantize plain layers "
+            "holding the palettized values."
+        )
+    selected = select_modules(
+        model, SUPPORTED_TYPES, config.target_modules, config.exclude_modules, what=f"{type(config).__name__}"
+    )
+    refuse_multihead_attention(model, selected, type(config).__name__)
+    groups = tied_weight_groups(model)
+    tied = {name: groups[f"{name}.weight"] for name in selected if f"{name}.weight" in groups}
+    if tied:
+        described = "; ".join(" = ".join(group) for group in dict.fromkeys(tuple(g) for g in tied.values()))
+        raise ValueError(
+            f"Cannot quantize tied weights ({described} are one tensor, e.g. tied input embeddings and LM head): the "
+            "quantized layer would stop sharing it, and the saved checkpoint would not load. Leave them in full "
+            f"precision with exclude_modules={sorted(tied)!r} (together with your other exclusions), or untie the "
+            "weights before building the model (e.g. `config.tie_word_embeddings = False`)."
+        )
+    for name, module in selected.items():
+        # Meta placeholders (`from_pretrained` rebuilding the layers) have no values to check.
+        if not module.weight.is_meta and not bool(torch.isfinite(module.weight).all()):
+            bad = int((~torch.isfinite(module.weight)).sum())
+            raise ValueError(
+                f"{name}.weight holds {bad} NaN/Inf value(s): its quantization scale would be non-finite and the "
+                f"checkpoint unloadable. Fix the weights (did training diverge?) or leave the layer out with "
+                f"exclude_modules=[{name!r}]."
+            )
+    return selected
+
+
 def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
     """Swaps the targeted `nn.Linear` / `nn.Conv2d` layers of `model`, in place, for fake-quantized ones.
 
@@ -107,8 +173,7 @@ def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
         `nn.Module`: `model` itself.
 
     Raises:
-        ValueError: If a layer named in `config.target_modules` is not a Linear/Conv2d, if nothing matches, or if the
-            model is already quantized.
+        ValueError: Everything `validate_quantization` refuses (nothing is changed then).
 
     Example:
         ```python
@@ -118,15 +183,9 @@ def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
         ```
     """
     handler = _handler(config)
-    done = QuantLinear | QuantConv2d | QuantizedLinear | QuantizedConv2d
-    already = [n for n, m in model.named_modules() if isinstance(m, done)]
-    if already:
-        raise ValueError(f"Model is already quantized (e.g. {already[0]!r}); quantize a float model.")
-    selected = select_modules(
-        model, SUPPORTED_TYPES, config.target_modules, config.exclude_modules, what=f"{type(config).__name__}"
-    )
+    selected = validate_quantization(model, config)
     for name, module in selected.items():
-        base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+        base = next(t for t in _QUANT_TYPES if isinstance(module, t))  # Conv1D, Linear, Conv2d: unrelated types
         weight_q, input_q = handler(module, config)
         _replace(model, name, _QUANT_TYPES[base].from_float(module, weight_q, input_q))
     # Kept for `finalize`, which records it in a transformers model's config (a plain attribute, not state).
@@ -136,7 +195,7 @@ def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The fake-quantized layers of `model`, by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d | QuantConv1D)}
 
 
 def quantizer_parameter_names(model: nn.Module) -> list[str]:
@@ -199,7 +258,28 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
     return model
 
 
-def finalize(model: nn.Module) -> nn.Module:
+def uncalibrated_input_quantizers(model: nn.Module) -> list[str]:
+    """Names of the quantized layers whose input quantizer still waits for its first batch.
+
+    LSQ/EWGS input quantizers set their step size, and LSQ/EWGS/PACT ones with `a_signed=None` their grid's sign, from
+    the first batch they see; a PTQ one needs `calibrate`. Finalized before that, the step (or sign) would be set by
+    whatever batch a loaded model meets first, so two loads of one checkpoint would disagree.
+    """
+    names = []
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "input_quantizer", None)
+        if quantizer is None or any(b.is_meta for b in quantizer.buffers()):  # a placeholder being loaded
+            continue
+        if isinstance(quantizer, LSQInputQuantizer) and not bool(quantizer.initialized):
+            names.append(name)
+        elif isinstance(quantizer, LSQInputQuantizer | PACTInputQuantizer) and int(quantizer.signed) < 0:
+            names.append(name)
+        elif isinstance(quantizer, RTNInputQuantizer) and not quantizer.calibrated:
+            names.append(name)
+    return names
+
+
+def finalize(model: nn.Module, *, rebuild_only: bool = False) -> nn.Module:
     """Replaces every fake-quantized layer, in place, with a layer storing integer weight codes and scales.
 
     Each `QuantLinear` / `QuantConv2d` becomes a `QuantizedLinear` / `QuantizedConv2d` with buffers `weight_int`
@@ -212,15 +292,43 @@ def finalize(model: nn.Module) -> nn.Module:
     Returns:
         `nn.Module`: `model` itself.
 
+    Args:
+        model (`nn.Module`): A model prepared by `quantize` (and trained or calibrated).
+        rebuild_only (`bool`, *optional*, defaults to `False`): Build the finalized structure of an untrained model
+            only to `load_state_dict` a finalized checkpoint into it (the loaded state replaces every quantizer
+            state), so input quantizers that have seen no batch are accepted.
+
     Raises:
-        ValueError: If `model` has no fake-quantized layer.
+        ValueError: If `model` has no fake-quantized layer, an input quantizer has seen no batch yet
+            (`uncalibrated_input_quantizers`), or a weight holds NaN/Inf; nothing is changed then.
     """
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(f"finalize found no fake-quantized layer in {type(model).__name__}; call quantize first.")
+    waiting = [] if rebuild_only else [n for n in uncalibrated_input_quantizers(model) if n in layers]
+    if waiting:
+        raise ValueError(
+            f"The input quantizers of {len(waiting)} layer(s), e.g. {waiting[:5]}, have seen no batch yet: their step "
+            "size or grid sign comes from the first batch, so a checkpoint finalized now would take them from whatever "
+            "a loaded model meets first. Run `hf_r2.quantization.calibrate(model, [a_training_batch])` (or train) "
+            "before finalize. Nothing was finalized."
+        )
+    # Every layer is encoded and checked before the first is replaced: a refusal leaves the fake-quantized model as it
+    # was, and a layer whose weights became NaN/Inf in training never reaches a checkpoint that would then be refused.
+    finalized = {}
     for name, layer in layers.items():
-        cls = QuantizedConv2d if isinstance(layer, QuantConv2d) else QuantizedLinear
-        _replace(model, name, cls.from_quant(layer))
+        cls = _FINALIZED_TYPES[type(layer)]
+        placeholder = layer.weight.is_meta  # `from_pretrained` rebuilding the layers: nothing to check yet
+        if not placeholder and not bool(torch.isfinite(layer.weight).all()):
+            raise ValueError(
+                f"{name}.weight holds NaN/Inf values (did training diverge?): its codes and scale would be "
+                "meaningless. Nothing was finalized."
+            )
+        finalized[name] = cls.from_quant(layer)
+        if not placeholder:
+            finalized[name].check_codes(name)
+    for name, new in finalized.items():
+        _replace(model, name, new)
     config = getattr(model, "hf_r2_quantization_config", None)
     if config is not None:
         attach_hf_quantization_config(model, config, list(layers))
@@ -272,7 +380,10 @@ def estimate_ewgs_deltas(
     for q in quantizers.values():
         q._capture, q._captured = True, None
     try:
-        loss = loss_fn()
+        # Hessian-vector products differentiate the backward pass again: the fused attention kernels (flash,
+        # memory-efficient) have no double backward, the plain math one does.
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = loss_fn()
         names = [n for n, q in quantizers.items() if q._captured is not None and q._captured.requires_grad]
         values = [quantizers[n]._captured for n in names]
     finally:

@@ -1,0 +1,132 @@
+"""Which weights `RangeRegularizer` counts: tied weights once, frozen weights never, `nn.MultiheadAttention`'s packed
+projection too; and the engines R2Trainer refuses instead of training silently wrong."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer
+
+from hf_r2 import R2Trainer, R2TrainingArguments
+from hf_r2 import regularizers as R
+from hf_r2.analysis import weight_ranges
+from hf_r2.range_regularizer import R2Config, RangeRegularizer
+
+
+def tiny_gpt2_lm() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=40, n_positions=16, n_embd=8, n_layer=1, n_head=2, tie_word_embeddings=True)
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("r2_type", ["linf", "margin", "soft_min_max"])
+def test_tied_weights_are_regularized_once(r2_type, caplog):
+    model = tiny_gpt2_lm()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with caplog.at_level(logging.INFO, logger="hf_r2.range_regularizer"):
+        reg = RangeRegularizer(model, R2Config(r2_type=r2_type))
+    assert "transformer.wte" in reg.layer_names and "lm_head" not in reg.layer_names
+    assert "tied" in caplog.text and "lm_head" in caplog.text
+    param = {"linf": None, "margin": getattr(reg, "margins", None), "soft_min_max": getattr(reg, "alphas", None)}
+    assert param[r2_type] is None or param[r2_type].shape[0] == len(reg.layer_names)
+
+    # The total is the sum over distinct storages: the shared embedding counted once.
+    losses = reg.per_layer_losses()
+    wte = model.transformer.wte.weight.detach().double()
+    row = reg.layer_names.index("transformer.wte")
+    unit = R.coordinate_std(wte)  # the default, scale-free parametrization
+    value = {"linf": lambda: R.linf(wte),
+             "margin": lambda: R.margin(wte, reg.margins[row].detach().double(), scale=unit),
+             "soft_min_max": lambda: R.soft_min_max(wte, reg.alphas[row].detach().double(), scale=unit)}[r2_type]()
+    assert losses["transformer.wte"] == pytest.approx(value.item(), rel=1e-5)
+
+
+def test_frozen_weights_are_skipped_and_reported(caplog):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    with caplog.at_level(logging.WARNING, logger="hf_r2.range_regularizer"):
+        reg = RangeRegularizer(model, R2Config(r2_type="linf"))
+    assert reg.layer_names == ["2"]
+    assert "1 frozen layer(s) skipped" in caplog.text and ": 0." in caplog.text
+    assert reg().item() == pytest.approx(model[2].weight.detach().abs().max().item())
+
+    model[2].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="all 2 selected layers are frozen"):
+        RangeRegularizer(model, R2Config(r2_type="margin"))
+
+
+class WithAttention(nn.Module):
+    def __init__(self, kdim: int | None = None) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("r2_type", ["linf", "margin", "soft_min_max"])
+def test_multihead_attention_in_proj_weight_is_regularized(r2_type):
+    torch.manual_seed(0)
+    model = WithAttention()
+    with torch.no_grad():
+        model.attn.in_proj_weight[0, 0] = 3.0  # an outlier outside the margin: every type has a gradient on it
+    reg = RangeRegularizer(model, R2Config(r2_type=r2_type))
+    assert reg.layer_names == ["attn", "attn.out_proj", "head"]
+    in_proj = model.attn.in_proj_weight
+    row = 0
+    w, unit = in_proj.detach(), R.coordinate_std(in_proj)  # the default, scale-free parametrization
+    expected = {"linf": lambda: R.linf(w),
+                "margin": lambda: R.margin(w, reg.margins[row].detach(), scale=unit),
+                "soft_min_max": lambda: R.soft_min_max(w, reg.alphas[row].detach(), scale=unit)}[r2_type]()
+    assert reg.per_layer_losses()["attn"] == pytest.approx(expected.item(), rel=1e-5)
+    reg().backward()
+    assert in_proj.grad is not None and in_proj.grad[0, 0] > 0
+    # The weight-range table measures the same tensor.
+    stats = weight_ranges(model)
+    assert stats["attn"].range == pytest.approx((in_proj.max() - in_proj.min()).item(), rel=1e-6)
+
+
+def test_multihead_attention_with_separate_projections_is_refused_by_name():
+    with pytest.raises(ValueError, match="'attn' is an nn.MultiheadAttention .* separate q/k/v projection weights"):
+        RangeRegularizer(WithAttention(kdim=4), R2Config(r2_type="linf"))
+    reg = RangeRegularizer(WithAttention(kdim=4), R2Config(r2_type="linf", exclude_modules="attn"))
+    assert reg.layer_names == ["attn.out_proj", "head"]
+
+
+@pytest.mark.parametrize("alpha", [0.0, -5.0])
+def test_non_positive_alpha_is_refused(alpha, tmp_path):
+    with pytest.raises(ValueError, match="alpha_init must be a finite number > 0"):
+        R2Config(r2_type="soft_min_max", alpha_init=alpha)
+    with pytest.raises(ValueError, match="r2_alpha_init must be a finite number > 0"):
+        R2TrainingArguments(output_dir=str(tmp_path), r2_type="soft_min_max", r2_alpha_init=alpha)
+
+
+@pytest.mark.parametrize("engine", ["FSDP1", "DeepSpeed", "FSDP2"])
+def test_sharding_engines_r2_cannot_read_are_refused_before_training(engine, tmp_path, monkeypatch):
+    original = Trainer.create_accelerator_and_postprocess
+
+    def pretend_sharded(self):
+        original(self)
+        if engine == "DeepSpeed":
+            self.is_deepspeed_enabled = True
+        else:
+            self.is_fsdp_enabled = True
+            # AcceleratorState keeps its attributes in one shared dict: patch the key, so teardown removes it.
+            plugin = SimpleNamespace(fsdp_version=int(engine[-1]))
+            monkeypatch.setitem(self.accelerator.state.__dict__, "fsdp_plugin", plugin)
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", pretend_sharded)
+    args = R2TrainingArguments(output_dir=str(tmp_path), r2_type="linf", use_cpu=True, report_to=[])
+    if engine == "FSDP2":  # DTensor weights, gathered by the regularizer (parity: tests/test_distributed.py)
+        assert R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=args).r2_regularizer is not None
+        return
+    with pytest.raises(ValueError, match=f"not supported under {engine}"):
+        R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=args)
+    # Without R² the same engine is the Trainer's business.
+    plain = R2TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    assert R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=plain).r2_regularizer is None
