@@ -165,7 +165,9 @@ def test_miniature_arguments_validation(qnli):
         args(clip_fractions=[1.5])
     quick = args(quick=True)
     assert quick.train_samples == 64 and quick.max_steps > 0 and quick.dkm_steps <= 2
-    assert args().r2_weight("none") == 0.0 and args().r2_weight("clip") == 0.0 and args().r2_weight("linf") == 1.0
+    assert args().r2_weight("none") == 0.0 and args().r2_weight("clip") == 0.0 and args().r2_weight("linf") == 0.05
+    with pytest.raises(ValueError, match="r2_mode must be"):
+        args(r2_mode="sgd")
 
 
 def test_split_by_question_holds_out_whole_questions(qnli):
