@@ -52,6 +52,7 @@ from transformers import (
 )
 
 from hf_r2.arguments import config_with_overrides, load_metric, parse_script_args
+from hf_r2.export import check_coreml_export_request, export_coreml_to_dir
 from hf_r2.hub import (
     card_reference,
     card_tags,
@@ -392,6 +393,8 @@ def build_config(model_args: ModelArguments, num_labels: int, task_name: str, na
 def main(args_list: list[str] | None = None) -> dict[str, float]:
     """Runs the script; `args_list` replaces `sys.argv[1:]` (used by the tests). Returns all metrics."""
     model_args, data_args, training_args, compression_args, publish_args = parse_args(args_list)
+    # Before any data or model is loaded: the export needs a compressed model and coremltools.
+    check_coreml_export_request(publish_args.export_coreml, compression_args.method)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -535,6 +538,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         processing_class=tokenizer,
         data_collator=collator,
         compute_metrics=compute_metrics,
+        callbacks=compression_args.trainer_callbacks(),  # EWGS: its delta-updating callback
     )
 
     all_metrics: dict[str, float] = {}
@@ -554,8 +558,11 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             # PTQ rounds the trained float model: that model, just before it, is its full-precision reference.
             float_metrics = trainer.evaluate(metric_key_prefix="eval_float")
             float_label = "full precision (trained, before PTQ)"
+        # Calibration (PTQ ranges; QAT activation steps when nothing was trained) uses training rows, even with
+        # --do_eval alone, when the train split is there.
+        calibration_rows = train_dataset or ("train" in raw_datasets and take("train", 32)) or eval_dataset
         trainer.model = compression_args.finalize(
-            trainer.model, calibration_batches=model_inputs(collator, train_dataset or eval_dataset, n_batches=4)
+            trainer.model, calibration_batches=model_inputs(collator, calibration_rows, n_batches=4)
         )
         trainer.model_wrapped = trainer.model
         trainer.save_model()
@@ -587,6 +594,16 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
                     writer.write(f"{index}\t{item:3.3f}\n" if is_regression else f"{index}\t{names[int(item)]}\n")
             logger.info(f"Predictions written to {out}.")
 
+    coreml_bytes = None
+    if publish_args.export_coreml and trainer.is_world_process_zero():
+        # One example padded to --max_seq_length: the Core ML package's fixed input shape.
+        export_collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max_seq_length)
+        source = eval_dataset or train_dataset or predict_dataset
+        example = model_inputs(export_collator, source, n_batches=1, batch_size=1)
+        coreml_report = export_coreml_to_dir(trainer.model, example[0], publish_args.export_coreml)
+        coreml_bytes = coreml_report.weight_file_bytes
+        logger.info(coreml_report.summary())
+
     data_source = data_args.train_file or data_args.validation_file
     if writes_card and trainer.is_world_process_zero():
         # The model card next to the saved model, as transformers' script writes it, with what hf_r2 did.
@@ -608,6 +625,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
                 float_label=float_label,
                 folder=training_args.output_dir,
                 float32_bytes=float32_bytes,
+                coreml_bytes=coreml_bytes,
                 size_report=dkm_size_report(compression_args),
                 reference_ranges=reference_ranges,
                 reference_label=reference_label,
@@ -630,6 +648,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             reference_ranges=reference_ranges,
             reference_label=reference_label,
             float32_bytes=float32_bytes,
+            coreml_bytes=coreml_bytes,
             verify_inputs=batches[0] if batches else None,
             base_model=model_args.model_name_or_path,
             dataset=data_source or data_args.dataset_name,

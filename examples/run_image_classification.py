@@ -52,6 +52,7 @@ from transformers import (
 )
 
 from hf_r2.arguments import config_with_overrides, load_metric, parse_script_args
+from hf_r2.export import check_coreml_export_request, export_coreml_to_dir
 from hf_r2.hub import (
     card_reference,
     card_tags,
@@ -304,6 +305,8 @@ def build_image_processor(model_args: ModelArguments, config: Any):
 def main(args_list: list[str] | None = None) -> dict[str, float]:
     """Runs the script; `args_list` replaces `sys.argv[1:]` (used by the tests). Returns all metrics."""
     model_args, data_args, training_args, compression_args, publish_args = parse_args(args_list)
+    # Before any data or model is loaded: the export needs a compressed model and coremltools.
+    check_coreml_export_request(publish_args.export_coreml, compression_args.method)
     if training_args.do_predict:
         # TrainingArguments parses it, but this script has no test split: refuse rather than silently skip it.
         raise ValueError("--do_predict is not supported by run_image_classification.py (no test split); use --do_eval.")
@@ -441,10 +444,12 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         processing_class=processor,
         data_collator=collate,
         compute_metrics=compute_metrics,
+        callbacks=compression_args.trainer_callbacks(),  # EWGS: its delta-updating callback
     )
 
     def pixel_batches(n_batches, batch_size=8):
-        ds = train_dataset or eval_dataset
+        # Training images when there are any, even with --do_eval alone (calibration must not use evaluation data).
+        ds = train_dataset or take("train", n_batches * batch_size) or eval_dataset
         if ds is None:
             return []
         rows = [ds[i] for i in range(min(len(ds), n_batches * batch_size))]
@@ -485,6 +490,13 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         trainer.save_metrics("eval", eval_metrics)
         all_metrics.update(eval_metrics)
 
+    coreml_bytes = None
+    if publish_args.export_coreml and trainer.is_world_process_zero():
+        example = pixel_batches(1, batch_size=1)  # the Core ML package's fixed input shape: one image
+        coreml_report = export_coreml_to_dir(trainer.model, example[0], publish_args.export_coreml)
+        coreml_bytes = coreml_report.weight_file_bytes
+        logger.info(coreml_report.summary())
+
     data_source = data_args.dataset_name or data_args.train_dir or data_args.validation_dir
     if writes_card and trainer.is_world_process_zero():
         # The model card next to the saved model, as transformers' script writes it, with what hf_r2 did.
@@ -502,6 +514,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
                 float_label=float_label,
                 folder=training_args.output_dir,
                 float32_bytes=float32_bytes,
+                coreml_bytes=coreml_bytes,
                 size_report=dkm_size_report(compression_args),
                 reference_ranges=reference_ranges,
                 reference_label=reference_label,
@@ -524,6 +537,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             reference_ranges=reference_ranges,
             reference_label=reference_label,
             float32_bytes=float32_bytes,
+            coreml_bytes=coreml_bytes,
             verify_inputs=batches[0] if batches else None,
             base_model=model_args.model_name_or_path,
             dataset=data_source,

@@ -178,6 +178,13 @@ class CompressionArguments:
         default=None,
         metadata={"help": "Differentiable k-means iterations per forward (>= 1). Defaults to hf_r2.palettization's."},
     )
+    dkm_weight_threshold: int | None = field(
+        default=None,
+        metadata={
+            "help": "Leave dense the layers whose weight has fewer elements than this (>= 0), e.g. a small classifier "
+            "with fewer weights than 2^dkm_bits centroids. Default 0: every selected layer is palettized."
+        },
+    )
     dkm_target_modules: list[str] | None = field(
         default=None,
         metadata={
@@ -222,6 +229,14 @@ class CompressionArguments:
         default=None,
         metadata={"help": "Modules never to quantize: names or one regex (same syntax as --quant_target_modules)."},
     )
+    r2_during_compression: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep --r2_type on while DKM or QAT trains (it then regularizes the latent weights the compression "
+            "trains). Off by default, and refused without this flag: the paper turns R² off during compression "
+            "(R² run first, then a compression run from its output)."
+        },
+    )
 
     def __post_init__(self):
         _check_bits("dkm_bits", self.dkm_bits)
@@ -243,7 +258,8 @@ class CompressionArguments:
                 "(e.g. an R² run, then a DKM run from its output)."
             )
         dkm_only = {
-            "dkm_cluster_dim", "dkm_temperature", "dkm_kmeans_iters", "dkm_target_modules", "dkm_exclude_modules"
+            "dkm_cluster_dim", "dkm_temperature", "dkm_kmeans_iters", "dkm_weight_threshold", "dkm_target_modules",
+            "dkm_exclude_modules",
         }
         quant_only = {
             "w_bits", "a_bits", "quant_per_channel", "quant_symmetric", "quant_target_modules", "quant_exclude_modules"
@@ -293,6 +309,7 @@ class CompressionArguments:
             cluster_dim=self.dkm_cluster_dim,
             temperature=self.dkm_temperature,
             kmeans_iters=self.dkm_kmeans_iters,
+            weight_threshold=self.dkm_weight_threshold,
             target_modules=parse_module_pattern(self.dkm_target_modules),
             exclude_modules=parse_module_pattern(self.dkm_exclude_modules),
         )
@@ -345,8 +362,9 @@ class CompressionArguments:
 
         Args:
             model (`nn.Module`): The trained model.
-            calibration_batches (`Iterable`, *optional*): Model inputs (dicts) that set PTQ activation ranges;
-                required for `--quant_method ptq` with `--a_bits`.
+            calibration_batches (`Iterable`, *optional*): Model inputs (dicts), training batches preferably: they set
+                PTQ activation ranges (required for `--quant_method ptq` with `--a_bits`), and the step sizes / signs
+                of QAT activation quantizers that have seen no batch (a run without training).
         """
         method = self.method
         if method is None:
@@ -357,9 +375,55 @@ class CompressionArguments:
                 if calibration_batches is None:
                     raise ValueError("--quant_method ptq with --a_bits needs calibration batches (activation ranges).")
                 importlib.import_module("hf_r2.quantization").calibrate(model, calibration_batches)
+        elif method in QAT_METHODS and calibration_batches is not None:
+            quantization = importlib.import_module("hf_r2.quantization")
+            if quantization.uncalibrated_input_quantizers(model):
+                # Not trained (e.g. --do_eval alone): the activation quantizers have seen no batch yet; set their step
+                # sizes and signs from the given (training) batches rather than from a loaded model's first input.
+                quantization.calibrate(model, calibration_batches)
         package = importlib.import_module("hf_r2.palettization" if method == "dkm" else "hf_r2.quantization")
         result = package.finalize(model)
         return model if result is None or not isinstance(result, nn.Module) else result
+
+    def check_training_args(self, training_args: Any) -> None:
+        """Refuses, before anything is loaded, flag combinations of the compression and the training arguments.
+
+        * `--r2_type` with `--dkm_bits` or a QAT `--quant_method` while training: the paper turns R² off during
+          compression, so this needs `--r2_during_compression` (PTQ comes after training: R² then PTQ is the paper's
+          own recipe and is accepted).
+        * `--r2_cluster_dim` other than `--dkm_cluster_dim`: the regularizer would shape vectors DKM does not cluster.
+
+        Args:
+            training_args (`R2TrainingArguments`): The parsed training flags.
+        """
+        r2_type = getattr(training_args, "r2_type", "none")
+        compresses_in_training = self.trains_compressed and getattr(training_args, "do_train", False)
+        if r2_type != "none" and compresses_in_training and not self.r2_during_compression:
+            switch = f"--dkm_bits {self.dkm_bits}" if self.method == "dkm" else f"--quant_method {self.quant_method}"
+            raise ValueError(
+                f"--r2_type {r2_type} with {switch} would keep R² on while the compression trains, regularizing its "
+                "latent weights; the paper turns R² off during compression. Run R² first (--r2_type alone), then the "
+                f"compression from its output with --r2_type none; or pass --r2_during_compression to do both at once."
+            )
+        if self.r2_during_compression and not (r2_type != "none" and compresses_in_training):
+            raise ValueError(
+                "--r2_during_compression applies only with --r2_type, --do_train and --dkm_bits or a QAT "
+                f"--quant_method (lsq, ewgs, pact); got --r2_type {r2_type}, method {self.method!r}."
+            )
+        r2_dim = getattr(training_args, "r2_cluster_dim", 1)
+        dkm_dim = self.dkm_cluster_dim or 1
+        if self.method == "dkm" and r2_type != "none" and r2_dim != dkm_dim:
+            raise ValueError(
+                f"--r2_cluster_dim {r2_dim} differs from --dkm_cluster_dim {dkm_dim}: R² would regularize "
+                f"{r2_dim}-dimensional vectors while DKM clusters {dkm_dim}-dimensional ones. Give both the same value."
+            )
+
+    def trainer_callbacks(self) -> list[Any]:
+        """The `TrainerCallback`s the method needs during training: `EWGSDeltaCallback` for `--quant_method ewgs`
+        (without it EWGS's delta stays at its starting value), none otherwise."""
+        if self.method == "ewgs":
+            return [importlib.import_module("hf_r2.quantization").EWGSDeltaCallback()]
+        return []
 
     def card_info(self, model: nn.Module | None = None) -> dict[str, Any] | None:
         """What was done, for the model card (`hf_r2.hub`); `None` without compression.
@@ -457,6 +521,14 @@ class PublishArguments:
     card_reference_label: str = field(
         default="without R²", metadata={"help": "How the card names --card_reference_model."}
     )
+    export_coreml: str | None = field(
+        default=None,
+        metadata={
+            "help": "After compressing, also write DIR/model.mlpackage: a Core ML package (iOS 18 / macOS 15) whose "
+            "palettized or quantized weights stay compressed, checked equal to the PyTorch weights "
+            "(pip install hf-r2[coreml]; docs/export.md). Needs --dkm_bits or --quant_method."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.card_histogram_layers, bool) or not isinstance(self.card_histogram_layers, int) or (
@@ -470,6 +542,7 @@ def parse_script_args(model_args_cls: type, data_args_cls: type, args_list: list
 
     `(model_args, data_args, R2TrainingArguments, CompressionArguments, PublishArguments)`, from `args_list` (default
     `sys.argv[1:]`) or, when that is a single `.json` path, from that file (as transformers' example scripts do).
+    Combinations across them are checked here (`CompressionArguments.check_training_args`).
     """
     import os
     import sys
@@ -483,8 +556,12 @@ def parse_script_args(model_args_cls: type, data_args_cls: type, args_list: list
     )
     argv = sys.argv[1:] if args_list is None else args_list
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    _, _, training_args, compression_args, _ = parsed
+    compression_args.check_training_args(training_args)  # flag combinations, before any data or model is loaded
+    return parsed
 
 
 def load_metric(

@@ -3,13 +3,14 @@
 `export_coreml(model, example_inputs, "model.mlpackage")` converts a finalized hf_r2 model with coremltools and writes
 an ML Program whose compressed layers stay compressed:
 
-* a palettized layer (`PalettizedLinear` / `PalettizedConv2d` / `PalettizedEmbedding`, scalar or vector) becomes a
-  `constexpr_lut_to_dense` op: its LUT plus one index per `cluster_dim`-vector;
-* a quantized layer (`QuantizedLinear` / `QuantizedConv2d`) with a 4-, 7- or 8-bit grid and an integer zero point
-  becomes a `constexpr_blockwise_shift_scale` op (int4/uint4/int8/uint8 codes, per-tensor or per-channel scale and
-  offset); any other grid (1-3, 5, 6 bits, or DoReFa's half-integer zero point) becomes a `constexpr_lut_to_dense` op
-  whose LUT holds the grid's `2**bits` dequantized levels (one LUT per output channel when the scale is per channel):
-  iOS 18's integer op stores only 4- and 8-bit codes, and the LUT keeps a 2-bit grid at 2 bits instead of widening it.
+* a palettized layer (`PalettizedLinear` / `PalettizedConv2d` / `PalettizedEmbedding` / `PalettizedConv1D`, scalar
+  or vector) becomes a `constexpr_lut_to_dense` op: its LUT plus one index per `cluster_dim`-vector;
+* a quantized layer (`QuantizedLinear` / `QuantizedConv2d` / `QuantizedConv1D`) with a 4-, 7- or 8-bit grid and an
+  integer zero point becomes a `constexpr_blockwise_shift_scale` op (int4/uint4/int8/uint8 codes, per-tensor or
+  per-channel scale and offset); any other grid (1-3, 5, 6 bits, or DoReFa's half-integer zero point) becomes a
+  `constexpr_lut_to_dense` op whose LUT holds the grid's `2**bits` dequantized levels (one LUT per output channel
+  when the scale is per channel): iOS 18's integer op stores only 4- and 8-bit codes, and the LUT keeps a 2-bit grid
+  at 2 bits instead of widening it.
 
 How: coremltools' documented compression-info protocol ("Use compression info embedded in torch models" in its
 conversion guide): buffers named `_COREML_/weight/<field>` on each compressed module (`compression_type`, `lut`,
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import json
 import os
 import re
 import shutil
@@ -42,8 +44,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from hf_r2.palettization.compressed import (
+    PalettizedConv1D,
     PalettizedConv2d,
     PalettizedEmbedding,
     PalettizedLinear,
@@ -53,22 +57,35 @@ from hf_r2.palettization.compressed import (
 from hf_r2.palettization.layers import DKMLayerMixin
 from hf_r2.quantization import functional as quant_functional
 from hf_r2.quantization.functional import dequantize
-from hf_r2.quantization.layers import QuantConv2d, QuantizedConv2d, QuantizedLinear, QuantLinear
-from hf_r2.utils import replace_dir
+from hf_r2.quantization.layers import (
+    QuantConv1D,
+    QuantConv2d,
+    QuantizedConv1D,
+    QuantizedConv2d,
+    QuantizedLinear,
+    QuantLinear,
+)
+from hf_r2.utils import atomic_path, replace_dir
 
 __all__ = [
     "COREML_INSTALL_HINT",
     "COREML_LUT_BITS",
+    "COREML_PACKAGE_NAME",
+    "COREML_REPORT_NAME",
     "CoreMLCompressedWeight",
     "CoreMLExportReport",
     "CoreMLLayerExport",
     "coreml_export_plan",
+    "check_coreml_export_request",
     "default_constant_inputs",
     "export_coreml",
+    "export_coreml_to_dir",
     "read_coreml_compressed_weights",
 ]
 
 COREML_INSTALL_HINT = "pip install hf-r2[coreml]"
+COREML_PACKAGE_NAME = "model.mlpackage"  # what `export_coreml_to_dir` (the scripts' --export_coreml DIR) writes
+COREML_REPORT_NAME = "coreml_export.json"
 COREML_LUT_BITS = (1, 2, 3, 4, 6, 8)
 """Index widths of iOS 18's `constexpr_lut_to_dense`; a 5- or 7-bit palette is stored at 6 or 8 bits."""
 
@@ -77,8 +94,8 @@ _BLOCKWISE_BITS = {4: 4, 7: 8, 8: 8}
 bits. Every other grid is stored as a LUT of its levels, which is smaller than widening it to 4 or 8 bits."""
 
 _SUPPORTED_LUT_DTYPES = (torch.float32, torch.float16)
-_PALETTIZED_TYPES = (PalettizedLinear, PalettizedConv2d, PalettizedEmbedding)
-_QUANTIZED_TYPES = (QuantizedLinear, QuantizedConv2d)
+_PALETTIZED_TYPES = (PalettizedLinear, PalettizedConv2d, PalettizedEmbedding, PalettizedConv1D)
+_QUANTIZED_TYPES = (QuantizedLinear, QuantizedConv2d, QuantizedConv1D)
 _METADATA_PREFIX = "_COREML_"
 _WRAPPED_MODEL = "model"  # attribute of the export wrapper holding the model: Core ML names start with it
 _PACKAGE_MARKER = "Manifest.json"
@@ -220,6 +237,11 @@ def _check_float_dtype(name: str, what: str, tensor: torch.Tensor) -> None:
         )
 
 
+def _output_axis(layer: nn.Module) -> int:
+    """Axis of the output channels in `layer.weight`: 1 for transformers' `Conv1D` (stored `(in, out)`), else 0."""
+    return 1 if isinstance(layer, Conv1D) else 0
+
+
 def _palettized_plan(name: str, layer: PalettizedMixin) -> _LayerPlan:
     lut = layer.weight_lut.detach()
     _check_float_dtype(name, "LUT (weight_lut)", lut)
@@ -234,8 +256,9 @@ def _palettized_plan(name: str, layer: PalettizedMixin) -> _LayerPlan:
     core_lut = _pad_lut_rows(lut.reshape((1,) * rank + tuple(lut.shape)), 1 << bits)
     metadata = {"compression_type": torch.tensor([2]), "lut": core_lut.clone()}
     if layer.cluster_dim > 1:
-        # hf_r2's vectors are `cluster_dim` consecutive output channels (`hf_r2.utils.weight_to_vectors`): axis 0.
-        metadata["vector_axis"] = torch.tensor(0)
+        # hf_r2's vectors are `cluster_dim` consecutive output channels (`hf_r2.utils.weight_to_vectors`), which
+        # the stored weight holds on axis 0 (axis 1 for Conv1D's `(in, out)` weight).
+        metadata["vector_axis"] = torch.tensor(_output_axis(layer))
     num_indices = weight.numel() // layer.cluster_dim
     report = CoreMLLayerExport(
         name=name,
@@ -251,26 +274,30 @@ def _palettized_plan(name: str, layer: PalettizedMixin) -> _LayerPlan:
     return _LayerPlan(report, metadata, weight)
 
 
-def _channel_shaped(name: str, what: str, tensor: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A per-tensor or per-output-channel parameter at the weight's rank: `(1, 1, ..)` or `(out, 1, ..)`."""
-    rank = weight.dim()
+def _channel_shaped(name: str, what: str, tensor: torch.Tensor, weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """A per-tensor or per-output-channel parameter at the weight's rank: `(1, 1, ..)` or `(out, 1, ..)` (output
+    channels on `axis`)."""
+    shape = [1] * weight.dim()
     if tensor.numel() == 1:
-        return tensor.reshape((1,) * rank)
-    if tensor.numel() == weight.shape[0]:
-        return tensor.reshape((weight.shape[0],) + (1,) * (rank - 1))
+        return tensor.reshape(shape)
+    if tensor.numel() == weight.shape[axis]:
+        shape[axis] = weight.shape[axis]
+        return tensor.reshape(shape)
     raise ValueError(
         f"Layer {name!r}: {what} has {tensor.numel()} values; Core ML export supports a per-tensor or per-output-"
-        f"channel ({weight.shape[0]}) {what}."
+        f"channel ({weight.shape[axis]}) {what}."
     )
 
 
-def _quantized_plan(name: str, layer: QuantizedLinear | QuantizedConv2d) -> _LayerPlan:
+def _quantized_plan(name: str, layer: QuantizedLinear | QuantizedConv2d | QuantizedConv1D) -> _LayerPlan:
     layer.check_codes(name)
     scale = layer.weight_scale.detach()
     _check_float_dtype(name, "scale (weight_scale)", scale)
     weight = layer.weight.detach()
-    scale = _channel_shaped(name, "weight_scale", scale, weight)
-    zero_point = _channel_shaped(name, "weight_zero_point", layer.weight_zero_point.detach().to(scale.dtype), weight)
+    axis = _output_axis(layer)
+    scale = _channel_shaped(name, "weight_scale", scale, weight, axis)
+    zero_point = layer.weight_zero_point.detach().to(scale.dtype)
+    zero_point = _channel_shaped(name, "weight_zero_point", zero_point, weight, axis)
     zero_point = zero_point.expand(torch.broadcast_shapes(scale.shape, zero_point.shape))
     scale = scale.expand(zero_point.shape)
     bits = int(layer.weight_bits)
@@ -293,8 +320,9 @@ def _quantized_plan(name: str, layer: QuantizedLinear | QuantizedConv2d) -> _Lay
             lut_rows=0,
             num_luts=0,
             weight_shape=tuple(weight.shape),
-            # Codes, scales, and the zero points (coremltools stores them as integers of the codes' width).
-            ideal_bytes=(weight.numel() + zero_point.numel()) * stored_bits / 8 + scale.numel() * scale.element_size(),
+            # Codes, scales, and nonzero zero points (coremltools stores them as integers of the codes' width).
+            ideal_bytes=(weight.numel() + (zero_point.numel() if bool(zero_point.any()) else 0)) * stored_bits / 8
+            + scale.numel() * scale.element_size(),
         )
         return _LayerPlan(report, metadata, weight)
     # A LUT of the grid's dequantized levels, computed by the very `dequantize` the PyTorch layer uses: the Core ML
@@ -342,12 +370,12 @@ def _plan(model: nn.Module) -> dict[str, _LayerPlan]:
                 f"Layer {label!r} is a {type(module).__name__}, a DKM training layer: the model is not finalized. Run "
                 "hf_r2.palettization.finalize(model) first (Core ML needs the LUT and indices it produces)."
             )
-        if isinstance(module, QuantLinear | QuantConv2d):
+        if isinstance(module, QuantLinear | QuantConv2d | QuantConv1D):
             raise ValueError(
                 f"Layer {label!r} is a {type(module).__name__}, a fake-quantized training layer: the model is not "
                 "finalized. Run hf_r2.quantization.finalize(model) first (Core ML needs its integer codes and scales)."
             )
-        if isinstance(module, PalettizedMixin | QuantizedLinear | QuantizedConv2d):
+        if isinstance(module, PalettizedMixin | QuantizedLinear | QuantizedConv2d | QuantizedConv1D):
             if type(module) not in _PALETTIZED_TYPES + _QUANTIZED_TYPES:
                 allowed = ", ".join(t.__name__ for t in _PALETTIZED_TYPES + _QUANTIZED_TYPES)
                 raise ValueError(
@@ -394,8 +422,21 @@ class _CoreMLQuantizedConv2d(nn.Conv2d):
         return self._conv_forward(x, self.weight, self.bias)
 
 
-def _traceable_quantized(layer: QuantizedLinear | QuantizedConv2d, weight: torch.Tensor) -> nn.Module:
-    if isinstance(layer, QuantizedLinear):
+class _CoreMLQuantizedConv1D(Conv1D):
+    """`QuantizedConv1D` for tracing (see `_CoreMLQuantizedLinear`)."""
+
+    input_quantizer: nn.Module | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return super().forward(x)
+
+
+def _traceable_quantized(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+    if isinstance(layer, QuantizedConv1D):
+        new = _CoreMLQuantizedConv1D(layer.nf, layer.nx)
+    elif isinstance(layer, QuantizedLinear):
         new = _CoreMLQuantizedLinear(layer.in_features, layer.out_features, bias=False, device="meta")
     else:
         new = _CoreMLQuantizedConv2d(
@@ -459,21 +500,25 @@ class _ExportModule(nn.Module):
         self,
         model: nn.Module,
         input_names: Sequence[str],
-        constant_inputs: Mapping[str, torch.Tensor],
+        constant_inputs: Mapping[str, Any],
         expand_attention_mask: str | torch.dtype | None,
     ):
         super().__init__()
         self.model = model
         self.input_names = list(input_names)
         self.constant_names = list(constant_inputs)
-        for index, tensor in enumerate(constant_inputs.values()):
-            self.register_buffer(f"constant_input_{index}", tensor.detach().clone(), persistent=False)
+        self.python_constants = {}  # flags such as use_cache=False: passed as they are
+        for index, (name, value) in enumerate(constant_inputs.items()):
+            if isinstance(value, torch.Tensor):
+                self.register_buffer(f"constant_input_{index}", value.detach().clone(), persistent=False)
+            else:
+                self.python_constants[name] = value
         self.expand_attention_mask = expand_attention_mask
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kwargs = dict(zip(self.input_names, tensors, strict=True))
         for index, name in enumerate(self.constant_names):
-            kwargs[name] = getattr(self, f"constant_input_{index}")
+            kwargs[name] = self.python_constants.get(name, getattr(self, f"constant_input_{index}", None))
         mask = kwargs.get("attention_mask")
         if self.expand_attention_mask is not None and mask is not None and mask.dim() == 2:
             keep = mask[:, None, None, :].bool()
@@ -666,6 +711,11 @@ def _verify_package(package: Path, plans: dict[str, _LayerPlan], precision: str)
     problems = []
     for name, plan in plans.items():
         found = weights.get(plan.report.coreml_weight_name)
+        if found is None and precision == "float16":
+            # The float16 pass casts the weight (LUT or scale) and renames its op.
+            found = weights.get(plan.report.coreml_weight_name + "_cast_fp16")
+            if found is not None:
+                plan.report.coreml_weight_name = found.name
         if found is None or found.op_type != plan.report.op_type:
             what = f"a {found.op_type} op" if found else "a dense constant (or no weight of that name)"
             problems.append(f"{name!r}: expected {plan.report.op_type}, found {what}")
@@ -699,7 +749,7 @@ def export_coreml(
     *,
     minimum_deployment_target: Any = None,
     compute_precision: str = "float32",
-    constant_inputs: Mapping[str, torch.Tensor] | None = None,
+    constant_inputs: Mapping[str, Any] | None = None,
     output_names: Sequence[str] | None = None,
     atol: float = 1e-4,
 ) -> CoreMLExportReport:
@@ -721,9 +771,10 @@ def export_coreml(
         compute_precision (`str`, *optional*, defaults to `"float32"`): `"float32"` keeps every weight and LUT value
             bit-identical to PyTorch; `"float16"` runs activations in float16 and stores LUTs and dense weights in
             float16 (the indices, codes and the verification are unchanged, against the float16-rounded weights).
-        constant_inputs (`dict[str, torch.Tensor]`, *optional*): Keyword inputs baked into the program as constants
-            rather than Core ML inputs, e.g. `{"position_ids": torch.arange(seq_len)[None]}` for BERT-style models,
-            whose default position ids trace to an op coremltools 9.0 cannot convert with numpy 2.
+        constant_inputs (`dict[str, Any]`, *optional*): Keyword inputs baked into the program as constants rather
+            than Core ML inputs: tensors, e.g. `{"position_ids": torch.arange(seq_len)[None]}` for BERT-style models,
+            whose default position ids trace to an op coremltools 9.0 cannot convert with numpy 2, or flags such as
+            `use_cache=False`.
         output_names (`list[str]`, *optional*): Core ML output names; default: the model's (`logits`, ...).
         atol (`float`, *optional*, defaults to 1e-4): Largest allowed difference between the traced export module and
             the model on `example_inputs` (PyTorch side), which guards the fixed-shape adaptations.
@@ -759,7 +810,17 @@ def export_coreml(
         raise ValueError(f"{overlap} are both in example_inputs and constant_inputs; give each input once.")
     plans = _plan(model)
 
-    export_model = copy.deepcopy(model).eval()
+    # A private CPU copy: the caller's model (its device, training mode, layers) is left as it was.
+    export_model = copy.deepcopy(model).cpu().eval()
+    inputs = {name: tensor.cpu() for name, tensor in inputs.items()}
+    constants = {name: v.cpu() if isinstance(v, torch.Tensor) else v for name, v in constants.items()}
+    example = tuple(inputs.values())
+    with torch.no_grad():
+        # The model's own outputs, without the export adaptations (constant inputs, 4-D mask), to check them against.
+        names, expected = _output_tensors(export_model(**inputs))
+    for plan in plans.values():
+        plan.weight = plan.weight.cpu()
+        plan.metadata = {key: value.cpu() for key, value in plan.metadata.items()}
     _build_export_layers(export_model, plans)
     wrapper = _ExportModule(
         export_model, list(inputs), constants, _mask_mode(model) if "attention_mask" in inputs else None
@@ -768,9 +829,7 @@ def export_coreml(
     for name, plan in plans.items():
         plan.report.coreml_weight_name = _coreml_name(f"{_WRAPPED_MODEL}.{name}.weight")
 
-    example = tuple(inputs.values())
     with torch.no_grad():
-        names, expected = _output_tensors(model.eval()(**inputs, **constants) if constants else model.eval()(**inputs))
         wrapper.eval()
         with _autograd_free_quantizers():
             traced = torch.jit.trace(wrapper, example, check_trace=False, strict=False)
@@ -871,3 +930,45 @@ def default_constant_inputs(model: nn.Module, example_inputs: Mapping[str, torch
 
 
 _ABSOLUTE_POSITION_MODELS = frozenset({"bert", "mobilebert", "distilbert", "electra", "albert"})
+
+
+def check_coreml_export_request(export_dir: str | os.PathLike | None, compression_method: str | None) -> None:
+    """Checks an example script's `--export_coreml DIR` before training, so a run does not fail at its very end.
+
+    Args:
+        export_dir (`str` or `os.PathLike`, *optional*): The flag's value; `None` checks nothing.
+        compression_method (`str`, *optional*): The script's compression method (`"dkm"`, `"lsq"`, ...), `None` if
+            the run compresses nothing.
+
+    Raises:
+        ValueError: Without a compression method (a dense model has nothing to keep compressed), or if `export_dir` is
+            an existing file.
+        ImportError: Without coremltools (`pip install hf-r2[coreml]`).
+    """
+    if export_dir is None:
+        return
+    if compression_method is None:
+        raise ValueError(
+            f"--export_coreml {export_dir} exports the compressed model, but this run compresses nothing: add "
+            "--dkm_bits (palettization) or --quant_method (quantization)."
+        )
+    if Path(export_dir).exists() and not Path(export_dir).is_dir():
+        raise ValueError(f"--export_coreml {export_dir} is an existing file; give a folder.")
+    _import_coremltools()
+
+
+def export_coreml_to_dir(
+    model: nn.Module, example_inputs: Mapping[str, torch.Tensor] | torch.Tensor, export_dir: str | os.PathLike, **kwargs
+) -> CoreMLExportReport:
+    """`export_coreml` into `export_dir/model.mlpackage` plus `export_dir/coreml_export.json` (the report).
+
+    What the example scripts' `--export_coreml DIR` runs. BERT-family models get their default position ids as a
+    constant (`default_constant_inputs`). Other keyword arguments go to `export_coreml`.
+    """
+    export_dir = Path(export_dir)
+    inputs = _example_inputs(example_inputs)
+    kwargs.setdefault("constant_inputs", default_constant_inputs(model, inputs))
+    report = export_coreml(model, inputs, export_dir / COREML_PACKAGE_NAME, **kwargs)
+    with atomic_path(export_dir / COREML_REPORT_NAME) as tmp:
+        tmp.write_text(json.dumps(report.to_dict(), indent=2, default=list) + "\n")
+    return report

@@ -101,7 +101,7 @@ def r2_info_from_args(args: Any) -> dict[str, Any] | None:
     r2_type = getattr(args, "r2_type", "none")
     if r2_type in (None, "none"):
         return None
-    unused = {"linf": ("r2_margin_init_std", "r2_alpha_init"), "margin": ("r2_alpha_init",),
+    unused = {"linf": ("r2_margin_init_std", "r2_alpha_init", "r2_scale_free"), "margin": ("r2_alpha_init",),
               "soft_min_max": ("r2_margin_init_std",)}.get(r2_type, ())
     info = {k: v for k, v in sorted(vars(args).items()) if k.startswith("r2_") and v is not None and k not in unused}
     resolve = getattr(args, "resolved_r2_learning_rate", None)
@@ -148,6 +148,8 @@ def _size_table(size: Mapping[str, Any]) -> str:
         lines.append(f"| float32 (32 bit) | {size['float32_bytes'] / 1e6:.3f} |")
     label = size.get("label", "this checkpoint")
     lines.append(f"| {label} | {size['checkpoint_bytes'] / 1e6:.3f} |")
+    if size.get("coreml_bytes"):
+        lines.append(f"| Core ML package weight file (iOS 18, `hf_r2.export`) | {size['coreml_bytes'] / 1e6:.3f} |")
     text = "\n".join(lines)
     if "float32_bytes" in size and size["checkpoint_bytes"]:
         text += f"\n\nCompression ratio versus float32: {size['float32_bytes'] / size['checkpoint_bytes']:.2f}×."
@@ -350,6 +352,7 @@ def run_card_sections(
     float_label: str = FLOAT_LABEL,
     folder: str | os.PathLike | None = None,
     float32_bytes: int | None = None,
+    coreml_bytes: int | None = None,
     size_report: str | Callable[[Path], str] | None = None,
     reference_ranges: Mapping[str, LayerWeightStats] | None = None,
     reference_label: str = "start of this run",
@@ -367,6 +370,7 @@ def run_card_sections(
         metrics, float_metrics, float_label: See `metrics_section`.
         folder (`str` or `os.PathLike`, *optional*): Where the model's `model*.safetensors` were saved, for the size.
         float32_bytes (`int`, *optional*): Size of the uncompressed float32 weights.
+        coreml_bytes (`int`, *optional*): Weight-file size of the Core ML export, shown next to the safetensors size.
         size_report (`str` or `Callable[[Path], str]`, *optional*): As for `prepare_publish_folder`.
         reference_ranges, reference_label: See `build_model_card`.
 
@@ -379,6 +383,8 @@ def run_card_sections(
                 "label": "this checkpoint (safetensors on disk)"}
         if float32_bytes:
             size["float32_bytes"] = float32_bytes
+        if coreml_bytes:
+            size["coreml_bytes"] = coreml_bytes
         if callable(size_report):
             size_report = size_report(Path(folder))
     else:
@@ -635,6 +641,7 @@ def prepare_publish_folder(
     reference_label: str = "start of this run",
     histogram_layers: int = 4,
     float32_bytes: int | None = None,
+    coreml_bytes: int | None = None,
     size_report: str | Callable[[Path], str] | None = None,
     verify: bool = True,
     verify_inputs: Mapping[str, torch.Tensor] | None = None,
@@ -665,6 +672,8 @@ def prepare_publish_folder(
         histogram_layers (`int`, *optional*, defaults to 4): Layers in the figure when `reference_weights` is not
             given; 0 for no figure.
         float32_bytes (`int`, *optional*): Size of the uncompressed float32 weights, for the size table.
+        coreml_bytes (`int`, *optional*): Weight-file size of the Core ML export (`hf_r2.export`), for the size
+            table next to the safetensors size.
         size_report (`str` or `Callable[[Path], str]`, *optional*): Extra size report shown verbatim in the
             compression section, or a function computing it from the written folder (e.g. `dkm_size_report`).
         verify (`bool`, *optional*, defaults to `True`): Load the written folder back and compare (see
@@ -710,6 +719,8 @@ def prepare_publish_folder(
         size = {"checkpoint_bytes": folder_size_bytes(tmp), "label": "this checkpoint (safetensors on disk)"}
         if float32_bytes:
             size["float32_bytes"] = float32_bytes
+        if coreml_bytes:
+            size["coreml_bytes"] = coreml_bytes
         if callable(size_report):
             size_report = size_report(tmp)
         card = build_model_card(

@@ -1,12 +1,23 @@
 """`RangeRegularizer`: the total R² range loss of a model, with its learnable margins / temperatures.
 
-State-dict layout: the regularizer registers only its own parameters, never the model.
+State-dict layout: the regularizer registers only its own parameters and their optimizer state, never the model.
 
-* `r2_type="margin"`: one parameter `margins` of shape `(n_layers, cluster_dim)`,
-* `r2_type="soft_min_max"`: one parameter `alphas` of shape `(n_layers, cluster_dim)`,
-* `r2_type="linf"`: no parameter (an empty state dict).
+* `r2_type="margin"`: one parameter `margins` of shape `(n_layers, cluster_dim)` (in units of each coordinate's std
+  when `scale_free`, else in weight units),
+* `r2_type="soft_min_max"`: one parameter `alphas` of shape `(n_layers, cluster_dim)` (in units of 1 / std when
+  `scale_free`),
+* for both, the state of the parameters' own Adam: `<name>_exp_avg`, `<name>_exp_avg_sq` (same shape) and
+  `param_steps` (a 0-dim int64 count),
+* `r2_type="linf"`: nothing (an empty state dict).
 
 Row `i` belongs to `layer_names[i]`.
+
+Why the margins and temperatures have their own optimizer (`RangeRegularizer.step_parameters`), not the model's: the
+margin's gradient `1 - #weights outside` grows with the layer size, and the temperature's is of the order of the
+weights' variance; with the model's SGD at the paper's settings (lr 0.1-1.0) the first sent the margin above every
+weight in one step (the hinge then idle for hundreds of steps) and the second left α where it started. Adam's
+update is about `lr` per step whatever the gradient's size, so a margin moves by ~`lr` std per step and α by ~`lr`
+per step, under any model optimizer and learning rate.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from torch import nn
 from hf_r2 import regularizers as R
 from hf_r2.utils import check_cluster_dim, select_modules
 
-__all__ = ["R2Config", "RangeRegularizer", "SUPPORTED_LAYER_TYPES", "layer_weight"]
+__all__ = ["DEFAULT_PARAMETER_LEARNING_RATE", "R2Config", "RangeRegularizer", "SUPPORTED_LAYER_TYPES", "layer_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +93,14 @@ def _parameter(module: nn.Module) -> nn.Parameter:
     return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
 
 
+#: Default learning rate of the margins' / temperatures' own Adam (see `R2Config.learning_rate`).
+DEFAULT_PARAMETER_LEARNING_RATE = 0.01
+#: Default initial temperature: scale-free (units of 1 / std) and the paper's absolute one.
+DEFAULT_ALPHA_INIT = {True: 4.0, False: 0.1}
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-12  # the gradients are small (r2_weight x std-sized), the usual 1e-8 would damp them
+
+
 @dataclass
 class R2Config:
     """Configuration of R² range regularization (Kundu et al., section 2)."""
@@ -98,8 +117,30 @@ class R2Config:
     margin_init_std: float = field(
         default=2.0, metadata={"help": "r2_type='margin': initial margin in multiples of std(W) (the paper uses 2)."}
     )
-    alpha_init: float = field(
-        default=0.1, metadata={"help": "r2_type='soft_min_max': initial temperature alpha (the paper uses 0.1)."}
+    alpha_init: float | None = field(
+        default=None,
+        metadata={
+            "help": "r2_type='soft_min_max': initial temperature alpha. Default: 4.0 (in units of 1/std) when "
+            "scale_free, else 0.1 (the paper's). Scale-free alpha never drops below this value."
+        },
+    )
+    scale_free: bool = field(
+        default=True,
+        metadata={
+            "help": "Measure the margin in units of each layer's std (M = m std(W)) and the soft-min-max temperature "
+            "in units of 1/std (softmax(alpha w / std), penalty std e^-alpha), std detached. Then one setting fits "
+            "layers of any scale, and soft-min-max acts on the range: with the paper's absolute units alpha settles "
+            "near -ln(2 Var W), where the soft range of a layer of std 0.04 is ~0.02 whatever its true range (a "
+            "variance penalty). False: the paper's eq. 2 / eq. 3 exactly."
+        },
+    )
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the margins / temperatures' own Adam (RangeRegularizer.step_parameters): each "
+            "moves by about this many std (margin) or units of alpha per step, whatever the model's optimizer. "
+            f"Default: {DEFAULT_PARAMETER_LEARNING_RATE}."
+        },
     )
     target_modules: str | list[str] | None = field(
         default=None,
@@ -122,10 +163,22 @@ class R2Config:
             math.isfinite(self.margin_init_std) and self.margin_init_std > 0
         ):
             raise ValueError(f"margin_init_std must be a finite number > 0, got {self.margin_init_std!r}.")
+        if not isinstance(self.scale_free, bool):
+            raise ValueError(f"scale_free must be True or False, got {self.scale_free!r}.")
+        if self.alpha_init is None:
+            self.alpha_init = DEFAULT_ALPHA_INIT[self.scale_free]
         alpha = self.alpha_init
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
             # alpha <= 0 turns the soft max into a soft min (and back): the loss would widen the range.
             raise ValueError(f"alpha_init must be a finite number > 0, got {self.alpha_init!r}.")
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_PARAMETER_LEARNING_RATE
+        if (
+            not isinstance(self.learning_rate, (int, float))
+            or isinstance(self.learning_rate, bool)
+            or not (math.isfinite(self.learning_rate) and self.learning_rate >= 0)
+        ):
+            raise ValueError(f"learning_rate must be None or a finite number >= 0, got {self.learning_rate!r}.")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):
@@ -229,6 +282,13 @@ def _scatter_layers(values: list[torch.Tensor], chunks: list[list[int]], n: int,
     return out
 
 
+def _unit(chunk: torch.Tensor, scale_free: bool) -> torch.Tensor:
+    """`(layers, d)` float32: the detached std of every coordinate when scale-free (as `R.coordinate_std`), else 1."""
+    if not scale_free:
+        return torch.ones(chunk.shape[:2], device=chunk.device)
+    return chunk.detach().std(dim=2, correction=0).clamp_min_(R.MIN_SCALE)
+
+
 _ABS_MAX_BLOCK = 1024
 
 
@@ -286,45 +346,52 @@ class _LinfLosses(torch.autograd.Function):
 
 
 class _MarginLosses(torch.autograd.Function):
-    """Per-layer `Σ_c |M_c| + Σ_i max(|w_ic| - |M_c|, 0)`.
+    """Per-layer `Σ_c |M_c| + Σ_i max(|w_ic| - |M_c|, 0)`, with `M_c = |m_c| σ_c` when scale-free (else `σ_c = 1`).
 
-    Gradients: `sign(w)` on the weights outside the margin (zero inside), `sign(M_c) (1 - #outside_c)` for the margin.
-    The forward, which has `max(|w| - M, 0)` at hand, keeps the weight gradient's direction as `int8` (a quarter of a
-    float32 gradient); the backward only scales it, instead of stacking and comparing the weights again.
+    Gradients: `sign(w)` on the weights outside the margin (zero inside), `sign(m_c) σ_c (1 - #outside_c)` for the
+    margin parameter (`σ`, the detached std of the coordinate, is a constant of the step). The forward, which has
+    `max(|w| - M, 0)` at hand, keeps the weight gradient's direction as `int8` (a quarter of a float32 gradient); the
+    backward only scales it, instead of stacking and comparing the weights again.
     """
 
     @staticmethod
-    def forward(ctx, d: int, with_grad: bool, margins: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, d: int, with_grad: bool, scale_free: bool, margins: torch.Tensor, *weights: torch.Tensor
+    ) -> torch.Tensor:
         chunks = _chunks(weights)
-        losses, outside, directions = [], [], []
+        losses, outside, directions, units = [], [], [], []
         for idx in chunks:
             chunk = _stack([weights[i] for i in idx], d)
-            m = margins.detach()[idx].to(device=chunk.device, dtype=torch.float32).abs()
+            unit = _unit(chunk, scale_free)
+            m = margins.detach()[idx].to(device=chunk.device, dtype=torch.float32).abs() * unit
             excess = chunk.abs().sub_(m[:, :, None]).clamp_min_(0)
             losses.append(m.sum(dim=1) + excess.sum(dim=(1, 2)))
+            units.append(unit)
             # sign(excess) is 1 outside the margin, 0 inside: its sum counts the outliers (cheaper than count_nonzero),
             # and copysign turns it into the hinge's derivative sign(w) [|w| > M].
             outside.append(excess.sign_().sum(dim=2))
-            needed = with_grad and any(ctx.needs_input_grad[i + 3] for i in idx)
+            needed = with_grad and any(ctx.needs_input_grad[i + 4] for i in idx)
             directions.append(excess.copysign_(chunk).to(torch.int8) if needed else None)
         ctx.d, ctx.chunks, ctx.directions = d, chunks, directions
         ctx.outside = _scatter_layers(outside, chunks, len(weights), margins.device)
+        ctx.units = _scatter_layers(units, chunks, len(weights), margins.device)
         ctx.save_for_backward(margins, *weights)
         return _scatter_layers(losses, chunks, len(weights), margins.device)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         margins, *weights = ctx.saved_tensors
-        grads: list[torch.Tensor | None] = [None, None, None] + [None] * len(weights)
-        if ctx.needs_input_grad[2]:
-            grads[2] = (grad_out[:, None] * margins.sign() * (1 - ctx.outside.float())).to(margins.dtype)
+        grads: list[torch.Tensor | None] = [None, None, None, None] + [None] * len(weights)
+        if ctx.needs_input_grad[3]:
+            slope = margins.sign() * ctx.units * (1 - ctx.outside.float())
+            grads[3] = (grad_out[:, None] * slope).to(margins.dtype)
         for idx, direction in zip(ctx.chunks, ctx.directions, strict=True):
             if direction is None:
                 continue
             g = grad_out[torch.tensor(idx, device=grad_out.device)].to(direction.device)
             hinge = direction * g[:, None, None]  # int8 x float32 -> float32
             for i, grad in zip(idx, _unstack(hinge, [weights[i] for i in idx], ctx.d), strict=True):
-                grads[i + 3] = grad if ctx.needs_input_grad[i + 3] else None
+                grads[i + 4] = grad if ctx.needs_input_grad[i + 4] else None
         return tuple(grads)
 
 
@@ -339,6 +406,9 @@ _UNSHIFTED_MAX_SUM = 1e18
 class _SoftMinMaxLosses(torch.autograd.Function):
     """Per-layer `Σ_c s_max,c - s_min,c + e^(-α_c)` with `s_max = Σ w softmax(α w)`, `s_min = Σ w softmax(-α w)`.
 
+    Scale-free (`scale_free=True`): `α` stands for the temperature `α / σ_c` in everything below, the penalty is
+    `σ_c e^(-α_c)`, and `∂/∂α` is divided by `σ_c` (`σ_c`, the detached std of the coordinate, is a step constant).
+
     With `p = softmax(α w) = e / Z`, `q = softmax(-α w) = r / R`: `ds_max/dw_i = p_i (1 + α (w_i - s_max))`,
     `ds_min/dw_i = q_i (1 - α (w_i - s_min))`, `ds_max/dα = Σ p_i w_i² - s_max²`, `ds_min/dα = -(Σ q_i w_i² - s_min²)`.
 
@@ -352,14 +422,18 @@ class _SoftMinMaxLosses(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, d: int, with_grad: bool, alphas: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, d: int, with_grad: bool, scale_free: bool, alphas: torch.Tensor, *weights: torch.Tensor
+    ) -> torch.Tensor:
         chunks = _chunks(weights)
         losses, stats, grads, scales = [], [], [], []
         for idx in chunks:
             basis = _stack_with_squares([weights[i] for i in idx], d)  # (2, layers, d, K): w, w²
             chunk = basis[0]
             n, k = chunk.shape[0] * d, chunk.shape[2]
-            a = alphas.detach()[idx].to(device=chunk.device, dtype=torch.float32)
+            unit = _unit(chunk, scale_free)
+            penalty = unit * torch.exp(-alphas.detach()[idx].to(device=chunk.device, dtype=torch.float32))
+            a = alphas.detach()[idx].to(device=chunk.device, dtype=torch.float32) / unit  # the temperature
             aw = chunk * a[:, :, None]
             exps = torch.empty_like(basis)  # (2, layers, d, K): e, r
             e, r = exps.unbind(0)
@@ -374,9 +448,9 @@ class _SoftMinMaxLosses(torch.autograd.Function):
             moments = torch.bmm(exps.view(2, n, k).transpose(0, 1), basis.view(2, n, k).permute(1, 2, 0))
             moments = moments.view(-1, d, 2, 2) / sums[:, :, :, None]  # [[s_max, Σ p w²], [s_min, Σ q w²]]
             s_max, m2_max, s_min, m2_min = moments.flatten(2).unbind(2)
-            losses.append((s_max - s_min + torch.exp(-a)).sum(dim=1))
-            stats.append(torch.stack([s_max, s_min, m2_max, m2_min], dim=1))
-            if with_grad and any(ctx.needs_input_grad[i + 3] for i in idx):
+            losses.append((s_max - s_min + penalty).sum(dim=1))
+            stats.append(torch.stack([s_max, s_min, m2_max, m2_min, unit], dim=1))
+            if with_grad and any(ctx.needs_input_grad[i + 4] for i in idx):
                 # Z (p (1 + α (w - s_max)) - q (1 - α (w - s_min))) with p = e / Z, q = r / R, ρ = Z / R:
                 # αw (e + ρ r) + (1 - α s_max) e - ρ (1 + α s_min) r.
                 z, rho = sums[:, :, 0], sums[:, :, 0] / sums[:, :, 1]
@@ -388,18 +462,18 @@ class _SoftMinMaxLosses(torch.autograd.Function):
                 grads.append(None)
                 scales.append(None)
         ctx.d, ctx.chunks, ctx.grads, ctx.scales = d, chunks, grads, scales
-        ctx.stats = _scatter_layers(stats, chunks, len(weights), alphas.device)  # (n_layers, 4, d)
+        ctx.stats = _scatter_layers(stats, chunks, len(weights), alphas.device)  # (n_layers, 5, d)
         ctx.save_for_backward(alphas, *weights)
         return _scatter_layers(losses, chunks, len(weights), alphas.device)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         alphas, *weights = ctx.saved_tensors
-        grads: list[torch.Tensor | None] = [None, None, None] + [None] * len(weights)
-        if ctx.needs_input_grad[2]:
-            s_max, s_min, m2_max, m2_min = ctx.stats.unbind(1)
-            d_alpha = (m2_max - s_max**2) + (m2_min - s_min**2) - torch.exp(-alphas.float())
-            grads[2] = (grad_out[:, None] * d_alpha).to(alphas.dtype)
+        grads: list[torch.Tensor | None] = [None, None, None, None] + [None] * len(weights)
+        if ctx.needs_input_grad[3]:
+            s_max, s_min, m2_max, m2_min, unit = ctx.stats.unbind(1)
+            d_alpha = ((m2_max - s_max**2) + (m2_min - s_min**2)) / unit - unit * torch.exp(-alphas.float())
+            grads[3] = (grad_out[:, None] * d_alpha).to(alphas.dtype)
         for idx, local, scale in zip(ctx.chunks, ctx.grads, ctx.scales, strict=True):
             if local is None:
                 continue
@@ -407,7 +481,7 @@ class _SoftMinMaxLosses(torch.autograd.Function):
             g = grad_out[torch.tensor(idx, device=grad_out.device)].to(local.device)[:, None, None] * scale
             # Not in place: a second backward through a retained graph must see the same cached gradient.
             for i, grad in zip(idx, _unstack(local * g, ws, ctx.d), strict=True):
-                grads[i + 3] = grad if ctx.needs_input_grad[i + 3] else None
+                grads[i + 4] = grad if ctx.needs_input_grad[i + 4] else None
         return tuple(grads)
 
 
@@ -480,8 +554,13 @@ class RangeRegularizer(nn.Module):
     Example:
         ```python
         reg = RangeRegularizer(model, R2Config(r2_type="margin"))
-        optimizer = torch.optim.AdamW([*model.parameters(), *reg.parameters()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # any optimizer, the model's only
         loss = task_loss + 0.01 * reg()
+        loss.backward()
+        optimizer.step()
+        reg.step_parameters()  # the margins' / temperatures' own Adam
+        optimizer.zero_grad()
+        reg.zero_grad()
         ```
     """
 
@@ -513,11 +592,114 @@ class RangeRegularizer(nn.Module):
                     self._hook_handles.append(_parameter(layer).register_post_accumulate_grad_hook(_densify_grad))
 
         if config.r2_type == "margin":
-            init = torch.stack([R.init_margin(w, config.cluster_dim, config.margin_init_std) for w in weights])
+            if config.scale_free:  # in units of each coordinate's std: the init is the multiple itself
+                init = torch.full((len(weights), config.cluster_dim), float(config.margin_init_std))
+                init = init.to(weights[0].device) if weights else init
+            else:
+                init = torch.stack([R.init_margin(w, config.cluster_dim, config.margin_init_std) for w in weights])
             self.margins = nn.Parameter(init)
         elif config.r2_type == "soft_min_max":
             init = torch.stack([R.init_alpha(w, config.cluster_dim, config.alpha_init) for w in weights])
             self.alphas = nn.Parameter(init)
+        param = self._own_parameter()
+        if param is not None:  # the state of the parameter's own Adam (see the module docstring)
+            self.register_buffer(f"{self._own_name()}_exp_avg", torch.zeros_like(param.detach()))
+            self.register_buffer(f"{self._own_name()}_exp_avg_sq", torch.zeros_like(param.detach()))
+            self.register_buffer("param_steps", torch.zeros((), dtype=torch.int64, device=param.device))
+
+    def _own_name(self) -> str | None:
+        return {"margin": "margins", "soft_min_max": "alphas"}.get(self.config.r2_type)
+
+    def _own_parameter(self) -> nn.Parameter | None:
+        name = self._own_name()
+        return None if name is None else getattr(self, name)
+
+    def units(self) -> torch.Tensor:
+        """`(n_layers, cluster_dim)` float32: the detached std of every coordinate of every layer (the scale-free
+        unit, as `hf_r2.regularizers.coordinate_std`)."""
+        d = self.config.cluster_dim
+        return torch.stack([R.coordinate_std(w, d) for w in self.weights()])
+
+    @torch.no_grad()
+    def step_parameters(self, lr: float | None = None) -> None:
+        """One Adam step of the margins / temperatures on their accumulated `.grad` (then left for you to clear).
+
+        Call it after each backward, next to the model's optimizer step (`R2Trainer` does). Adam moves each parameter
+        by about `lr` per step whatever its gradient's size, so neither the layer size (the margin's gradient counts
+        the weights outside it) nor the model's optimizer and learning rate set the pace. Scale-free, that is `lr` std
+        for a margin and `lr` for α; with `scale_free=False` the step is converted to the same pace (`× std` for a
+        margin, `÷ std` for α). Scale-free α is kept at or above `alpha_init`: the loss's own pull on α is towards
+        softness (`∂/∂α = (Var_p w + Var_q w)/σ - σ e^(-α)` is positive on a Gaussian bulk), which would turn the
+        range penalty into a variance penalty; α only grows, when outliers make the top of the distribution sparse.
+
+        Args:
+            lr (`float`, *optional*): Learning rate; defaults to `config.learning_rate`.
+        """
+        param = self._own_parameter()
+        if param is None or param.grad is None:
+            return
+        lr = self.config.learning_rate if lr is None else float(lr)
+        name = self._own_name()
+        exp_avg, exp_avg_sq = getattr(self, f"{name}_exp_avg"), getattr(self, f"{name}_exp_avg_sq")
+        grad = param.grad.detach().to(exp_avg.dtype)
+        self.param_steps += 1
+        steps = int(self.param_steps)
+        beta1, beta2 = _ADAM_BETAS
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        update = (exp_avg / (1 - beta1**steps)) / ((exp_avg_sq / (1 - beta2**steps)).sqrt_().add_(_ADAM_EPS))
+        if not self.config.scale_free:
+            units = self.units().to(update.device)
+            update = update * units if name == "margins" else update / units
+        param.sub_(lr * update.to(param.dtype))
+        if name == "alphas" and self.config.scale_free:
+            param.clamp_(min=self.config.alpha_init)
+
+    def decoupled_step(self, rate: float) -> torch.Tensor:
+        """Moves the weights against the range loss's gradient, outside of any optimizer (like AdamW's weight decay).
+
+        Under Adam every weight moves by about the learning rate per step whatever its gradient, so a loss term cannot
+        pull a pretrained outlier of 8 in within a short fine-tune at lr 1e-4. This step can: for each layer, the
+        weight with the largest regularizer gradient moves by `rate × (max(W) - min(W))`, the others in proportion to
+        their gradient (L∞: the extreme element; margin: every weight outside the margin, by the same amount;
+        soft-min-max: the extremes, by their softmax share). The margins / temperatures get their gradient in
+        `.grad` (added), for `step_parameters`.
+
+        Args:
+            rate (`float`): Fraction of each layer's range by which its most-pulled weight moves (>= 0).
+
+        Returns:
+            `torch.Tensor`: The per-layer range losses before the step, detached, shape `(n_layers,)`.
+        """
+        if not (math.isfinite(rate) and rate >= 0):
+            raise ValueError(f"rate must be a finite number >= 0, got {rate!r}.")
+        weights = [_parameter(layer) for layer in self._layers]
+        if any(isinstance(w, _DTensor) for w in weights):
+            raise NotImplementedError(
+                "decoupled_step does not support FSDP2-sharded weights (the range of a shard is not the layer's); "
+                "use r2_mode='loss' with FSDP2."
+            )
+        trained = [w for w in weights if w.requires_grad]
+        own = [p for p in self.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            losses = self.layer_losses()
+            total = losses.sum()
+            if not torch.isfinite(total):
+                self._raise_non_finite(losses)
+            grads = torch.autograd.grad(total, trained + own, allow_unused=True)
+        with torch.no_grad():
+            for weight, grad in zip(trained, grads[: len(trained)], strict=True):
+                if grad is None:
+                    continue
+                grad = grad.to_dense() if grad.is_sparse else grad
+                peak = grad.abs().amax().float()
+                span = (weight.amax() - weight.amin()).float()
+                # peak == 0 (nothing outside a margin): grad is 0 too, and the step is 0 without a host sync.
+                weight.sub_(grad * (rate * span / peak.clamp_min(torch.finfo(torch.float32).tiny)).to(weight.dtype))
+            for param, grad in zip(own, grads[len(trained) :], strict=True):
+                if grad is not None:
+                    param.grad = grad if param.grad is None else param.grad + grad
+        return losses.detach()
 
     def _weight(self, i: int) -> torch.Tensor:
         weight = layer_weight(self._layers[i])
@@ -535,9 +717,10 @@ class RangeRegularizer(nn.Module):
         weights = self.weights()
         if self.config.r2_type == "linf":
             return _LinfLosses.apply(d, *weights)
+        scale_free = self.config.scale_free
         if self.config.r2_type == "margin":
-            return _MarginLosses.apply(d, torch.is_grad_enabled(), self.margins, *weights)
-        return _SoftMinMaxLosses.apply(d, torch.is_grad_enabled(), self.alphas, *weights)
+            return _MarginLosses.apply(d, torch.is_grad_enabled(), scale_free, self.margins, *weights)
+        return _SoftMinMaxLosses.apply(d, torch.is_grad_enabled(), scale_free, self.alphas, *weights)
 
     def forward(self) -> torch.Tensor:
         """Returns the total range loss, a differentiable scalar `float32` tensor.
@@ -575,4 +758,7 @@ class RangeRegularizer(nn.Module):
 
     def extra_repr(self) -> str:
         config = self.config
-        return f"r2_type={config.r2_type!r}, cluster_dim={config.cluster_dim}, n_layers={len(self.layer_names)}"
+        return (
+            f"r2_type={config.r2_type!r}, cluster_dim={config.cluster_dim}, scale_free={config.scale_free}, "
+            f"n_layers={len(self.layer_names)}"
+        )

@@ -5,9 +5,14 @@ Design (see `docs/trainer.md`):
 * The `RangeRegularizer` is owned by the trainer, never registered on the model: the model's state dict stays the
   model's, so every `save_pretrained` / `save_model` / `push_to_hub` writes a checkpoint that `from_pretrained` loads
   with no unexpected keys, and DDP never sees the regularizer's parameters.
-* Its learnable margins / temperatures get their own optimizer parameter group (own learning rate, no weight decay),
-  so their optimizer state is saved and restored with `optimizer.pt`; their values are written next to every
-  checkpoint as `r2_regularizer.safetensors` and loaded on resume, which therefore continues exactly.
+* Its learnable margins / temperatures are not in the model's optimizer: they get their own Adam
+  (`RangeRegularizer.step_parameters`, after every optimizer step), so that neither the model's optimizer (SGD at
+  lr 0.1-1 sent the margins above every weight in one step) nor its learning rate sets their pace. Their values and
+  Adam state are written next to every checkpoint as `r2_regularizer.safetensors` and loaded on resume, which
+  therefore continues exactly.
+* `r2_mode="decoupled"` applies the range gradient outside the optimizer, after each of its steps (as AdamW decouples
+  weight decay): under Adam a loss term moves every weight by about the learning rate per step, too little to pull a
+  pretrained outlier in within a fine-tune.
 * Under DDP every process adds the same range term (the weights are identical on every process), and DDP averages the
   gradients, so the term keeps its weight for any number of processes. Its gradient with respect to the
   regularizer's own parameters is computed identically on every process, so they stay in sync without communication.
@@ -38,11 +43,18 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from hf_r2.analysis import max_weight_range
-from hf_r2.range_regularizer import SUPPORTED_LAYER_TYPES, R2Config, RangeRegularizer
+from hf_r2.range_regularizer import (
+    DEFAULT_ALPHA_INIT,
+    DEFAULT_PARAMETER_LEARNING_RATE,
+    SUPPORTED_LAYER_TYPES,
+    R2Config,
+    RangeRegularizer,
+)
 from hf_r2.regularizers import R2_TYPES
 from hf_r2.utils import atomic_path, check_module_regex, is_module_regex, public_source_name, select_modules
 
 __all__ = [
+    "R2_MODES",
     "R2_TYPE_CHOICES",
     "R2_STATE_NAME",
     "R2TrainingArguments",
@@ -60,6 +72,8 @@ logger = logging.get_logger(__name__)
 
 #: Allowed values of `--r2_type`: `"none"` trains without R² (a plain `Trainer` with the loss-scale fix).
 R2_TYPE_CHOICES: tuple[str, ...] = ("none", *R2_TYPES)
+#: Allowed values of `--r2_mode`.
+R2_MODES: tuple[str, ...] = ("loss", "decoupled")
 #: File holding the regularizer's parameters inside a checkpoint folder.
 R2_STATE_NAME = "r2_regularizer.safetensors"
 #: Tags of every card of an R²-trained model (the publish folder's card, `hf_r2.hub.TAGS`, has the same).
@@ -239,20 +253,28 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class _ZeroRegularizerGrad(TrainerCallback):
-    """Clears the regularizer's gradients after every optimizer step.
+class _RegularizerStep(TrainerCallback):
+    """After every optimizer step: the decoupled range step (`r2_mode="decoupled"`), then one step of the
+    regularizer's own Adam on its margins / temperatures, then their gradients are cleared.
 
     The Trainer clears gradients with `model.zero_grad()`, which does not reach parameters living outside the model;
-    without this, the margins' and temperatures' gradients would accumulate over the whole run (and a resumed run,
-    starting from zero, would diverge from an uninterrupted one).
+    without the clearing, the margins' and temperatures' gradients would accumulate over the whole run (and a resumed
+    run, starting from zero, would diverge from an uninterrupted one).
     """
 
     def __init__(self, trainer: R2Trainer) -> None:
         self._trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self._trainer.r2_regularizer is not None:
-            self._trainer.r2_regularizer.zero_grad(set_to_none=True)
+        trainer = self._trainer
+        reg = trainer.r2_regularizer
+        if reg is None:
+            return
+        if getattr(args, "r2_mode", "loss") == "decoupled":
+            losses = reg.decoupled_step(trainer.r2_weight * trainer._schedule_factor())
+            trainer._record_r2_loss(losses.sum())
+        reg.step_parameters(getattr(args, "r2_learning_rate", None))
+        reg.zero_grad(set_to_none=True)
 
 
 @dataclass
@@ -276,9 +298,25 @@ class R2TrainingArguments(TrainingArguments):
             "training)."
         },
     )
+    r2_mode: Literal["loss", "decoupled"] = field(
+        default="loss",
+        metadata={
+            "help": "How the range regularizer acts. 'loss' (the paper): r2_weight x range loss is added to the "
+            "training loss and goes through the optimizer. 'decoupled': after every optimizer step, each layer's "
+            "weights move against the range loss's gradient by themselves, the most-pulled weight by r2_weight x the "
+            "layer's range (max - min) x the learning-rate schedule's current factor (like AdamW's decoupled weight "
+            "decay). Use 'decoupled' to remove a pretrained model's outliers in an Adam fine-tune: under Adam a loss "
+            "term moves each weight by about the learning rate per step (75 steps at 1e-4 move an outlier of 8.5 by "
+            "< 0.01). Recommended: --r2_mode decoupled --r2_type linf --r2_weight 0.05 (see docs/regularizers.md)."
+        },
+    )
     r2_weight: float = field(
         default=0.01,
-        metadata={"help": "Weight of the range loss in the training loss (the paper uses 0.01). Must be >= 0."},
+        metadata={
+            "help": "r2_mode='loss': weight of the range loss in the training loss (the paper uses 0.01), >= 0. "
+            "r2_mode='decoupled': fraction of each layer's range by which its most-pulled weight moves per step "
+            "(at the peak of the learning-rate schedule), in [0, 1]."
+        },
     )
     r2_cluster_dim: int = field(
         default=1,
@@ -292,9 +330,22 @@ class R2TrainingArguments(TrainingArguments):
         default=2.0,
         metadata={"help": "r2_type='margin': initial margin in multiples of std(W) (the paper uses 2.0)."},
     )
-    r2_alpha_init: float = field(
-        default=0.1,
-        metadata={"help": "r2_type='soft_min_max': initial temperature alpha (the paper uses 0.1)."},
+    r2_alpha_init: float | None = field(
+        default=None,
+        metadata={
+            "help": "r2_type='soft_min_max': initial temperature alpha, also its floor when scale-free. Default: "
+            f"{DEFAULT_ALPHA_INIT[True]} in units of 1/std(W) with --r2_scale_free (the default), else "
+            f"{DEFAULT_ALPHA_INIT[False]} (the paper's)."
+        },
+    )
+    r2_scale_free: bool = field(
+        default=True,
+        metadata={
+            "help": "Margins in units of each layer's std (M = m std(W)), soft-min-max temperatures in units of "
+            "1/std (penalty std e^-alpha), std detached: one setting fits layers of any scale, and soft-min-max "
+            "penalizes the range instead of settling as a variance penalty. False: the paper's eq. 2 and 3 "
+            "exactly (see docs/regularizers.md)."
+        },
     )
     r2_target_modules: list[str] | None = field(
         default=None,
@@ -311,14 +362,11 @@ class R2TrainingArguments(TrainingArguments):
     r2_learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "Learning rate of the regularizer's own parameters, which follow the same schedule and get no "
-            "weight decay. Default (None): 1e-2 for soft_min_max's temperatures alpha, --learning_rate for margin's "
-            "margins. Why: Adam-type optimizers move a parameter by about its learning rate per step. alpha is "
-            "dimensionless and must grow from 0.1 towards ~ln(1/var(W)) (5-10): at a fine-tuning rate like 2e-5 it "
-            "would never move, at 1e-2 it grows by ~1 per 100 steps, the pace the paper's SGD (lr 0.2-1.0, "
-            "r2_weight 0.01) gives it. A margin is in weight units (~2 x std(W), 0.05-0.1): at 1e-2 it jumps above "
-            "the largest weight within a few steps and its hinge goes idle (measured on a tiny BERT: worst-layer "
-            "range reduction 3%% at 1e-2, 19%% at the model's 1e-3), so it moves at the weights' own rate."
+            "help": "Learning rate of the regularizer's own Adam on its margins / temperatures (not in the model's "
+            "optimizer, so any model optimizer and learning rate work: under the paper's SGD at lr 0.1 a margin "
+            "in the model's optimizer jumped above every weight in one step). Each margin moves by about this many "
+            "std(W) per step, each alpha by about this much. Constant (no schedule). Default (None): "
+            f"{DEFAULT_PARAMETER_LEARNING_RATE}."
         },
     )
 
@@ -336,8 +384,19 @@ class R2TrainingArguments(TrainingArguments):
     def _validate_r2(self) -> None:
         if self.r2_type not in R2_TYPE_CHOICES:
             raise ValueError(f"Unknown r2_type {self.r2_type!r}; allowed: {list(R2_TYPE_CHOICES)}.")
+        if self.r2_mode not in R2_MODES:
+            raise ValueError(f"Unknown r2_mode {self.r2_mode!r}; allowed: {list(R2_MODES)}.")
         if not _is_finite_number(self.r2_weight) or self.r2_weight < 0:
             raise ValueError(f"r2_weight must be a finite number >= 0, got {self.r2_weight!r}.")
+        if self.r2_mode == "decoupled" and self.r2_weight > 1:
+            raise ValueError(
+                f"With r2_mode='decoupled', r2_weight is the fraction of a layer's range its most-pulled weight moves "
+                f"per step and must be in [0, 1], got {self.r2_weight!r} (recommended: 0.05)."
+            )
+        if not isinstance(self.r2_scale_free, bool):
+            raise ValueError(f"r2_scale_free must be True or False, got {self.r2_scale_free!r}.")
+        if self.r2_alpha_init is None:
+            self.r2_alpha_init = DEFAULT_ALPHA_INIT[self.r2_scale_free]
         if not isinstance(self.r2_cluster_dim, int) or isinstance(self.r2_cluster_dim, bool) or self.r2_cluster_dim < 1:
             raise ValueError(f"r2_cluster_dim must be an integer >= 1, got {self.r2_cluster_dim!r}.")
         if not _is_finite_number(self.r2_margin_init_std) or self.r2_margin_init_std <= 0:
@@ -352,10 +411,10 @@ class R2TrainingArguments(TrainingArguments):
         self.r2_exclude_modules = _normalize_module_pattern(self.r2_exclude_modules, "r2_exclude_modules")
 
     def resolved_r2_learning_rate(self) -> float:
-        """The learning rate of the regularizer's parameters: `r2_learning_rate`, or its per-type default."""
+        """The learning rate of the regularizer's own Adam: `r2_learning_rate`, or its default."""
         if self.r2_learning_rate is not None:
             return float(self.r2_learning_rate)
-        return 1e-2 if self.r2_type == "soft_min_max" else float(self.learning_rate)
+        return DEFAULT_PARAMETER_LEARNING_RATE
 
     def to_r2_config(self) -> R2Config:
         """The `R2Config` these arguments describe.
@@ -370,13 +429,16 @@ class R2TrainingArguments(TrainingArguments):
             cluster_dim=self.r2_cluster_dim,
             margin_init_std=self.r2_margin_init_std,
             alpha_init=self.r2_alpha_init,
+            scale_free=self.r2_scale_free,
+            learning_rate=self.resolved_r2_learning_rate(),
             target_modules=self.r2_target_modules,
             exclude_modules=self.r2_exclude_modules,
         )
 
 
 class R2Trainer(Trainer):
-    """A `transformers.Trainer` that adds `r2_weight × range loss` to the training loss.
+    """A `transformers.Trainer` that adds `r2_weight × range loss` to the training loss (`r2_mode="loss"`), or applies
+    the range gradient after every optimizer step (`r2_mode="decoupled"`, see `R2TrainingArguments.r2_mode`).
 
     Logged at every logging step next to `loss` (which includes the weighted range term): `r2_loss` (the unweighted
     range loss, averaged over the micro-batches and processes since the last log), `task_loss` (`loss - r2_weight ×
@@ -415,7 +477,7 @@ class R2Trainer(Trainer):
         self._r2_given = r2_regularizer
         self.r2_regularizer: RangeRegularizer | None = None
         self._setup_r2()
-        self.add_callback(_ZeroRegularizerGrad(self))
+        self.add_callback(_RegularizerStep(self))
 
     # ---- set-up ----
 
@@ -491,23 +553,6 @@ class R2Trainer(Trainer):
         self._setup_r2()
         return model
 
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """Creates the `Trainer` optimizer and adds the regularizer's parameters as their own group.
-
-        The group has learning rate `args.resolved_r2_learning_rate()` and no weight decay: a decayed margin or
-        temperature would be pulled to 0, against the objective. It follows the same schedule (warm-up, decay).
-        """
-        optimizer = super().create_optimizer(model)
-        reg_params = [p for p in self.r2_regularizer.parameters() if p.requires_grad] if self.r2_regularizer else []
-        if reg_params:
-            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            missing = [p for p in reg_params if id(p) not in known]
-            if missing:
-                resolve = getattr(self.args, "resolved_r2_learning_rate", None)
-                lr = resolve() if resolve is not None else self.args.learning_rate
-                optimizer.add_param_group({"params": missing, "lr": lr, "weight_decay": 0.0})
-        return optimizer
-
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The Trainer's decayed parameters minus the quantizers' own (LSQ/EWGS step sizes, PACT clipping levels).
 
@@ -540,11 +585,11 @@ class R2Trainer(Trainer):
         )
         if self.r2_regularizer is None or not model.training:
             return result
+        if self._r2_decoupled():  # the range step happens after the optimizer step (`_RegularizerStep`)
+            return result
         loss, outputs = result if return_outputs else (result, None)
         range_loss = self.r2_regularizer()
-        detached = range_loss.detach().float()
-        self._r2_sum = detached if self._r2_sum is None else self._r2_sum + detached
-        self._r2_count += 1
+        self._record_r2_loss(range_loss)
         term = self.r2_weight * range_loss
         if self._loss_is_scaled_for_ga(num_items_in_batch):
             # The task loss is already normalized over the whole accumulated batch: give the range term the same
@@ -552,6 +597,22 @@ class R2Trainer(Trainer):
             term = term / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         loss = loss + term.to(loss.device, loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def _r2_decoupled(self) -> bool:
+        return getattr(self.args, "r2_mode", "loss") == "decoupled"
+
+    def _record_r2_loss(self, range_loss: torch.Tensor) -> None:
+        detached = range_loss.detach().float()
+        self._r2_sum = detached if self._r2_sum is None else self._r2_sum + detached
+        self._r2_count += 1
+
+    def _schedule_factor(self) -> float:
+        """The learning-rate schedule's current factor: the model's current learning rate over `args.learning_rate`."""
+        base = float(self.args.learning_rate)
+        scheduler = getattr(self, "lr_scheduler", None)
+        if scheduler is None or base <= 0:
+            return 1.0
+        return float(scheduler.get_last_lr()[0]) / base
 
     def _reduce_r2_stats(self) -> tuple[float, int]:
         device = self.args.device
@@ -577,7 +638,8 @@ class R2Trainer(Trainer):
                 if count:
                     r2_loss = total / count
                     logs["r2_loss"] = r2_loss
-                    logs["task_loss"] = logs["loss"] - self.r2_weight * r2_loss
+                    in_loss = 0.0 if self._r2_decoupled() else self.r2_weight
+                    logs["task_loss"] = logs["loss"] - in_loss * r2_loss
             if self._range_layer_names:
                 modules = dict(self.model.named_modules())
                 logs["max_weight_range"] = max_weight_range({n: modules[n] for n in self._range_layer_names})
@@ -671,7 +733,14 @@ class R2Trainer(Trainer):
             )
         lines = []
         if r2_type != "none":
-            lines = ["", "## R² range regularization", "", f"- r2_type: {r2_type}", f"- r2_weight: {self.r2_weight}"]
+            lines = [
+                "",
+                "## R² range regularization",
+                "",
+                f"- r2_type: {r2_type}",
+                f"- r2_mode: {getattr(self.args, 'r2_mode', 'loss')}",
+                f"- r2_weight: {self.r2_weight}",
+            ]
             config = self.r2_regularizer.config if self.r2_regularizer is not None else None
             if config is not None:
                 lines += [

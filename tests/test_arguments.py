@@ -225,3 +225,59 @@ def test_module_flags_cover_containers_and_refuse_typos_and_mixed_regexes():
 
     assert "bert.embeddings.word_embeddings" not in dkm_layers(model) and "classifier" not in dkm_layers(model)
     assert "bert.embeddings.position_embeddings" in dkm_layers(model)
+
+
+def test_too_few_vectors_advice_names_a_flag_that_exists():
+    """Issue 15.12: the DKM error advised `weight_threshold`, which had no flag."""
+    from hf_r2.palettization import dkm_layers
+
+    compression, _ = parse("--dkm_bits", "6")
+    with pytest.raises(ValueError, match=r"token_type_embeddings.weight .* fewer than the 2\*\*6 = 64 centroids.*"
+                                         r"--dkm_weight_threshold 33"):
+        compression.apply(tiny_bert())
+    compression, _ = parse("--dkm_bits", "6", "--dkm_weight_threshold", "33")
+    layers = dkm_layers(compression.apply(tiny_bert()))
+    assert "classifier" not in layers and "bert.embeddings.token_type_embeddings" not in layers
+    assert "bert.embeddings.word_embeddings" in layers
+    with pytest.raises(ValueError, match="--dkm_weight_threshold given without --dkm_bits"):
+        parse("--dkm_weight_threshold", "10")
+
+
+def test_r2_with_a_compression_that_trains_needs_an_explicit_flag_and_matching_dims(tmp_path):
+    """Issue 10.3: --r2_type with --dkm_bits / a QAT --quant_method kept R² on during compression silently; nothing
+    checked --r2_cluster_dim against --dkm_cluster_dim; --quant_method ewgs got no delta-updating callback."""
+    from dataclasses import dataclass
+
+    from hf_r2.arguments import parse_script_args
+    from hf_r2.quantization import EWGSDeltaCallback
+
+    @dataclass
+    class ModelArgs:
+        model_name_or_path: str = "m"
+
+    @dataclass
+    class DataArgs:
+        task_name: str = "qnli"
+
+    def script(*flags):
+        return parse_script_args(ModelArgs, DataArgs, ["--output_dir", str(tmp_path), *flags])
+
+    for compression in (("--dkm_bits", "2"), ("--quant_method", "lsq"), ("--quant_method", "pact")):
+        with pytest.raises(ValueError, match=rf"--r2_type margin with {' '.join(compression)} would keep R² on while "
+                                             "the compression trains.*paper turns R² off.*--r2_during_compression"):
+            script("--do_train", "--r2_type", "margin", *compression)
+        script("--do_train", "--r2_type", "margin", *compression, "--r2_during_compression")  # explicit: accepted
+        script("--do_train", *compression)  # compression alone
+    script("--do_train", "--r2_type", "linf", "--quant_method", "ptq")  # R² then PTQ: the paper's recipe
+    script("--do_eval", "--r2_type", "linf", "--dkm_bits", "2")  # nothing trains
+    with pytest.raises(ValueError, match="--r2_during_compression applies only with --r2_type"):
+        script("--do_train", "--dkm_bits", "2", "--r2_during_compression")
+    with pytest.raises(ValueError, match="--r2_cluster_dim 2 differs from --dkm_cluster_dim 4"):
+        script("--do_train", "--r2_type", "linf", "--r2_cluster_dim", "2", "--dkm_bits", "4", "--dkm_cluster_dim", "4",
+               "--r2_during_compression")
+    with pytest.raises(ValueError, match="--r2_cluster_dim 2 differs from --dkm_cluster_dim 1"):
+        script("--do_train", "--r2_type", "linf", "--r2_cluster_dim", "2", "--dkm_bits", "2", "--r2_during_compression")
+    *_, compression, _ = script("--do_train", "--quant_method", "ewgs")
+    assert [type(c) for c in compression.trainer_callbacks()] == [EWGSDeltaCallback]
+    *_, compression, _ = script("--do_train", "--quant_method", "lsq")
+    assert compression.trainer_callbacks() == []

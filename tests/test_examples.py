@@ -587,3 +587,21 @@ def test_run_glue_two_processes_match_one(tmp_path):
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
     for key in ("r2_loss", "task_loss"):
         assert log_values(tmp_path / "two", key) == pytest.approx(log_values(tmp_path / "one", key), rel=1e-5)
+
+
+def test_run_glue_ewgs_updates_its_delta_and_r2_during_compression_is_explicit(tmp_path):
+    """Issue 10.3: the scripts never attached EWGS's delta-updating callback (delta stayed at its start, 1e-3), and
+    --r2_type with a compression that trains kept R² on silently."""
+    run_glue.main(glue_args(
+        tmp_path / "ewgs", "--do_train", "--max_steps", "2", "--quant_method", "ewgs", "--w_bits", "4", "--a_bits", "4",
+        "--quant_exclude_modules", "classifier", "--publish_dir", str(tmp_path / "pub"),
+    ))
+    with safe_open(tmp_path / "ewgs" / "model.safetensors", framework="pt") as f:
+        deltas = [float(f.get_tensor(k)) for k in f.keys() if k.endswith("ewgs_delta_state")]
+        quantized = [k for k in f.keys() if k.endswith(".weight_int")]
+    assert deltas and all(d != pytest.approx(1e-3, rel=1e-6) for d in deltas), deltas
+    # Issue 15.5: the card says what was actually compressed, counted from the finalized layers.
+    assert f"| `compressed_layers` | {len(quantized)} |" in card_text(tmp_path / "pub")
+    assert "| `compressed_weights` |" in card_text(tmp_path / "pub")
+    with pytest.raises(ValueError, match="--r2_type linf with --dkm_bits 2 would keep R² on.*--r2_during_compression"):
+        run_glue.main(glue_args(tmp_path / "dkm", "--do_train", "--r2_type", "linf", "--dkm_bits", "2"))

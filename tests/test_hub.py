@@ -124,13 +124,13 @@ def test_r2_info_lists_only_the_settings_the_type_uses(tmp_path):
         return hub.r2_info_from_args(R2TrainingArguments(output_dir=str(tmp_path), learning_rate=2e-5, **kwargs))
 
     smm = info(r2_type="soft_min_max")
-    assert smm["r2_alpha_init"] == 0.1 and "r2_margin_init_std" not in smm
+    assert smm["r2_alpha_init"] == 4.0 and "r2_margin_init_std" not in smm  # scale-free default
     assert smm["r2_learning_rate"] == 1e-2  # the per-type default it trained with, not a missing entry
     margin = info(r2_type="margin", r2_learning_rate=1e-3)
     assert margin["r2_margin_init_std"] == 2.0 and "r2_alpha_init" not in margin
     assert margin["r2_learning_rate"] == 1e-3
     linf = info(r2_type="linf", r2_weight=0.05)
-    assert linf == {"r2_cluster_dim": 1, "r2_type": "linf", "r2_weight": 0.05}
+    assert linf == {"r2_cluster_dim": 1, "r2_mode": "loss", "r2_type": "linf", "r2_weight": 0.05}
     assert info(r2_type="none") is None
 
 

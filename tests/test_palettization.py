@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
 from transformers import MobileBertConfig, MobileBertForSequenceClassification
@@ -442,6 +443,31 @@ def test_bfloat16_weights_train_and_finalize(backend):
     assert model[0].weight.dtype == torch.bfloat16 and torch.unique(model[0].weight).numel() <= 4
 
 
+@pytest.mark.parametrize("backend,cluster_dim", [("grid", 1), ("exact", 1), ("exact", 2)])
+def test_dkm_trains_under_bfloat16_autocast_with_float32_clustering(backend, cluster_dim):
+    """Issue 15.11: `--bf16` (CPU autocast) crashed at the first DKM step ("mat1 and mat2 must have the same dtype").
+    The clustering must run in float32 inside autocast: its centroids equal those of a float32 step."""
+    results = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8))
+        palettize(model, DKMConfig(n_bits=2, cluster_dim=cluster_dim, backend=backend, grid_size=256))
+        x = torch.randn(4, 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+            soft = model[0].soft_weight(update=False)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert soft.dtype == torch.float32  # the clustering itself never runs in half precision
+        out.float().square().sum().backward()
+        results.append((soft.detach(), model[0].centroids.clone(), model[0].weight.grad.clone(), out.detach()))
+    (soft32, c32, g32, o32), (soft16, c16, g16, o16) = results
+    torch.testing.assert_close(c16, c32, rtol=1e-6, atol=1e-7)  # float32 clustering in both runs
+    torch.testing.assert_close(soft16, soft32, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(o16.float(), o32, rtol=0.05, atol=0.05)  # bf16 matmuls around it
+    cosine = F.cosine_similarity(g16.reshape(-1), g32.reshape(-1), dim=0)
+    assert cosine > 0.99, cosine
+
+
 def test_dkm_benchmark_refuses_non_positive_steps_and_threads():
     # argparse refuses them before any worker starts (0 steps had no median; 0 threads failed in every worker).
     import subprocess
@@ -526,3 +552,14 @@ def test_multihead_attention_is_refused_loudly():
         palettize(model, DKMConfig(n_bits=2))
     palettize(model, DKMConfig(n_bits=2, exclude_modules=["attn"]))
     assert list(dkm_layers(model)) == ["head"]
+
+
+def test_finalize_refuses_diverged_centroids_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    palettize(model, DKMConfig(n_bits=2))
+    with torch.no_grad():
+        model[1].centroids[0] = float("nan")
+    first = model[0].centroids.clone()
+    with pytest.raises(ValueError, match="DKM layer '1' has non-finite centroids.*nothing was finalized"):
+        finalize(model, compress=False)
+    assert isinstance(model[0], DKMLinear) and torch.equal(model[0].centroids, first)  # layer 0 was not converted

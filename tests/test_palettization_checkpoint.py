@@ -114,14 +114,15 @@ def palettize_model(model, bits_for):
 
 
 def ideal_bytes(dense_state, model, layers):
-    """Palettized weights at b/d bits + their stored LUTs + every other tensor at its dtype, from the dense state."""
+    """Palettized weights at b/d bits + their stored LUTs and checksums (3 int64 each, format version 2) + every other
+    tensor at its dtype, from the dense state."""
     total = 0.0
     for key, tensor in dense_state.items():
         module_name = key.rpartition(".")[0]
         if key.endswith(".weight") and module_name in layers:
             spec = layers[module_name]
             lut = model.get_submodule(module_name).weight_lut
-            total += tensor.numel() / spec["cluster_dim"] * spec["n_bits"] / 8 + lut.numel() * 4
+            total += tensor.numel() / spec["cluster_dim"] * spec["n_bits"] / 8 + lut.numel() * 4 + 3 * 8
         else:
             total += tensor.numel() * tensor.element_size()
     return total
@@ -273,7 +274,8 @@ def test_state_dict_is_compact_and_loads_into_plain_torch_modules():
     lut, indices = hard_assignment(layer.weight, 3, 2)
     new = to_palettized(layer, lut, indices, 3, 2)
     state = new.state_dict()
-    assert set(state) == {"weight", "bias", "weight_lut"}
+    assert set(state) == {"weight", "bias", "weight_lut", "weight_checksum"}
+    assert not [n for n, b in new.named_buffers() if b.is_meta]  # every buffer holds data (deepcopy, .cpu())
     assert state["weight"].dtype == torch.uint8 and state["weight"].numel() == math.ceil(6 * 4 * 9 / 2 * 3 / 8)
 
     fresh = PalettizedConv2d(4, 6, 3, n_bits=3, cluster_dim=2)
@@ -311,7 +313,7 @@ def test_attach_config_checks_the_layers():
     config = attach_palettization_config(model)
     assert config.to_dict() == {
         "quant_method": "hf_r2_palettization",
-        "format_version": 1,
+        "format_version": 2,
         "layers": {"classifier": {"n_bits": 2, "cluster_dim": 1, "shape": [3, 128]}},
     }
 
@@ -328,7 +330,7 @@ def _layer(**spec):
         ({"layers": _layer(cluster_dim=3)}, "cluster_dim=3 does not divide"),
         ({"layers": _layer(shape=[4, 0])}, "shape must be a list of positive ints"),
         ({"layers": {"a": {"n_bits": 2, "cluster_dim": 1}}}, r"lacks \['shape'\]"),
-        ({"layers": _layer(), "format_version": 2}, "newer"),
+        ({"layers": _layer(), "format_version": 3}, "newer"),
         ({"layers": _layer(), "quant_method": "gptq"}, "quant_method"),
     ],
 )
@@ -369,7 +371,7 @@ def test_mobilebert_round_trip_is_exact_and_compact(tmp_path):
     kept = ["config.json", "model-card.md", "model.safetensors", "vocab.txt"]  # stale shards and index removed
     assert sorted(p.name for p in directory.iterdir()) == kept
     config = json.loads((directory / "config.json").read_text())["quantization_config"]
-    assert config["quant_method"] == "hf_r2_palettization" and config["format_version"] == 1
+    assert config["quant_method"] == "hf_r2_palettization" and config["format_version"] == 2
     assert config["layers"]["classifier"] == {"n_bits": 3, "cluster_dim": 1, "shape": [3, 128]}
     assert len(config["layers"]) == len(layers) == 28
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
@@ -499,6 +501,13 @@ def _set(mapping, key, value):
     mapping[key] = value
 
 
+def _flip_bit(tensor, byte, bit):
+    """The tensor with one bit of its raw bytes flipped (a storage or transfer error)."""
+    raw = tensor.contiguous().view(torch.uint8).reshape(-1).clone()
+    raw[byte] ^= 1 << bit
+    return raw.view(tensor.dtype).reshape(tensor.shape)
+
+
 LUT, PACKED = "classifier.weight_lut", "classifier.weight"
 CORRUPTIONS = {
     "lut_too_many_rows": (
@@ -531,7 +540,17 @@ CORRUPTIONS = {
         _edit_config(lambda q: q["layers"]["classifier"].update(shape=[3, 64])),
         r"'classifier' the shape \[3, 64\].*builds it with shape \[3, 128\]",
     ),
-    "config_newer_format": (_edit_config(lambda q: q.update(format_version=2)), "format version 2.*upgrade hf_r2"),
+    "config_newer_format": (_edit_config(lambda q: q.update(format_version=3)), "format version 3.*upgrade hf_r2"),
+    # Issue 15.9: one flipped bit decodes to a valid, slightly different model; only the checksum tells.
+    "lut_bit_flip": (
+        _edit_tensors(lambda t: _set(t, LUT, _flip_bit(t[LUT], 9, 0))),  # lowest mantissa bit of a float32 entry
+        r"'classifier'.*checksum of its LUT \('.weight_lut'\) does not match",
+    ),
+    "indices_bit_flip": (
+        _edit_tensors(lambda t: _set(t, PACKED, _flip_bit(t[PACKED], 100, 3))),
+        r"'classifier'.*checksum of its packed indices \('.weight'\) does not match",
+    ),
+    "checksum_missing": (_edit_tensors(lambda t: t.pop("classifier.weight_checksum")), "'classifier'.*no checksum"),
 }
 
 
@@ -543,6 +562,51 @@ def test_corrupt_checkpoint_raises_a_clear_error(tiny_checkpoint, tmp_path, corr
     edit(directory)
     with pytest.raises(ValueError, match=match):
         AutoModelForSequenceClassification.from_pretrained(directory)
+
+
+def _as_format_version_1(directory):
+    """Rewrites a checkpoint as hf_r2 wrote it before checksums: no `.weight_checksum` tensors, format_version 1."""
+    _edit_tensors(lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".weight_checksum")]])(directory)
+    _edit_config(lambda q: q.update(format_version=1))(directory)
+
+
+def test_format_version_1_checkpoints_still_load_and_save_as_version_1(tiny_checkpoint, tmp_path):
+    reference = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint)
+    directory = tmp_path / "v1"
+    shutil.copytree(tiny_checkpoint, directory)
+    _as_format_version_1(directory)
+    loaded = AutoModelForSequenceClassification.from_pretrained(directory)
+    assert "weight_checksum" not in dict(loaded.classifier.named_buffers())
+    reference_state, loaded_state = reference.state_dict(), loaded.state_dict()
+    assert set(reference_state) - set(loaded_state) == {k for k in reference_state if k.endswith("weight_checksum")}
+    assert all(torch.equal(loaded_state[k], v) for k, v in loaded_state.items() if k in reference_state)
+    loaded.save_pretrained(tmp_path / "again")  # re-saved as what it is: version 1, without checksums
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["format_version"] == 1
+    assert not [k for k in load_file(tmp_path / "again" / "model.safetensors") if k.endswith("weight_checksum")]
+
+
+def test_checksum_tolerates_a_lut_cast_on_load_but_still_checks_the_indices(tiny_checkpoint, tmp_path):
+    """`from_pretrained(..., dtype=bfloat16)` casts the LUT: its bytes cannot match, the indices still must."""
+    loaded = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
+    assert loaded.classifier.weight_lut.dtype == torch.bfloat16
+    directory = tmp_path / "flipped"
+    shutil.copytree(tiny_checkpoint, directory)
+    _edit_tensors(lambda t: _set(t, PACKED, _flip_bit(t[PACKED], 100, 3)))(directory)
+    with pytest.raises(ValueError, match="checksum of its packed indices"):
+        AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.bfloat16)
+
+
+def test_plain_torch_loading_checks_the_checksum_too():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 6)
+    new = to_palettized(layer, *hard_assignment(layer.weight, 2, 1), 2, 1)
+    state = new.state_dict()
+    fresh = PalettizedLinear(16, 6, n_bits=2, cluster_dim=1)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.weight, new.weight)
+    state["weight"] = _flip_bit(state["weight"], 0, 1)
+    with pytest.raises(RuntimeError, match="checksum of its packed indices"):
+        PalettizedLinear(16, 6, n_bits=2, cluster_dim=1).load_state_dict(state)
 
 
 def test_uncorrupted_tiny_checkpoint_loads(tiny_checkpoint):

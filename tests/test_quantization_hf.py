@@ -262,3 +262,47 @@ def test_multihead_attention_is_refused_loudly_and_excluding_it_works():
     assert type(model.attn.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
     quantize(model, get_quantization_config("lsq", w_bits=4, exclude_modules=["attn"]))
     assert list(quantized_layers(model)) == ["head"]
+
+
+# ---- issue 15.8: activation quantizers finalized before any batch are refused, or calibrated by the scripts ----
+
+
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [("lsq", {"w_bits": 4, "a_bits": 4}), ("ewgs", {"w_bits": 4, "a_bits": 4}), ("pact", {"w_bits": 4, "a_bits": 4})],
+)
+def test_finalize_refuses_activation_quantizers_that_saw_no_batch(method, kwargs):
+    model = quantize(_tiny_bert(), get_quantization_config(method, **kwargs))
+    with pytest.raises(ValueError, match=r"input quantizers of \d+ layer\(s\), e.g. \['bert.encoder.layer.0.attention"
+                                         r".*have seen no batch.*calibrate.*Nothing was finalized"):
+        finalize(model)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    calibrate(model, [BATCH])
+    finalize(model)  # once calibrated it finalizes
+    # PACT with an explicit sign needs no batch: its clipping level is a parameter that starts at alpha_init.
+    finalize(quantize(_tiny_bert(), get_quantization_config("pact", w_bits=4, a_bits=4, a_signed=True)))
+
+
+def test_scripts_calibrate_untrained_activation_quantizers_on_the_given_batches(tmp_path):
+    """`--quant_method lsq --a_bits 4 --do_eval` without training saved step sizes that the first batch after loading
+    set, so two loads of one checkpoint disagreed (0.009 in logits)."""
+    from transformers import HfArgumentParser
+
+    from hf_r2.arguments import CompressionArguments
+
+    (compression,) = HfArgumentParser(CompressionArguments).parse_args_into_dataclasses(
+        ["--quant_method", "lsq", "--w_bits", "4", "--a_bits", "4"]
+    )
+    model = compression.apply(_tiny_bert().eval())
+    seen = {}  # the classifier's input during calibration (earlier layers already quantized)
+    model.classifier.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
+    model = compression.finalize(model, calibration_batches=[BATCH])
+    # LSQ's initial step, 2 mean|x| / sqrt(Q_P), from the given batch (the classifier's input is signed: Q_P = 7).
+    expected_step = 2 * seen["x"].abs().mean() / 7**0.5
+    torch.testing.assert_close(model.classifier.input_quantizer.step.detach(), expected_step, rtol=1e-5, atol=1e-7)
+    model.save_pretrained(tmp_path)
+    other = {"input_ids": torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(5))}
+    first, second = (BertForSequenceClassification.from_pretrained(tmp_path).eval() for _ in range(2))
+    with torch.no_grad():
+        first(**other)  # another batch first: must not set anything
+        torch.testing.assert_close(first(**BATCH).logits, second(**BATCH).logits, rtol=1e-5, atol=1e-6)

@@ -38,8 +38,10 @@ def test_tied_weights_are_regularized_once(r2_type, caplog):
     losses = reg.per_layer_losses()
     wte = model.transformer.wte.weight.detach().double()
     row = reg.layer_names.index("transformer.wte")
-    value = {"linf": lambda: R.linf(wte), "margin": lambda: R.margin(wte, reg.margins[row].detach().double()),
-             "soft_min_max": lambda: R.soft_min_max(wte, reg.alphas[row].detach().double())}[r2_type]()
+    unit = R.coordinate_std(wte)  # the default, scale-free parametrization
+    value = {"linf": lambda: R.linf(wte),
+             "margin": lambda: R.margin(wte, reg.margins[row].detach().double(), scale=unit),
+             "soft_min_max": lambda: R.soft_min_max(wte, reg.alphas[row].detach().double(), scale=unit)}[r2_type]()
     assert losses["transformer.wte"] == pytest.approx(value.item(), rel=1e-5)
 
 
@@ -77,9 +79,10 @@ def test_multihead_attention_in_proj_weight_is_regularized(r2_type):
     assert reg.layer_names == ["attn", "attn.out_proj", "head"]
     in_proj = model.attn.in_proj_weight
     row = 0
-    expected = {"linf": lambda: R.linf(in_proj.detach()),
-                "margin": lambda: R.margin(in_proj.detach(), reg.margins[row].detach()),
-                "soft_min_max": lambda: R.soft_min_max(in_proj.detach(), reg.alphas[row].detach())}[r2_type]()
+    w, unit = in_proj.detach(), R.coordinate_std(in_proj)  # the default, scale-free parametrization
+    expected = {"linf": lambda: R.linf(w),
+                "margin": lambda: R.margin(w, reg.margins[row].detach(), scale=unit),
+                "soft_min_max": lambda: R.soft_min_max(w, reg.alphas[row].detach(), scale=unit)}[r2_type]()
     assert reg.per_layer_losses()["attn"] == pytest.approx(expected.item(), rel=1e-5)
     reg().backward()
     assert in_proj.grad is not None and in_proj.grad[0, 0] > 0

@@ -223,3 +223,29 @@ def test_parameter_shape_mismatch_raises():
         R.margin(torch.randn(4, 4), torch.ones(3), 2)
     with pytest.raises(ValueError, match="std_multiple must be a finite number >= 0, got nan"):
         R.init_margin(torch.randn(4, 4), 1, float("nan"))
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_scale_free_forms_match_float64_reference(d):
+    """scale = σ (the detached per-coordinate std): margin |m| σ, temperature α / σ, penalty σ e^(-α)."""
+    weight = torch.randn(8, 12, generator=torch.Generator().manual_seed(11)) * 0.03
+    sigma = R.coordinate_std(weight, d)
+    cols = R.weight_coordinates(weight, d).double()
+    torch.testing.assert_close(sigma.double(), cols.std(dim=0, correction=0))
+    m, a = torch.full((d,), 1.5), torch.full((d,), 3.0)
+    expected_margin = sum(
+        1.5 * s + torch.clamp(cols[:, c].abs() - 1.5 * s, min=0).sum() for c, s in enumerate(sigma.double())
+    )
+    expected_smm = 0.0
+    for c, s in enumerate(sigma.double()):
+        col = cols[:, c]
+        p, q = torch.softmax(3.0 / s * col, 0), torch.softmax(-3.0 / s * col, 0)
+        expected_smm = expected_smm + (p * col).sum() - (q * col).sum() + s * math.exp(-3.0)
+    assert R.margin(weight, m, d, scale=sigma).item() == pytest.approx(expected_margin.item(), rel=1e-5)
+    assert R.soft_min_max(weight, a, d, scale=sigma).item() == pytest.approx(expected_smm.item(), rel=1e-5)
+    # The scale is a constant of the step: no gradient reaches the weight through it.
+    w = weight.clone().requires_grad_(True)
+    R.margin(w, m, d, scale=R.coordinate_std(w, d)).backward()
+    inside = R.weight_coordinates(weight, d).abs() <= 1.5 * sigma
+    assert torch.all(R.weight_coordinates(w.grad, d)[inside] == 0)
+    assert R.coordinate_std(torch.zeros(4, 4)).item() == pytest.approx(R.MIN_SCALE)  # a constant layer stays finite

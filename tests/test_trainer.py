@@ -51,6 +51,8 @@ def assert_tensors_close(a: dict, b: dict, atol=1e-6):
         ({"r2_margin_init_std": 0.0}, "r2_margin_init_std"),
         ({"r2_alpha_init": float("nan")}, "r2_alpha_init"),
         ({"r2_learning_rate": -1.0}, "r2_learning_rate"),
+        ({"r2_mode": "proximal"}, "Unknown r2_mode 'proximal'; allowed: .'loss', 'decoupled'."),
+        ({"r2_mode": "decoupled", "r2_weight": 2.0}, "must be in .0, 1., got 2.0"),
         ({"r2_target_modules": ["(unclosed"]}, "not a valid regular expression"),
     ],
 )
@@ -77,6 +79,11 @@ def test_arguments_parse_from_the_command_line(tmp_path):
     assert args.r2_target_modules == ["query", "value"]  # names stay a list
     assert args.r2_exclude_modules == ".*embeddings.*"  # a single entry with regex syntax becomes a regex
     assert args.resolved_r2_learning_rate() == 0.1
+    assert args.r2_mode == "loss" and args.r2_scale_free is True and args.r2_alpha_init == 4.0  # the defaults
+    (decoupled,) = HfArgumentParser(R2TrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--r2_type", "linf", "--r2_mode", "decoupled", "--r2_scale_free", "False"]
+    )
+    assert decoupled.r2_mode == "decoupled" and decoupled.r2_scale_free is False and decoupled.r2_alpha_init == 0.1
     # DDP default that the range term needs (see TRAINER_NOTES item 2), only when R² is on.
     assert args.ddp_find_unused_parameters is False
     assert R2TrainingArguments(output_dir=str(tmp_path)).ddp_find_unused_parameters is None
@@ -93,8 +100,9 @@ def test_default_regularizer_learning_rates(tmp_path):
     def lr(**kw):
         return R2TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-5, **kw).resolved_r2_learning_rate()
 
+    # One default for both, independent of the model's learning rate: the parameters have their own Adam.
     assert lr(r2_type="soft_min_max") == 1e-2
-    assert lr(r2_type="margin") == 3e-5
+    assert lr(r2_type="margin") == 1e-2
     assert lr(r2_type="margin", r2_learning_rate=0.5) == 0.5
 
 
@@ -220,20 +228,23 @@ def test_r2_none_is_a_plain_trainer_with_the_scale_fix(tmp_path):
 # ---- optimizer, checkpoints, saving ----
 
 
-def test_regularizer_parameters_get_their_own_group(tmp_path):
+def test_regularizer_parameters_are_stepped_by_their_own_adam(tmp_path):
+    """Not in the model's optimizer (whose SGD at lr 0.1 sent margins above every weight in one step): one Adam step
+    of the regularizer per optimizer step, at `r2_learning_rate`, then their gradients are cleared."""
     args = make_args(
-        str(tmp_path), per_device=8, ga=1, steps=1, r2_type="soft_min_max", r2_learning_rate=0.03, weight_decay=0.1
+        str(tmp_path), per_device=8, ga=1, steps=2, r2_type="margin", r2_learning_rate=0.03, weight_decay=0.1
     )
     trainer = R2Trainer(model=tiny_bert(), args=args, train_dataset=TokenDataset())
+    margins = trainer.r2_regularizer.margins
+    start = margins.detach().clone()
     optimizer = trainer.create_optimizer()
-    alphas = trainer.r2_regularizer.alphas
-    groups = [g for g in optimizer.param_groups if any(p is alphas for p in g["params"])]
-    assert len(groups) == 1 and groups[0]["lr"] == 0.03 and groups[0]["weight_decay"] == 0.0
-    assert len(groups[0]["params"]) == 1
-    model_params = {id(p) for p in trainer.model.parameters()}
-    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    assert model_params | {id(alphas)} == in_optimizer
-    assert trainer.create_optimizer() is optimizer  # idempotent: no duplicate group
+    assert all(p is not margins for g in optimizer.param_groups for p in g["params"])
+    trainer.train()
+    reg = trainer.r2_regularizer
+    assert reg.param_steps.item() == 2 and margins.grad is None
+    # Adam moves an entry by exactly lr on its first step (bias-corrected m / sqrt(v) = sign(g)), by about lr after.
+    moved = (margins.detach() - start).abs().max().item()
+    assert 0.03 - 1e-6 <= moved <= 0.061
 
 
 @pytest.mark.parametrize("r2_type", ["margin", "soft_min_max"])
@@ -328,10 +339,10 @@ def test_works_on_models_with_wrapped_layers(tmp_path):
 # ---- the point of it all ----
 
 
-# r2_weight 1.0 and a larger initial temperature make 30 steps of a tiny model enough for every layer; the paper's
+# r2_weight 1.0 makes 30 steps of a tiny model enough for every layer (default, scale-free temperature); the paper's
 # 0.01 and alpha 0.1 are meant for runs of thousands of steps (see docs/trainer.md).
 SHRINK_SETTINGS = dict(
-    steps=30, r2_weight=1.0, r2_alpha_init=20.0, r2_learning_rate=None, learning_rate=1e-3, logging_steps=30
+    steps=30, r2_weight=1.0, r2_learning_rate=None, learning_rate=1e-3, logging_steps=30
 )
 
 
@@ -363,6 +374,42 @@ def test_training_with_r2_shrinks_every_layer_range(shrink_runs, r2_type):
     grown = {n: (ranges[n].range, baseline[n].range) for n in ranges if not ranges[n].range < baseline[n].range}
     assert not grown, f"{r2_type}: layers whose range did not shrink (with R², without): {grown}"
     assert task == pytest.approx(baseline_task, abs=0.05), "similar task loss"
+
+
+def test_sgd_at_the_paper_settings_through_r2_trainer(tmp_path):
+    """`--optim sgd --optim_args momentum=0.9,nesterov=True --learning_rate 0.1 --weight_decay 1e-4 --r2_weight 0.01`:
+    margins stay within reach of the weights (they jumped from 2 std to above every weight in one step when they were
+    in the model's SGD) and every regularizer leaves the largest layer range below the plain run's."""
+    sgd = dict(
+        optim="sgd", optim_args="momentum=0.9,nesterov=True", learning_rate=0.1, weight_decay=1e-4, r2_weight=0.01,
+        r2_learning_rate=None, logging_steps=8,
+    )  # fmt: skip
+    widest = {}
+    for r2_type in ["none", *R2_TYPES]:
+        args = make_args(str(tmp_path / r2_type), per_device=16, ga=1, steps=8, r2_type=r2_type, **sgd)
+        trainer = R2Trainer(model=tiny_bert(), args=args, train_dataset=TokenDataset(n=16))
+        trainer.train()
+        widest[r2_type] = train_logs(trainer)[-1]["max_weight_range"]
+        if r2_type == "margin":
+            margins = trainer.r2_regularizer.margins.detach().abs()
+            assert margins.max().item() <= 2.0 + 8 * 0.01 + 1e-4  # 8 Adam steps of ~0.01 std at most
+        if r2_type == "soft_min_max":
+            assert torch.all(trainer.r2_regularizer.alphas >= 4.0)
+    assert all(widest[t] < widest["none"] for t in R2_TYPES), widest
+
+
+def test_decoupled_mode_pulls_outliers_in_under_adamw(tmp_path):
+    """`--r2_mode decoupled`: the range step happens after the optimizer step, not in the loss; ranges collapse far
+    faster than Adam's pace (8 steps at lr 1e-4 move a weight by < 1e-3 through a loss term)."""
+    common = dict(learning_rate=1e-4, r2_weight=0.05, logging_steps=8)
+    none = run(str(tmp_path / "none"), per_device=16, ga=1, steps=8, r2_type="none", **common)
+    loss = run(str(tmp_path / "loss"), per_device=16, ga=1, steps=8, r2_type="linf", **common)
+    decoupled = run(str(tmp_path / "dec"), per_device=16, ga=1, steps=8, r2_type="linf", r2_mode="decoupled", **common)
+    widest = {name: r["logs"][-1]["max_weight_range"] for name, r in [("none", none), ("loss", loss), ("d", decoupled)]}
+    assert widest["loss"] > 0.98 * widest["none"]  # Adam's pace: barely moves
+    assert widest["d"] < 0.8 * widest["none"], widest  # 8 steps of 5% of the range
+    last = decoupled["logs"][-1]
+    assert last["task_loss"] == last["loss"] and last["r2_loss"] > 0  # nothing of the range term in the loss
 
 
 def test_model_init_rebuilds_the_regularizer_on_the_fresh_model(tmp_path):

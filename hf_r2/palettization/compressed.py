@@ -14,7 +14,12 @@ forward pass is the parent class's own (`nn.Linear.forward`, ...) and costs noth
 That makes `save_pretrained` write the compact form, and makes any loader that does not know the format (transformers
 without `import hf_r2`, a plain `nn.Linear`) fail with a shape mismatch instead of loading random weights.
 
-Bit layout of the packed indices (format version 1): the indices form one little-endian bit stream; index `i` occupies
+Format version 2 adds, per layer, `weight_checksum` (persistent `int64` buffer of 3 entries, `palettized_checksum`):
+CRC-32s of the packed index bytes and of the LUT, written at save time and verified on load, so a flipped bit in
+either is refused instead of loading as a slightly different model. Version 1 checkpoints (no checksum) still load,
+without that check.
+
+Bit layout of the packed indices (versions 1 and 2): the indices form one little-endian bit stream; index `i` occupies
 stream bits `i * n_bits ... (i + 1) * n_bits - 1` (its least significant bit first) and stream bit `j` is bit `j % 8`
 of byte `j // 8`. The unused high bits of the last byte are zero. Hence `ceil(num_vectors * n_bits / 8)` bytes.
 """
@@ -22,6 +27,7 @@ of byte `j // 8`. The unused high bits of the last byte are zero. Hence `ceil(nu
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,14 +49,16 @@ __all__ = [
     "pack_indices",
     "output_channels_first",
     "packed_num_bytes",
+    "palettized_checksum",
     "palettized_modules",
     "to_palettized",
     "unpack_indices",
     "unpalettize",
 ]
 
-PALETTIZATION_FORMAT_VERSION = 1
-"""Version of the on-disk layout described in this module's docstring; stored in `quantization_config`."""
+PALETTIZATION_FORMAT_VERSION = 2
+"""Version of the on-disk layout described in this module's docstring; stored in `quantization_config`. 2: a CRC-32
+of each layer's packed indices and LUT (`weight_checksum`); 1: no checksum."""
 
 # Indices processed per chunk by pack/unpack: bounds the temporary bit matrix to ~`_CHUNK * 8 * 4` bytes. A multiple of
 # 8, so every chunk starts on a byte boundary for any n_bits.
@@ -182,6 +190,26 @@ def output_channels_first_shape(layer: nn.Module) -> tuple[int, ...]:
     return shape[::-1] if isinstance(layer, Conv1D) else shape
 
 
+# LUT dtypes a checksum records (its third entry), so a LUT cast on load (`from_pretrained(..., dtype=...)`) is told
+# apart from a corrupt one.
+_CHECKSUM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def palettized_checksum(packed: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """The format-version-2 checksum of a palettized layer: `int64` tensor `[crc_indices, crc_lut, lut_dtype]`.
+
+    `crc_indices` is the CRC-32 of the packed index bytes, `crc_lut` the CRC-32 of the LUT's values as float64 (exact
+    for every float dtype, so it does not depend on the device or memory layout), `lut_dtype` the position of the
+    stored LUT dtype in `(float32, float16, bfloat16, float64)`. CRC-32 detects every error of up to 3 flipped bits and
+    every burst of up to 32 bits.
+    """
+    if lut.dtype not in _CHECKSUM_DTYPES:
+        raise ValueError(f"A palettized LUT must be one of {_CHECKSUM_DTYPES}, got {lut.dtype}.")
+    crc_indices = zlib.crc32(packed.detach().contiguous().cpu().numpy().tobytes())
+    crc_lut = zlib.crc32(lut.detach().cpu().double().contiguous().numpy().tobytes())
+    return torch.tensor([crc_indices, crc_lut, _CHECKSUM_DTYPES.index(lut.dtype)], dtype=torch.int64)
+
+
 def _layer_label(name: str | None) -> str:
     return f"palettized layer {name!r}" if name else "palettized layer"
 
@@ -280,6 +308,10 @@ class PalettizedMixin:
         self.register_buffer(
             "weight_packed_indices", torch.zeros(num_bytes, device=device, dtype=torch.uint8), persistent=False
         )
+        # Format version 2: recomputed from the stored tensors whenever the state dict is written
+        # (`_save_to_state_dict`), so a later dtype change of the LUT cannot leave a stale value; removed for the layers
+        # of a version-1 checkpoint.
+        self.register_buffer("weight_checksum", torch.zeros(3, device=device, dtype=torch.int64))
 
     def __setattr__(self, name: str, value: Any) -> None:
         # transformers' loader assigns every checkpoint tensor with setattr. The packed indices arrive under `weight`
@@ -348,6 +380,36 @@ class PalettizedMixin:
             )
         packed = self.weight_packed_indices
         destination[prefix + "weight"] = packed if keep_vars else packed.detach()
+        if "weight_checksum" in self._buffers and not weight.is_meta:
+            destination[prefix + "weight_checksum"] = palettized_checksum(packed, self.weight_lut).to(packed.device)
+
+    @staticmethod
+    def verify_checksum(stored: torch.Tensor, packed: torch.Tensor, lut: torch.Tensor, name: str) -> None:
+        """Raises a `ValueError` naming the layer unless `stored` (`palettized_checksum`) matches `packed` and `lut`.
+
+        The LUT part is checked when the LUT still has its stored dtype; a LUT cast on load (`dtype=` of
+        `from_pretrained`) cannot be compared byte for byte, and only the indices are checked then.
+        """
+        label = f"palettized layer {name!r}"
+        stored = stored.detach().cpu()
+        if stored.dtype != torch.int64 or tuple(stored.shape) != (3,) or not 0 <= int(stored[2]) < len(
+            _CHECKSUM_DTYPES
+        ):
+            raise ValueError(
+                f"{label}: the checksum ('.weight_checksum') is malformed (dtype {stored.dtype}, shape "
+                f"{tuple(stored.shape)}): corrupt checkpoint."
+            )
+        actual = palettized_checksum(packed, lut.to(_CHECKSUM_DTYPES[int(stored[2])]))
+        what = []
+        if int(stored[0]) != int(actual[0]):
+            what.append("packed indices ('.weight')")
+        if lut.dtype == _CHECKSUM_DTYPES[int(stored[2])] and int(stored[1]) != int(actual[1]):
+            what.append("LUT ('.weight_lut')")
+        if what:
+            raise ValueError(
+                f"{label}: the checksum of its {' and '.join(what)} does not match the one stored at save time: a "
+                "flipped bit, a corrupt or an edited file. Refusing to load a silently different model."
+            )
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -363,6 +425,9 @@ class PalettizedMixin:
         name = self.layer_name or prefix.rstrip(".")
         try:
             dense, _ = decode_palettized(packed, lut, self.dense_shape, self.n_bits, self.cluster_dim, name=name)
+            stored = state_dict.get(prefix + "weight_checksum")
+            if stored is not None and "weight_checksum" in self._buffers:
+                self.verify_checksum(stored, packed, lut, name)
         except ValueError as err:
             error_msgs.append(str(err))
             return
@@ -598,6 +663,7 @@ def to_palettized(
     new.weight = nn.Parameter(torch.empty(layer.weight.shape, dtype=layer.weight.dtype, device=device), False)
     new.weight_lut = torch.empty(0, device=device)
     new.weight_packed_indices = torch.empty(0, dtype=torch.uint8, device=device)
+    new.weight_checksum = torch.zeros(3, dtype=torch.int64, device=device)  # its value is computed at save time
     if getattr(layer, "bias", None) is not None:
         new.bias = layer.bias
     new.train(layer.training)
@@ -676,8 +742,8 @@ def unpalettize(model: nn.Module) -> nn.Module:
     """
     for module in palettized_modules(model).values():
         plain = next(base for base, palettized in _PALETTIZED_CLASSES if isinstance(module, palettized))
-        for buffer in ("weight_lut", "weight_packed_indices"):
-            del module._buffers[buffer]
+        for buffer in ("weight_lut", "weight_packed_indices", "weight_checksum"):
+            module._buffers.pop(buffer, None)
             module._non_persistent_buffers_set.discard(buffer)
         for attribute in ("n_bits", "cluster_dim", "layer_name", "_dense_shape", "_loaded_packed_weight"):
             module.__dict__.pop(attribute, None)

@@ -23,6 +23,7 @@ backward pass. The two backends here keep none:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -157,14 +158,48 @@ def _chunk_rows(n_clusters: int, dim: int) -> int:
     return max(1, _CHUNK_ELEMENTS // (n_clusters * dim))
 
 
-class _DKMExact(torch.autograd.Function):
+def _float32_region(tensor: torch.Tensor):
+    """A context with autocast off for `tensor`'s device type (a no-op when autocast is not on).
+
+    DKM's distances, softmaxes and centroid sums run in float32 even inside a bf16/fp16 autocast region (`--bf16`):
+    autocast would otherwise run the matrix products in half precision next to float32 tensors (a dtype error in
+    `addmm_`), and half precision would lose the small attention weights that move the centroids.
+    """
+    device_type = tensor.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+class _Float32Function(torch.autograd.Function):
+    """An autograd Function whose `_forward` / `_backward` run with autocast off (`_float32_region`), in float32 or
+    in the inputs' wider dtype (float64 in the reference tests)."""
+
+    @classmethod
+    def forward(cls, ctx, vectors, centroids, *args):
+        with _float32_region(vectors):
+            return cls._forward(ctx, _at_least_float32(vectors), _at_least_float32(centroids), *args)
+
+    @classmethod
+    def backward(cls, ctx, grad_out, grad_centroids):
+        with _float32_region(grad_out):
+            return cls._backward(ctx, _at_least_float32(grad_out), grad_centroids)
+
+
+class _DKMExact(_Float32Function):
     """Unrolled DKM iterations with an exact, recomputing, chunked backward (see the module docstring).
 
     Attention tensors are `(k, rows)` (see `_attention_t`).
     """
 
     @staticmethod
-    def forward(ctx, vectors, centroids, temperature, iters, eps):
+    def _forward(ctx, vectors, centroids, temperature, iters, eps):
         rows = _chunk_rows(*centroids.shape)
         # The last iteration's attention is also the output's: keep it when it is small instead of recomputing it.
         keep = eps <= 0 and centroids.shape[0] * vectors.shape[0] <= _KEEP_ELEMENTS
@@ -199,7 +234,7 @@ class _DKMExact(torch.autograd.Function):
         return out, final
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_centroids):
+    def _backward(ctx, grad_out, _grad_centroids):
         saved = ctx.saved_tensors
         n_iters, tau = ctx.n_iters, ctx.temperature
         vectors, history, dens = saved[0], saved[1 : n_iters + 2], saved[n_iters + 2 :]
@@ -264,7 +299,7 @@ def _grid_attention(grid: torch.Tensor, centroids: torch.Tensor, temperature: fl
     return _attention_t(grid[:, None], centroids[:, None], temperature)  # (k, M)
 
 
-class _DKMGrid(torch.autograd.Function):
+class _DKMGrid(_Float32Function):
     """Scalar DKM on a uniform grid: O(N) forward and backward (see the module docstring).
 
     The grid holds the splatted weight `mass` (M,) at the points `grid` (M,); the centroid update on it is
@@ -274,7 +309,7 @@ class _DKMGrid(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weights, centroids, temperature, iters, eps, grid_size, bounds):
+    def _forward(ctx, weights, centroids, temperature, iters, eps, grid_size, bounds):
         lo, hi = bounds if bounds is not None else (x.item() for x in torch.aminmax(weights))
         step = (hi - lo) / (grid_size - 1) if hi > lo else 1.0
         position = (weights - lo).mul_(1.0 / step)
@@ -309,7 +344,7 @@ class _DKMGrid(torch.autograd.Function):
         return out, final
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_centroids):
+    def _backward(ctx, grad_out, _grad_centroids):
         index, frac, mass, grid, phi, *rest = ctx.saved_tensors
         n, tau, grid_size = ctx.n_iters, ctx.temperature, grid.shape[0]
         history, dens, attentions = rest[: n + 1], rest[n + 1 : 2 * n + 1], rest[2 * n + 1 :]

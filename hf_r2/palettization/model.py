@@ -95,7 +95,9 @@ def _validate(name: str, module: nn.Module, config: DKMConfig) -> None:
         raise ValueError(
             f"{name}.weight (shape {tuple(module.weight.shape)}) has {n_vectors} weight vectors of dimension "
             f"{config.cluster_dim}, fewer than the 2**{config.n_bits} = {config.n_clusters} centroids; lower n_bits, "
-            f"exclude the layer, or set weight_threshold above {module.weight.numel()}."
+            f"exclude the layer (exclude_modules=[{name!r}], --dkm_exclude_modules {name}), or leave every layer this "
+            f"small dense with weight_threshold={module.weight.numel() + 1} (--dkm_weight_threshold "
+            f"{module.weight.numel() + 1})."
         )
 
 

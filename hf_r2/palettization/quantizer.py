@@ -3,7 +3,7 @@
 Importing this module registers the quantization method `"hf_r2_palettization"` with transformers
 (`register_quantization_config` / `register_quantizer`); `import hf_r2` does it. The flow on `from_pretrained`:
 
-1. `config.json` holds `quantization_config = {"quant_method": "hf_r2_palettization", "format_version": 1,
+1. `config.json` holds `quantization_config = {"quant_method": "hf_r2_palettization", "format_version": 2,
    "layers": {name: {"n_bits", "cluster_dim", "shape"}}}` (written by `attach_palettization_config`).
 2. Before the weights load, `PalettizationHfQuantizer` swaps every listed layer for its palettized class (meta device).
 3. The loader assigns the stored tensors as they are (`weight` = packed uint8 indices, `weight_lut` = LUT): the
@@ -168,6 +168,8 @@ class PalettizationHfQuantizer(HfQuantizer):
                 layer, spec["n_bits"], spec["cluster_dim"], device=layer.weight.device
             )
             new.layer_name = name
+            if self.quantization_config.format_version < 2:  # written before checksums: none to load or verify
+                del new._buffers["weight_checksum"]
             setattr(parent, child, new)
         return model
 
@@ -175,7 +177,7 @@ class PalettizationHfQuantizer(HfQuantizer):
         # Claiming the palettized tensors makes the loader assign them as stored (packed 1-D uint8 weight, LUT with
         # any number of rows) instead of flagging a size mismatch; `_process_model_after_weight_loading` validates.
         module_name, _, tensor_name = param_name.rpartition(".")
-        return tensor_name in ("weight", "weight_lut") and module_name in self._layer_names.values()
+        return tensor_name in ("weight", "weight_lut", "weight_checksum") and module_name in self._layer_names.values()
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name in self._layer_names.values():
@@ -195,7 +197,16 @@ class PalettizationHfQuantizer(HfQuantizer):
                     "corrupt or incomplete checkpoint."
                 )
             del module._loaded_packed_weight
-            module._load_palettized(packed, module.weight_lut.detach())
+            lut = module.weight_lut.detach()
+            module._load_palettized(packed, lut)  # validates sizes, ranges and padding first: the precise messages
+            if "weight_checksum" in module._buffers:
+                if not getattr(module.weight_checksum, "_is_hf_initialized", False):
+                    raise ValueError(
+                        f"palettized layer {name!r}: the checkpoint (format version "
+                        f"{self.quantization_config.format_version}) has no checksum ('.weight_checksum') for it: "
+                        "corrupt or incomplete checkpoint."
+                    )
+                module.verify_checksum(module.weight_checksum, packed, lut, name)
         return model
 
     def _dequantize(self, model, dtype=None):

@@ -144,8 +144,8 @@ class PalettizedSizeReport:
 def _state_tensors(model: nn.Module) -> list[tuple[str, nn.Module, str, torch.Tensor]]:
     """Every parameter and persistent buffer of the dense model, once each (tied tensors counted once).
 
-    A palettized layer contributes its dense `weight` (not the packed indices) and not its LUT, so the counts are those
-    of the dense model the layer stands for.
+    A palettized layer contributes its dense `weight` (not the packed indices) and not its LUT or checksum, so the
+    counts are those of the dense model the layer stands for.
     """
     seen: set[int] = set()
     out = []
@@ -156,7 +156,7 @@ def _state_tensors(model: nn.Module) -> list[tuple[str, nn.Module, str, torch.Te
         for tensor_name, tensor in tensors:
             if tensor is None or id(tensor) in seen:
                 continue
-            if isinstance(module, PalettizedMixin) and tensor_name == "weight_lut":
+            if isinstance(module, PalettizedMixin) and tensor_name in ("weight_lut", "weight_checksum"):
                 continue
             seen.add(id(tensor))
             out.append((module_name, module, tensor_name, tensor))
@@ -305,6 +305,9 @@ def palettized_size_report(
                 ideal_bytes += module.num_vectors * module.n_bits / 8.0 + module.weight_lut.numel() * (
                     module.weight_lut.element_size()
                 )
+                checksum = module._buffers.get("weight_checksum")
+                if checksum is not None:  # format version 2: stored next to the indices
+                    ideal_bytes += checksum.numel() * checksum.element_size()
             else:
                 ideal_bytes += tensor.numel() * tensor.element_size()
 

@@ -49,6 +49,7 @@ from hf_r2.quantization.model import (
     quantized_layers,
     quantizer_parameter_names,
     register_quantize_handler,
+    uncalibrated_input_quantizers,
     validate_quantization,
 )
 
@@ -84,5 +85,6 @@ __all__ = [
     "quantizer_parameter_names",
     "register_quantization_method",
     "register_quantize_handler",
+    "uncalibrated_input_quantizers",
     "validate_quantization",
 ]

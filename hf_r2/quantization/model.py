@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
 
@@ -257,7 +258,28 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
     return model
 
 
-def finalize(model: nn.Module) -> nn.Module:
+def uncalibrated_input_quantizers(model: nn.Module) -> list[str]:
+    """Names of the quantized layers whose input quantizer still waits for its first batch.
+
+    LSQ/EWGS input quantizers set their step size, and LSQ/EWGS/PACT ones with `a_signed=None` their grid's sign, from
+    the first batch they see; a PTQ one needs `calibrate`. Finalized before that, the step (or sign) would be set by
+    whatever batch a loaded model meets first, so two loads of one checkpoint would disagree.
+    """
+    names = []
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "input_quantizer", None)
+        if quantizer is None or any(b.is_meta for b in quantizer.buffers()):  # a placeholder being loaded
+            continue
+        if isinstance(quantizer, LSQInputQuantizer) and not bool(quantizer.initialized):
+            names.append(name)
+        elif isinstance(quantizer, LSQInputQuantizer | PACTInputQuantizer) and int(quantizer.signed) < 0:
+            names.append(name)
+        elif isinstance(quantizer, RTNInputQuantizer) and not quantizer.calibrated:
+            names.append(name)
+    return names
+
+
+def finalize(model: nn.Module, *, rebuild_only: bool = False) -> nn.Module:
     """Replaces every fake-quantized layer, in place, with a layer storing integer weight codes and scales.
 
     Each `QuantLinear` / `QuantConv2d` becomes a `QuantizedLinear` / `QuantizedConv2d` with buffers `weight_int`
@@ -270,12 +292,27 @@ def finalize(model: nn.Module) -> nn.Module:
     Returns:
         `nn.Module`: `model` itself.
 
+    Args:
+        model (`nn.Module`): A model prepared by `quantize` (and trained or calibrated).
+        rebuild_only (`bool`, *optional*, defaults to `False`): Build the finalized structure of an untrained model
+            only to `load_state_dict` a finalized checkpoint into it (the loaded state replaces every quantizer
+            state), so input quantizers that have seen no batch are accepted.
+
     Raises:
-        ValueError: If `model` has no fake-quantized layer.
+        ValueError: If `model` has no fake-quantized layer, an input quantizer has seen no batch yet
+            (`uncalibrated_input_quantizers`), or a weight holds NaN/Inf; nothing is changed then.
     """
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(f"finalize found no fake-quantized layer in {type(model).__name__}; call quantize first.")
+    waiting = [] if rebuild_only else [n for n in uncalibrated_input_quantizers(model) if n in layers]
+    if waiting:
+        raise ValueError(
+            f"The input quantizers of {len(waiting)} layer(s), e.g. {waiting[:5]}, have seen no batch yet: their step "
+            "size or grid sign comes from the first batch, so a checkpoint finalized now would take them from whatever "
+            "a loaded model meets first. Run `hf_r2.quantization.calibrate(model, [a_training_batch])` (or train) "
+            "before finalize. Nothing was finalized."
+        )
     # Every layer is encoded and checked before the first is replaced: a refusal leaves the fake-quantized model as it
     # was, and a layer whose weights became NaN/Inf in training never reaches a checkpoint that would then be refused.
     finalized = {}
@@ -343,7 +380,10 @@ def estimate_ewgs_deltas(
     for q in quantizers.values():
         q._capture, q._captured = True, None
     try:
-        loss = loss_fn()
+        # Hessian-vector products differentiate the backward pass again: the fused attention kernels (flash,
+        # memory-efficient) have no double backward, the plain math one does.
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = loss_fn()
         names = [n for n, q in quantizers.items() if q._captured is not None and q._captured.requires_grad]
         values = [quantizers[n]._captured for n in names]
     finally:
