@@ -160,9 +160,12 @@ def test_tied_lm_head_is_refused_by_quantize_and_untied_one_round_trips(tmp_path
                                          r"exclude_modules=\['lm_head'\]"):
         quantize(model, get_quantization_config("ptq", w_bits=4))
     assert type(model.lm_head) is torch.nn.Linear
+    finalize(quantize(model, get_quantization_config("ptq", w_bits=4, exclude_modules=["lm_head"])))  # the advice
+    loaded = _save_and_reload(model, tmp_path / "tied")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied, still float
     untied = _tiny_gpt2_lm(tie_word_embeddings=False)
     finalize(quantize(untied, get_quantization_config("ptq", w_bits=4, target_modules=["lm_head"])))
-    loaded = _save_and_reload(untied, tmp_path)
+    loaded = _save_and_reload(untied, tmp_path / "untied")
     assert isinstance(loaded, GPT2LMHeadModel) and isinstance(loaded.lm_head, QuantizedLinear)
 
 
