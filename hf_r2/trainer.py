@@ -842,7 +842,9 @@ def evaluate_model(
     layers are swapped in (the example scripts' "before" metric).
 
     No range term (evaluation never adds one), nothing saved, and no reporting integration (`--report_to`): it is
-    not the run's trainer, so it must not start a second run in an experiment tracker.
+    not the run's trainer, so it must not start a second run in an experiment tracker. Under FSDP or DeepSpeed it
+    evaluates nothing and returns `{}` with a warning: their evaluation shards the model in place, which must not
+    happen before compression layers are swapped in and the run's own trainer prepares it.
 
     Args:
         model (`nn.Module`): The model to evaluate.
@@ -852,11 +854,17 @@ def evaluate_model(
         **trainer_kwargs: Passed on to `Trainer` (`data_collator`, `processing_class`, `compute_metrics`).
 
     Returns:
-        `dict[str, float]`: The `Trainer.evaluate` metrics.
+        `dict[str, float]`: The `Trainer.evaluate` metrics (`{}` under FSDP or DeepSpeed).
     """
     from transformers.integrations import get_reporting_integration_callbacks
 
     trainer = Trainer(model=model, args=args, eval_dataset=eval_dataset, **trainer_kwargs)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        logger.warning(
+            f"The {metric_key_prefix} evaluation is skipped under {'FSDP' if trainer.is_fsdp_enabled else 'DeepSpeed'}:"
+            " it would shard the model in place before the run's own trainer prepares it."
+        )
+        return {}
     for callback in get_reporting_integration_callbacks(args.report_to):
         trainer.remove_callback(callback)
     return trainer.evaluate(metric_key_prefix=metric_key_prefix)

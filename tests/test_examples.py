@@ -228,6 +228,29 @@ def test_run_glue_do_predict_writes_label_names_in_the_stock_format(glue_r2):
             assert name == model.config.id2label[int(row_logits.argmax())]
 
 
+def test_full_precision_evaluation_is_skipped_under_a_sharding_engine(tmp_path, monkeypatch, caplog):
+    """`evaluate_model` (the scripts' metric before DKM / QAT) must not let FSDP or DeepSpeed shard the model in place
+    before the compression layers are swapped in: it evaluates nothing then, and says so."""
+    from transformers import Trainer
+
+    from hf_r2.trainer import R2TrainingArguments, evaluate_model
+
+    init = Trainer.__init__
+
+    def fsdp_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "__init__", fsdp_init)
+    monkeypatch.setattr(Trainer, "evaluate", lambda *a, **k: pytest.fail("evaluated under FSDP"))
+    model = AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+    args = R2TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with caplog.at_level(logging.WARNING):
+        assert evaluate_model(model, args, eval_dataset=[], metric_key_prefix="eval_float") == {}
+    assert "eval_float evaluation is skipped under FSDP" in caplog.text
+
+
 def test_run_glue_pretrained_minilm_with_margin_r2(tmp_path):
     metrics = run_glue.main(glue_args(
         tmp_path, "--do_train", "--do_eval", "--max_steps", "3", "--per_device_train_batch_size", "4",
