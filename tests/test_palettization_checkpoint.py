@@ -23,7 +23,7 @@ from transformers import (
     ResNetForImageClassification,
 )
 
-import hf_r2.palettization.compressed as compressed
+import hf_r2.palettization.format as palettization_format
 import hf_r2.palettization.quantizer  # noqa: F401  (registers "hf_r2_palettization"; `import hf_r2` will do it)
 from hf_r2.palettization.compressed import (
     PalettizedConv2d,
@@ -175,7 +175,7 @@ def test_pack_matches_slow_reference_and_unpacks(n_bits, monkeypatch):
     generator = torch.Generator().manual_seed(n_bits)
     for small_chunks in (False, True):
         if small_chunks:  # the chunked path of long tensors, on short ones
-            monkeypatch.setattr(compressed, "_CHUNK", 16)
+            monkeypatch.setattr(palettization_format, "_CHUNK", 16)
         for length in (0, 1, 7, 8, 13, 37, 100):
             indices = torch.randint(0, 1 << n_bits, (length,), generator=generator)
             packed = pack_indices(indices, n_bits)
