@@ -5,7 +5,9 @@ Three steps, each usable alone:
 1. `build_model_card(...)` writes a card that says what was done: the R² settings, the per-layer weight ranges and
    standard deviations (the paper's Table 6, optionally next to a reference such as the weights before the run),
    a per-layer weight-histogram figure (Figure 2), the compression bits and the checkpoint size (Table 2) and the
-   evaluation metrics, with the tags `hf_r2` and `range-regularization`.
+   evaluation metrics (before and after compression side by side when both are given), with the tags `hf_r2` and
+   `range-regularization`. The same sections (`run_card_sections`) go into the card that `R2Trainer.create_model_card`
+   writes next to the model in `output_dir`.
 2. `prepare_publish_folder(model, folder, ...)` writes the exact folder that would be uploaded (safetensors weights,
    config, tokenizer or image processor, `README.md`, `weight_histograms.png`) atomically, without the regularizer's
    own parameters, and by default checks that it loads back with `from_pretrained` with no missing or unexpected key

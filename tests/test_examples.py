@@ -607,6 +607,7 @@ def test_run_glue_two_processes_match_one(tmp_path):
     # 3 steps of a global batch of 8 over 32 examples: only two real processes at batch 4 reach epoch 0.75.
     assert log_values(tmp_path / "one", "epoch")[-1] == log_values(tmp_path / "two", "epoch")[-1] == 0.75
     assert two["eval_accuracy"] == one["eval_accuracy"]
+    assert "- r2_type: soft_min_max" in card_text(tmp_path / "two")  # the card, written once, by rank 0
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
     for key in ("r2_loss", "task_loss"):
         assert log_values(tmp_path / "two", key) == pytest.approx(log_values(tmp_path / "one", key), rel=1e-5)
