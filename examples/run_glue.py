@@ -20,7 +20,12 @@ A MobileBERT from its config (random init) with a bert-base-uncased-vocabulary t
 Then compress the R² checkpoint: `--model_name_or_path outputs/qnli-r2 --dkm_bits 2` (or `--quant_method lsq
 --w_bits 2 --a_bits 2`, or `--quant_method ptq --w_bits 4` without `--do_train`). `--publish_dir DIR` writes the
 folder that `--push_to_hub` uploads (weights, config, tokenizer, model card with weight ranges and histograms).
-Metrics are computed locally (`evaluate.load` needs the Hub). See `docs/examples.md`.
+
+Like transformers' script it writes into `--output_dir` the model, `README.md` (the model card, here with the R²
+settings, the compression and the metric before and after it), `train_results.json`, `eval_results.json`,
+`all_results.json`, `trainer_state.json`, and with `--do_predict` `predict_results_<task>.txt`. Metrics come from
+`evaluate`, by default from the GLUE module shipped in `examples/metrics/glue` (loaded by path: works offline;
+`--metric_name_or_path glue` takes the Hub's). See `docs/examples.md`.
 """
 
 from __future__ import annotations
@@ -46,10 +51,18 @@ from transformers import (
     set_seed,
 )
 
-from hf_r2.arguments import config_with_overrides, parse_script_args
+from hf_r2.arguments import config_with_overrides, load_metric, parse_script_args
 from hf_r2.export import check_coreml_export_request, export_coreml_to_dir
-from hf_r2.hub import card_reference, check_publish_dir, publish_from_args, resolve_publish_dir
-from hf_r2.trainer import R2Trainer, check_steps_trained, resolve_resume_checkpoint
+from hf_r2.hub import (
+    card_reference,
+    card_tags,
+    check_publish_dir,
+    dkm_size_report,
+    publish_from_args,
+    resolve_publish_dir,
+    run_card_sections,
+)
+from hf_r2.trainer import R2Trainer, check_steps_trained, evaluate_model, resolve_resume_checkpoint
 from hf_r2.utils import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -69,69 +82,26 @@ task_to_keys = {
 task_num_labels = {"cola": 2, "mnli": 3, "mrpc": 2, "qnli": 2, "qqp": 2, "rte": 2, "sst2": 2, "stsb": 1, "wnli": 2}
 
 
+#: GLUE's class names (its `ClassLabel` features), used when local data files hold the class ids only.
+task_label_names = {
+    "cola": ["unacceptable", "acceptable"],
+    "mnli": ["entailment", "neutral", "contradiction"],
+    "mrpc": ["not_equivalent", "equivalent"],
+    "qnli": ["entailment", "not_entailment"],
+    "qqp": ["not_duplicate", "duplicate"],
+    "rte": ["entailment", "not_entailment"],
+    "sst2": ["negative", "positive"],
+    "wnli": ["not_entailment", "entailment"],
+}
+#: The `evaluate` GLUE metric module shipped with the examples (same results as the Hub's `glue`, offline).
+GLUE_METRIC = str(Path(__file__).resolve().parent / "metrics" / "glue")
+
+
 # ------------------------------------------------------------------------------------------------------- metrics
-def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of exact matches."""
-    return float((preds == labels).mean())
-
-
-def binary_f1(preds: np.ndarray, labels: np.ndarray) -> float:
-    """F1 of the positive class (label 1), as GLUE reports it for MRPC and QQP."""
-    tp = float(((preds == 1) & (labels == 1)).sum())
-    fp = float(((preds == 1) & (labels != 1)).sum())
-    fn = float(((preds != 1) & (labels == 1)).sum())
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
-
-
-def matthews_corrcoef(preds: np.ndarray, labels: np.ndarray) -> float:
-    """Matthews correlation of binary predictions (CoLA); 0 when a marginal is constant."""
-    tp = float(((preds == 1) & (labels == 1)).sum())
-    tn = float(((preds == 0) & (labels == 0)).sum())
-    fp = float(((preds == 1) & (labels == 0)).sum())
-    fn = float(((preds == 0) & (labels == 1)).sum())
-    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return 0.0 if denom == 0 else float((tp * tn - fp * fn) / denom)
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation; NaN when either input is constant."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    xc, yc = x - x.mean(), y - y.mean()
-    denom = np.sqrt((xc**2).sum() * (yc**2).sum())
-    return float("nan") if denom == 0 else float((xc * yc).sum() / denom)
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties sharing their mean rank (what Spearman's coefficient needs)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    sorted_x = x[order]
-    start = 0
-    while start < len(x):
-        stop = start
-        while stop + 1 < len(x) and sorted_x[stop + 1] == sorted_x[start]:
-            stop += 1
-        ranks[order[start : stop + 1]] = (start + stop) / 2 + 1
-        start = stop + 1
-    return ranks
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson of average ranks)."""
-    return pearson(_average_ranks(x), _average_ranks(y))
-
-
 def glue_metrics(task_name: str, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The metrics GLUE (and `evaluate.load("glue", task)`) reports for `task_name`, computed locally."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    if task_name == "cola":
-        return {"matthews_correlation": matthews_corrcoef(preds, labels)}
-    if task_name == "stsb":
-        return {"pearson": pearson(preds, labels), "spearmanr": spearman(preds, labels)}
-    if task_name in ("mrpc", "qqp"):
-        return {"accuracy": accuracy(preds, labels), "f1": binary_f1(preds, labels)}
-    return {"accuracy": accuracy(preds, labels)}
+    """The metrics GLUE reports for `task_name`, through `evaluate` and the shipped module (see `GLUE_METRIC`)."""
+    metric = load_metric(None, task_name, default=GLUE_METRIC)
+    return metric.compute(predictions=np.asarray(preds), references=np.asarray(labels))
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
@@ -167,6 +137,13 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Truncate the test set."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the tokenized datasets."})
+    metric_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The `evaluate` metric. Unset: the GLUE module shipped in examples/metrics/glue (loaded by path, "
+            "works offline). 'glue': the Hub's module (needs the Hub). Or a folder holding <name>/<name>.py."
+        },
+    )
 
     def __post_init__(self):
         if self.task_name is None or self.task_name.lower() not in task_to_keys:
@@ -383,7 +360,16 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
     return raw, files
 
 
-def build_config(model_args: ModelArguments, num_labels: int, task_name: str):
+def label_names(raw_datasets: datasets.DatasetDict, task_name: str) -> list[str] | None:
+    """The task's class names: the data's `ClassLabel` names (Hub GLUE), else GLUE's; `None` for regression."""
+    for ds in raw_datasets.values():
+        feature = ds.features.get("label")
+        if isinstance(feature, datasets.ClassLabel):
+            return list(feature.names)
+    return task_label_names.get(task_name)
+
+
+def build_config(model_args: ModelArguments, num_labels: int, task_name: str, names: list[str] | None = None):
     common = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     source = model_args.config_name or model_args.model_name_or_path
     if source:
@@ -394,6 +380,11 @@ def build_config(model_args: ModelArguments, num_labels: int, task_name: str):
     check_num_labels(config, num_labels, model_args)
     config.num_labels = num_labels
     config.finetuning_task = task_name
+    default_names = [f"LABEL_{i}" for i in range(num_labels)]
+    if names and [config.id2label[i] for i in range(num_labels)] == default_names:
+        # Name the classes (pipelines and the Hub widget show them) unless the checkpoint already has its own names.
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
     if num_labels == 1:
         config.problem_type = "regression"
     return config
@@ -450,8 +441,10 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         check_classes_trained(raw_datasets, task, files, data_args)
     num_labels = task_num_labels[task]
     is_regression = num_labels == 1
+    names = None if is_regression else label_names(raw_datasets, task)
+    metric = load_metric(data_args.metric_name_or_path, task, default=GLUE_METRIC)  # fails now if it cannot load
 
-    config = build_config(model_args, num_labels, task)
+    config = build_config(model_args, num_labels, task, names)
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path,
         cache_dir=model_args.cache_dir,
@@ -498,19 +491,38 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)
         logger.info(f"Training a {config.model_type} from its config: {model.num_parameters() / 1e6:.2f}M parameters.")
 
-    # What the card compares against: another checkpoint (e.g. trained without R²), or the starting weights.
+    # What the cards compare against: another checkpoint (e.g. trained without R²), or the starting weights.
+    writes_card = training_args.do_train or compression_args.method is not None  # a model is saved in output_dir
     reference_weights = reference_ranges = None
     reference_label = "start of this run"
-    if want_publish and publish_args.card_reference_model:
+    if (want_publish or writes_card) and publish_args.card_reference_model:
         reference = AutoModelForSequenceClassification.from_pretrained(
             publish_args.card_reference_model, cache_dir=model_args.cache_dir, token=model_args.token
         )
         reference_ranges, reference_weights = card_reference(model, reference, publish_args.card_histogram_layers)
         reference_label = publish_args.card_reference_label
         del reference
-    elif want_publish and publish_args.card_compare_initial:
+    elif (want_publish or writes_card) and publish_args.card_compare_initial:
         reference_ranges, reference_weights = card_reference(model, model, publish_args.card_histogram_layers)
     float32_bytes = 4 * sum(p.numel() for p in model.parameters())
+
+    def compute_metrics(p: EvalPrediction) -> dict[str, float]:
+        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+        preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
+        return metric.compute(predictions=preds, references=p.label_ids)
+
+    collator = default_data_collator if data_args.pad_to_max_length else DataCollatorWithPadding(tokenizer)
+
+    # The metric before compression, as optimum-intel's example reports it: DKM and QAT train the compressed model,
+    # so their full-precision reference is the model this run starts from, evaluated before the layers are swapped.
+    float_metrics: dict[str, float] = {}
+    float_label = "full precision"
+    if training_args.do_eval and compression_args.trains_compressed:
+        float_metrics = evaluate_model(
+            model, training_args, eval_dataset, metric_key_prefix="eval_float", data_collator=collator,
+            processing_class=tokenizer, compute_metrics=compute_metrics,
+        )
+        float_label = "full precision (start of this run)"
 
     model = compression_args.apply(model)
     if compression_args.method == "ptq" and training_args.do_train:
@@ -518,12 +530,6 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         # nothing (or a layer it cannot quantize) fails before training rather than after it.
         compression_args.apply(copy.deepcopy(model), before_training=False)
 
-    def compute_metrics(p: EvalPrediction) -> dict[str, float]:
-        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
-        return glue_metrics(task, preds, p.label_ids)
-
-    collator = default_data_collator if data_args.pad_to_max_length else DataCollatorWithPadding(tokenizer)
     trainer = R2Trainer(
         model=model,
         args=training_args,
@@ -549,10 +555,9 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
 
     if compression_args.method is not None:
         if training_args.do_eval and compression_args.method == "ptq":
-            # PTQ's point is the accuracy it keeps: report the float model too.
-            metrics = trainer.evaluate(metric_key_prefix="eval_float")
-            trainer.log_metrics("eval_float", metrics)
-            all_metrics.update(metrics)
+            # PTQ rounds the trained float model: that model, just before it, is its full-precision reference.
+            float_metrics = trainer.evaluate(metric_key_prefix="eval_float")
+            float_label = "full precision (trained, before PTQ)"
         # Calibration (PTQ ranges; QAT activation steps when nothing was trained) uses training rows, even with
         # --do_eval alone, when the train split is there.
         calibration_rows = train_dataset or ("train" in raw_datasets and take("train", 32)) or eval_dataset
@@ -562,6 +567,11 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         trainer.model_wrapped = trainer.model
         trainer.save_model()
         logger.info(f"Finalized {compression_args.method}; saved the compressed model to {training_args.output_dir}.")
+    if float_metrics:
+        float_metrics["eval_float_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval_float", float_metrics)
+        trainer.save_metrics("eval_float", float_metrics)
+        all_metrics.update(float_metrics)
 
     eval_metrics: dict[str, float] = {}
     if training_args.do_eval:
@@ -580,8 +590,9 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             out = Path(training_args.output_dir) / f"predict_results_{task}.txt"
             with atomic_path(out) as tmp, open(tmp, "w") as writer:
                 writer.write("index\tprediction\n")
-                for index, item in enumerate(predictions):
-                    writer.write(f"{index}\t{item:3.3f}\n" if is_regression else f"{index}\t{int(item)}\n")
+                for index, item in enumerate(np.atleast_1d(predictions)):  # one example squeezes to a scalar
+                    writer.write(f"{index}\t{item:3.3f}\n" if is_regression else f"{index}\t{names[int(item)]}\n")
+            logger.info(f"Predictions written to {out}.")
 
     coreml_bytes = None
     if publish_args.export_coreml and trainer.is_world_process_zero():
@@ -593,6 +604,34 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         coreml_bytes = coreml_report.weight_file_bytes
         logger.info(coreml_report.summary())
 
+    data_source = data_args.train_file or data_args.validation_file
+    if writes_card and trainer.is_world_process_zero():
+        # The model card next to the saved model, as transformers' script writes it, with what hf_r2 did.
+        card_kwargs = {"tasks": "text-classification", "language": "en"}
+        if data_source is None:
+            card_kwargs.update(dataset_tags=data_args.dataset_name, dataset_args=task, dataset=f"GLUE {task.upper()}")
+        else:
+            card_kwargs["dataset"] = data_source
+        compression = compression_args.card_info(trainer.model)
+        trainer.create_model_card(
+            **card_kwargs,
+            finetuned_from=model_args.model_name_or_path,
+            tags=card_tags(compression=compression),
+            extra_sections=run_card_sections(
+                trainer.model,
+                compression=compression,
+                metrics=eval_metrics,
+                float_metrics=float_metrics,
+                float_label=float_label,
+                folder=training_args.output_dir,
+                float32_bytes=float32_bytes,
+                coreml_bytes=coreml_bytes,
+                size_report=dkm_size_report(compression_args),
+                reference_ranges=reference_ranges,
+                reference_label=reference_label,
+            ),
+        )
+
     if want_publish and trainer.is_world_process_zero():
         batches = model_inputs(collator, eval_dataset or train_dataset or predict_dataset, n_batches=1, batch_size=2)
         publish_from_args(
@@ -602,6 +641,8 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             publish_args,
             push=push,
             eval_metrics=eval_metrics,
+            float_metrics=float_metrics,
+            float_label=float_label,
             tokenizer=tokenizer,
             reference_weights=reference_weights,
             reference_ranges=reference_ranges,
@@ -610,7 +651,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             coreml_bytes=coreml_bytes,
             verify_inputs=batches[0] if batches else None,
             base_model=model_args.model_name_or_path,
-            dataset=data_args.train_file or data_args.validation_file or data_args.dataset_name,
+            dataset=data_source or data_args.dataset_name,
             pipeline_tag="text-classification",
         )
     return all_metrics

@@ -19,7 +19,11 @@ Offline real images: scikit-learn's `load_digits()` written as an image folder b
     python -c "import sys; sys.path.insert(0, 'examples'); from run_image_classification import \
 write_digits_imagefolder; write_digits_imagefolder('data/digits')"
 
-See `docs/examples.md`.
+Like transformers' script it writes into `--output_dir` the model, `README.md` (the model card, here with the R²
+settings, the compression and the accuracy before and after it), `train_results.json`, `eval_results.json`,
+`all_results.json` and `trainer_state.json`. Accuracy comes from `evaluate`, by default from the module shipped in
+`examples/metrics/accuracy` (loaded by path: works offline; `--metric_name_or_path accuracy` takes the Hub's). See
+`docs/examples.md`.
 """
 
 from __future__ import annotations
@@ -47,10 +51,18 @@ from transformers import (
     set_seed,
 )
 
-from hf_r2.arguments import config_with_overrides, parse_script_args
+from hf_r2.arguments import config_with_overrides, load_metric, parse_script_args
 from hf_r2.export import check_coreml_export_request, export_coreml_to_dir
-from hf_r2.hub import card_reference, check_publish_dir, publish_from_args, resolve_publish_dir
-from hf_r2.trainer import R2Trainer, check_steps_trained, resolve_resume_checkpoint
+from hf_r2.hub import (
+    card_reference,
+    card_tags,
+    check_publish_dir,
+    dkm_size_report,
+    publish_from_args,
+    resolve_publish_dir,
+    run_card_sections,
+)
+from hf_r2.trainer import R2Trainer, check_steps_trained, evaluate_model, resolve_resume_checkpoint
 from hf_r2.utils import make_temp_dir_beside, replace_dir
 
 logger = logging.getLogger(__name__)
@@ -58,6 +70,8 @@ logger = logging.getLogger(__name__)
 #: Marker file of a `write_digits_imagefolder` folder: only such a folder is replaced by a later call.
 DIGITS_MARKER = ".hf_r2_digits"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+#: The `evaluate` accuracy module shipped with the examples (same result as the Hub's `accuracy`, offline).
+ACCURACY_METRIC = str(Path(__file__).resolve().parent / "metrics" / "accuracy")
 
 
 def write_digits_imagefolder(
@@ -127,6 +141,13 @@ class DataTrainingArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
+    metric_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The `evaluate` metric. Unset: the accuracy module shipped in examples/metrics/accuracy (loaded by "
+            "path, works offline). 'accuracy': the Hub's module (needs the Hub). Or a folder holding <name>/<name>.py."
+        },
+    )
 
     def __post_init__(self):
         if self.dataset_name is None and self.train_dir is None and self.validation_dir is None:
@@ -324,6 +345,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     check_columns(raw, data_args)
     names = label_names(raw, data_args.label_column_name)
     label_to_id = {n: i for i, n in enumerate(names)}
+    metric = load_metric(data_args.metric_name_or_path, None, default=ACCURACY_METRIC)  # fails now if it cannot load
     class_label = isinstance(raw[next(iter(raw))].features[data_args.label_column_name], ClassLabel)
 
     common = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
@@ -380,27 +402,39 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         model = AutoModelForImageClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)
         logger.info(f"Training a {config.model_type} from scratch: {model.num_parameters() / 1e6:.3f}M parameters.")
 
-    # What the card compares against: another checkpoint (e.g. trained without R²), or the starting weights.
+    # What the cards compare against: another checkpoint (e.g. trained without R²), or the starting weights.
+    writes_card = training_args.do_train or compression_args.method is not None  # a model is saved in output_dir
     reference_weights = reference_ranges = None
     reference_label = "start of this run"
-    if want_publish and publish_args.card_reference_model:
+    if (want_publish or writes_card) and publish_args.card_reference_model:
         reference = AutoModelForImageClassification.from_pretrained(publish_args.card_reference_model, **common)
         reference_ranges, reference_weights = card_reference(model, reference, publish_args.card_histogram_layers)
         reference_label = publish_args.card_reference_label
         del reference
-    elif want_publish and publish_args.card_compare_initial:
+    elif (want_publish or writes_card) and publish_args.card_compare_initial:
         reference_ranges, reference_weights = card_reference(model, model, publish_args.card_histogram_layers)
     float32_bytes = 4 * sum(p.numel() for p in model.parameters())
+
+    def compute_metrics(p: EvalPrediction) -> dict[str, float]:
+        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+        return metric.compute(predictions=np.argmax(preds, axis=1), references=p.label_ids)
+
+    # The accuracy before compression, as optimum-intel's example reports it: DKM and QAT train the compressed model,
+    # so their full-precision reference is the model this run starts from, evaluated before the layers are swapped.
+    float_metrics: dict[str, float] = {}
+    float_label = "full precision"
+    if training_args.do_eval and compression_args.trains_compressed:
+        float_metrics = evaluate_model(
+            model, training_args, eval_dataset, metric_key_prefix="eval_float", data_collator=collate,
+            processing_class=processor, compute_metrics=compute_metrics,
+        )
+        float_label = "full precision (start of this run)"
 
     model = compression_args.apply(model)
     if compression_args.method == "ptq" and training_args.do_train:
         # PTQ is applied after training: try it now on a copy, so that a --quant_target_modules entry that matches
         # nothing (or a layer it cannot quantize) fails before training rather than after it.
         compression_args.apply(copy.deepcopy(model), before_training=False)
-
-    def compute_metrics(p: EvalPrediction) -> dict[str, float]:
-        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        return {"accuracy": float((np.argmax(preds, axis=1) == p.label_ids).mean())}
 
     trainer = R2Trainer(
         model=model,
@@ -414,7 +448,8 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     )
 
     def pixel_batches(n_batches, batch_size=8):
-        ds = train_dataset or eval_dataset
+        # Training images when there are any, even with --do_eval alone (calibration must not use evaluation data).
+        ds = train_dataset or take("train", n_batches * batch_size) or eval_dataset
         if ds is None:
             return []
         rows = [ds[i] for i in range(min(len(ds), n_batches * batch_size))]
@@ -435,12 +470,17 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
 
     if compression_args.method is not None:
         if training_args.do_eval and compression_args.method == "ptq":
-            metrics = trainer.evaluate(metric_key_prefix="eval_float")
-            trainer.log_metrics("eval_float", metrics)
-            all_metrics.update(metrics)
+            # PTQ rounds the trained float model: that model, just before it, is its full-precision reference.
+            float_metrics = trainer.evaluate(metric_key_prefix="eval_float")
+            float_label = "full precision (trained, before PTQ)"
         trainer.model = compression_args.finalize(trainer.model, calibration_batches=pixel_batches(4))
         trainer.model_wrapped = trainer.model
         trainer.save_model()
+    if float_metrics:
+        float_metrics["eval_float_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval_float", float_metrics)
+        trainer.save_metrics("eval_float", float_metrics)
+        all_metrics.update(float_metrics)
 
     eval_metrics: dict[str, float] = {}
     if training_args.do_eval:
@@ -457,6 +497,30 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         coreml_bytes = coreml_report.weight_file_bytes
         logger.info(coreml_report.summary())
 
+    data_source = data_args.dataset_name or data_args.train_dir or data_args.validation_dir
+    if writes_card and trainer.is_world_process_zero():
+        # The model card next to the saved model, as transformers' script writes it, with what hf_r2 did.
+        compression = compression_args.card_info(trainer.model)
+        trainer.create_model_card(
+            tasks="image-classification",
+            finetuned_from=model_args.model_name_or_path,
+            dataset=data_source,
+            tags=card_tags(compression=compression),
+            extra_sections=run_card_sections(
+                trainer.model,
+                compression=compression,
+                metrics=eval_metrics,
+                float_metrics=float_metrics,
+                float_label=float_label,
+                folder=training_args.output_dir,
+                float32_bytes=float32_bytes,
+                coreml_bytes=coreml_bytes,
+                size_report=dkm_size_report(compression_args),
+                reference_ranges=reference_ranges,
+                reference_label=reference_label,
+            ),
+        )
+
     if want_publish and trainer.is_world_process_zero():
         batches = pixel_batches(1, batch_size=2)
         publish_from_args(
@@ -466,6 +530,8 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             publish_args,
             push=push,
             eval_metrics=eval_metrics,
+            float_metrics=float_metrics,
+            float_label=float_label,
             tokenizer=processor,
             reference_weights=reference_weights,
             reference_ranges=reference_ranges,
@@ -474,7 +540,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
             coreml_bytes=coreml_bytes,
             verify_inputs=batches[0] if batches else None,
             base_model=model_args.model_name_or_path,
-            dataset=data_args.dataset_name or data_args.train_dir or data_args.validation_dir,
+            dataset=data_source,
             pipeline_tag="image-classification",
         )
     return all_metrics

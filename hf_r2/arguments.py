@@ -562,3 +562,35 @@ def parse_script_args(model_args_cls: type, data_args_cls: type, args_list: list
     _, _, training_args, compression_args, _ = parsed
     compression_args.check_training_args(training_args)  # flag combinations, before any data or model is loaded
     return parsed
+
+
+def load_metric(
+    name_or_path: str | None, config_name: str | None, *, default: str, flag: str = "--metric_name_or_path"
+) -> Any:
+    """The example scripts' `evaluate` metric: `evaluate.load(name_or_path or default, config_name)`, in memory.
+
+    The scripts ship their metric modules (`examples/metrics/<name>/<name>.py`) and load them by path by default,
+    which works offline; a Hub name (`glue`, `accuracy`) loads the Hub's module instead and needs the Hub. Loaded
+    before training, so that a bad value fails before any time is spent. `keep_in_memory=True`: nothing is written
+    under the metrics cache, so processes of one run never share a cache file.
+
+    Args:
+        name_or_path (`str`, *optional*): The flag's value; `None` for `default`.
+        config_name (`str`, *optional*): The metric's configuration (the GLUE task).
+        default (`str`): Folder of the shipped module.
+        flag (`str`, *optional*): The flag, for the error message.
+
+    Raises:
+        ValueError: If the metric cannot be loaded, naming the value and the offline default.
+    """
+    import evaluate
+
+    source = name_or_path or default
+    try:
+        return evaluate.load(source, config_name, keep_in_memory=True)
+    except (OSError, ImportError, KeyError, ValueError) as err:  # not found (offline: FileNotFoundError), bad config
+        raise ValueError(
+            f"{flag} {source!r} could not be loaded: {err} Leave {flag} unset for the module shipped with the script "
+            f"({default}, works offline), or give an `evaluate` metric name (needs the Hub) or a folder holding "
+            "<name>/<name>.py."
+        ) from err

@@ -24,6 +24,7 @@ import atexit
 import copy
 import gzip
 import importlib.util
+import json
 import math
 import os
 import pickle
@@ -31,17 +32,116 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from hf_r2.demo import R2_ROWS, Stage, _log, batch_accuracy, run_pipeline, training_arguments, write_report
+from hf_r2.plotting import layer_weights
+from hf_r2.reports import (
+    accuracy_table,
+    batch_accuracy,
+    check_finite_accuracies,
+    histogram_layers,
+    machine_description,
+    range_table,
+    stats_to_json,
+    write_histograms,
+    write_text_atomic,
+)
+
+R2_ROWS: tuple[str, ...] = ("none", "linf", "margin", "soft_min_max")
 
 DATASETS = ("digits", "mnist")
+
+
+def _log(message: str) -> None:
+    print(f"[hf_r2.demo_vision {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@dataclass
+class Stage:
+    """One compression column: a name, a function `fp_model -> compressed model`, and which seeds run it."""
+
+    name: str
+    compress: Callable[[nn.Module, int], nn.Module]
+    all_seeds: bool = False
+
+
+def training_arguments(output_dir: str, seed: int, **kwargs):
+    """`R2TrainingArguments` for a short in-memory CPU run: no checkpoints, no reporters, a log line every few steps."""
+    from hf_r2.trainer import R2TrainingArguments
+
+    defaults = dict(
+        output_dir=output_dir,
+        seed=seed,
+        data_seed=seed,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=10,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        weight_decay=0.0,
+    )
+    defaults.update(kwargs)
+    return R2TrainingArguments(**defaults)
+
+
+def run_pipeline(
+    *,
+    rows: Sequence[str],
+    seeds: Sequence[int],
+    fine_tune: Callable[[str, int], nn.Module],
+    evaluate: Callable[[nn.Module], float],
+    stages: Sequence[Stage],
+    range_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fine-tunes every (row, seed), evaluates it, compresses it with every stage and evaluates again.
+
+    Returns:
+        `dict` with `accuracy[row][column] = [acc per seed]`, `weight_stats[row]` (seed `seeds[0]`, from
+        `hf_r2.analysis.weight_ranges`), `models[row]` (those models) and `timing_s` (seconds per stage).
+    """
+    from hf_r2.analysis import weight_ranges
+
+    accuracy: dict[str, dict[str, list[float]]] = {r: {} for r in rows}
+    stats: dict[str, Any] = {}
+    models: dict[str, nn.Module] = {}
+    timing: dict[str, float] = {}
+    total = len(rows) * len(seeds)
+    done = 0
+    for seed in seeds:
+        for row in rows:
+            done += 1
+            _log(f"({done}/{total}) fine-tune r2_type={row} seed={seed}")
+            t0 = time.perf_counter()
+            model = fine_tune(row, seed)
+            timing["fine_tune"] = timing.get("fine_tune", 0.0) + time.perf_counter() - t0
+            t0 = time.perf_counter()
+            acc = evaluate(model)
+            timing["evaluate"] = timing.get("evaluate", 0.0) + time.perf_counter() - t0
+            accuracy[row].setdefault("FP32", []).append(acc)
+            _log(f"    r2_type={row} seed={seed}: full-precision accuracy {acc:.4f}")
+            if seed == seeds[0]:
+                stats[row] = weight_ranges(model, **(range_kwargs or {}))
+                models[row] = model
+            for stage in stages:
+                if not (stage.all_seeds or seed == seeds[0]):
+                    continue
+                t0 = time.perf_counter()
+                compressed = stage.compress(model, seed)
+                acc = evaluate(compressed)
+                timing[stage.name] = timing.get(stage.name, 0.0) + time.perf_counter() - t0
+                accuracy[row].setdefault(stage.name, []).append(acc)
+                _log(f"    r2_type={row} seed={seed}: {stage.name} accuracy {acc:.4f}")
+                del compressed
+    check_finite_accuracies(accuracy)
+    return {"accuracy": accuracy, "weight_stats": stats, "models": models, "timing_s": timing}
+
 
 
 @dataclass
@@ -297,10 +397,76 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "Compression of every Conv2d and Linear layer, first and last included: PTQ round-to-nearest symmetric "
             f"per-tensor weights (no training); LSQ weights + activations and DKM: {args.compress_steps} AdamW steps "
             f"at lr {args.compress_learning_rate} without R², then `finalize`.",
-            f"Accuracy in %: mean ± spread (half the max - min distance) over seeds {list(args.seeds)}.",
+            f"Accuracy in %: mean ± std (sample standard deviation) over seeds {list(args.seeds)}.",
         ],
         figure_prefix="vision_weight_histograms",
     )
+
+
+def write_report(
+    *,
+    args: Any,
+    title: str,
+    command: str,
+    result: Mapping[str, Any],
+    rows: Sequence[str],
+    columns: Sequence[str],
+    elapsed: float,
+    notes: Sequence[str],
+    figure_prefix: str = "weight_histograms",
+) -> dict[str, Any]:
+    """Prints the tables, writes the figures, `report.md` and `results.json`; returns the JSON-ready results."""
+    out = Path(args.output_dir)
+    acc_md = accuracy_table(result["accuracy"], rows, columns)
+    range_md = range_table(result["weight_stats"], rows)
+    print("\n" + title + "  (accuracy %, mean ± std over seeds)\n")
+    print(accuracy_table(result["accuracy"], rows, columns, style="plain"))
+    print("\nWeight range (max - min) and std per layer (paper Table 6), seed", args.seeds[0], "\n")
+    print(range_table(result["weight_stats"], rows, style="plain"))
+    layers = histogram_layers(result["weight_stats"]["none"])
+    weights = {row: layer_weights(model, layers) for row, model in result["models"].items()}
+    figures = write_histograms(weights, out, prefix=figure_prefix) if len(rows) > 1 else []
+    for path in figures:
+        _log(f"figure {path}")
+    report = [
+        f"# {title}",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine_description()}  ",
+        f"Wall time: {elapsed / 60:.1f} min",
+        "",
+        *[f"- {n}" for n in notes],
+        "",
+        "## Accuracy (%)",
+        "",
+        acc_md,
+        "",
+        f"## Weight range and std per layer (seed {args.seeds[0]})",
+        "",
+        range_md,
+        "",
+        "## Weight distributions",
+        "",
+        *[f"![{p.stem}]({p.name})" for p in figures],
+        "",
+    ]
+    report_path = write_text_atomic(out / "report.md", "\n".join(report))
+    payload = {
+        "title": title,
+        "command": command,
+        "machine": machine_description(),
+        "wall_time_s": elapsed,
+        "settings": asdict(args),
+        "columns": list(columns),
+        "rows": list(rows),
+        "accuracy": result["accuracy"],
+        "weight_stats": stats_to_json(result["weight_stats"]),
+        "timing_s": result["timing_s"],
+        "figures": [p.name for p in figures],
+    }
+    write_text_atomic(out / "results.json", json.dumps(payload, indent=2))
+    _log(f"report {report_path} ({elapsed / 60:.1f} min)")
+    return payload
 
 
 if __name__ == "__main__":

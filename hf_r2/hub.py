@@ -5,7 +5,9 @@ Three steps, each usable alone:
 1. `build_model_card(...)` writes a card that says what was done: the R² settings, the per-layer weight ranges and
    standard deviations (the paper's Table 6, optionally next to a reference such as the weights before the run),
    a per-layer weight-histogram figure (Figure 2), the compression bits and the checkpoint size (Table 2) and the
-   evaluation metrics, with the tags `hf_r2` and `range-regularization`.
+   evaluation metrics (before and after compression side by side when both are given), with the tags `hf_r2` and
+   `range-regularization`. The same sections (`run_card_sections`) go into the card that `R2Trainer.create_model_card`
+   writes next to the model in `output_dir`.
 2. `prepare_publish_folder(model, folder, ...)` writes the exact folder that would be uploaded (safetensors weights,
    config, tokenizer or image processor, `README.md`, `weight_histograms.png`) atomically, without the regularizer's
    own parameters, and by default checks that it loads back with `from_pretrained` with no missing or unexpected key
@@ -46,13 +48,21 @@ from torch import nn
 
 from hf_r2.analysis import LayerWeightStats, format_weight_range_table, weight_ranges
 from hf_r2.plotting import layer_weights, pick_histogram_layers, plot_weight_histograms
-from hf_r2.utils import make_temp_dir_beside, recover_replaced_dir, remove_stale_temp_dirs, replace_dir
+from hf_r2.utils import (
+    make_temp_dir_beside,
+    public_source_name,
+    recover_replaced_dir,
+    remove_stale_temp_dirs,
+    replace_dir,
+)
 
 logger = logging.getLogger(__name__)
 
 TAGS = ("hf_r2", "range-regularization")
 HISTOGRAM_FILE = "weight_histograms.png"
 CARD_FILE = "README.md"
+#: Column title of the full-precision metrics in a card's before/after-compression table.
+FLOAT_LABEL = "full precision"
 #: Marker file hf_r2 writes into every publish folder it creates, listing the files it wrote there. An existing folder
 #: is replaced only if it holds this marker and nothing but the files the marker lists (plus the marker): hf_r2 never
 #: deletes a folder, or a file, that it did not create as part of a publish folder. It is not uploaded.
@@ -148,12 +158,26 @@ def _size_table(size: Mapping[str, Any]) -> str:
     return text
 
 
+def card_tags(r2: Mapping[str, Any] | None = None, compression: Mapping[str, Any] | None = None) -> list[str]:
+    """The tags of an hf_r2 card: `hf_r2`, `range-regularization`, `r2-<type>` when R² was on, and `palettization` +
+    `dkm` or `quantization` + the method when compressed."""
+    tags = list(TAGS)
+    if r2:
+        tags.append(f"r2-{r2.get('r2_type')}".replace("_", "-"))
+    if compression:
+        method = compression.get("method")
+        tags += ["palettization", "dkm"] if method == "dkm" else ["quantization", str(method)]
+    return tags
+
+
 def build_model_card(
     *,
     model_name: str,
     r2: Mapping[str, Any] | None = None,
     compression: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    float_metrics: Mapping[str, Any] | None = None,
+    float_label: str = FLOAT_LABEL,
     ranges: Mapping[str, LayerWeightStats] | None = None,
     reference_ranges: Mapping[str, LayerWeightStats] | None = None,
     reference_label: str = "reference",
@@ -176,7 +200,11 @@ def build_model_card(
         model_name (`str`): Title of the card.
         r2 (`Mapping`, *optional*): R² settings (e.g. `r2_info_from_args(training_args)`); `None` if R² was off.
         compression (`Mapping`, *optional*): Compression settings (e.g. `CompressionArguments.card_info()`).
-        metrics (`Mapping`, *optional*): Evaluation metrics (`trainer.evaluate()`).
+        metrics (`Mapping`, *optional*): Evaluation metrics (`trainer.evaluate()`), of the compressed model when
+            `float_metrics` is given.
+        float_metrics (`Mapping`, *optional*): The same metrics of the full-precision model (keys `eval_float_*` or
+            `eval_*`), shown next to `metrics` as "before and after compression".
+        float_label (`str`, *optional*): Column title of `float_metrics`.
         ranges (`Mapping[str, LayerWeightStats]`, *optional*): `hf_r2.analysis.weight_ranges` of the published model.
         reference_ranges (`Mapping[str, LayerWeightStats]`, *optional*): The same for a reference (before the run, or
             without R²), over the same layers.
@@ -197,17 +225,12 @@ def build_model_card(
     Returns:
         `huggingface_hub.ModelCard`.
     """
-    tags = list(TAGS)
-    if r2:
-        tags.append(f"r2-{r2.get('r2_type')}".replace("_", "-"))
-    if compression:
-        method = compression.get("method")
-        tags += ["palettization", "dkm"] if method == "dkm" else ["quantization", str(method)]
+    tags = card_tags(r2, compression)
     tags += [t for t in extra_tags if t not in tags]
     # A card must never carry a local path (it would publish the user's file-system layout): a local checkpoint is
     # named by its Hub id when it is a Hub download, else by its folder's name; only Hub ids go in the metadata.
-    base_id, base_local = _public_source(base_model)
-    dataset_id, dataset_local = _public_source(dataset, keep_parent=True)
+    base_id, base_local = public_source_name(base_model)
+    dataset_id, dataset_local = public_source_name(dataset, keep_parent=True)
     data = ModelCardData(
         library_name="transformers",
         tags=tags,
@@ -239,71 +262,154 @@ def build_model_card(
     if r2:
         parts += [SECTIONS["r2"], "Each targeted layer's weight range is penalized during training so that it "
                   "survives low-bit compression.", _kv_table(r2)]
+    parts += compression_section(compression, size=size, size_report=size_report)
+    parts += metrics_section(metrics, float_metrics, float_label=float_label, compressed=bool(compression))
+    parts += ranges_section(ranges, reference_ranges, reference_label)
+    if figure:
+        parts += [SECTIONS["figure"], f"![Per-layer weight histograms]({figure})"]
+    if training:
+        parts += [SECTIONS["training"], _kv_table(training, header=("Hyperparameter", "Value"))]
+    parts += usage_section(auto_class, repo_id, compressed=bool(compression))
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n"
+    return ModelCard(content)
+
+
+def compression_section(
+    compression: Mapping[str, Any] | None,
+    *,
+    size: Mapping[str, Any] | None = None,
+    size_report: str | None = None,
+) -> list[str]:
+    """The card's compression section (settings, Table 2-style size table, size report) as Markdown blocks."""
     if compression:
         body = [SECTIONS["compression"], _kv_table(compression)]
         if size:
             body.append(_size_table(size))
         if size_report:
             body.append(f"```text\n{size_report.strip()}\n```")
-        parts += body
-    elif size:
-        parts += [SECTIONS["compression"], "Not compressed.", _size_table(size)]
+        return body
+    if size:
+        return [SECTIONS["compression"], "Not compressed.", _size_table(size)]
+    return []
+
+
+def metrics_section(
+    metrics: Mapping[str, Any] | None,
+    float_metrics: Mapping[str, Any] | None = None,
+    *,
+    float_label: str = FLOAT_LABEL,
+    compressed: bool = True,
+) -> list[str]:
+    """The card's evaluation section: one column of quality metrics and loss, or, with `float_metrics`, the metric
+    before compression (full precision) next to the one after it, row by row."""
     shown = {k: v for k, v in (metrics or {}).items() if _is_quality_metric(k) or _metric_name(k) == "loss"}
-    if shown:
-        parts += [SECTIONS["metrics"], _kv_table(shown, header=("Metric", "Value"))]
-    if ranges:
-        ref_text = f", for this model and for the reference ({reference_label})" if reference_ranges else ""
-        parts += [
-            SECTIONS["ranges"],
-            f"Per-layer weight range (max − min) and standard deviation{ref_text}, as in Table 6 of the R² paper.",
-            format_weight_range_table(ranges, reference_ranges, labels=("this model", reference_label), precision=4),
-        ]
-    if figure:
-        parts += [SECTIONS["figure"], f"![Per-layer weight histograms]({figure})"]
-    if training:
-        parts += [SECTIONS["training"], _kv_table(training, header=("Hyperparameter", "Value"))]
+    before = {_metric_name(k): v for k, v in (float_metrics or {}).items()
+              if _is_quality_metric(k) or _metric_name(k) == "loss"}
+    if not before:
+        return [SECTIONS["metrics"], _kv_table(shown, header=("Metric", "Value"))] if shown else []
+    after = {_metric_name(k): v for k, v in shown.items()}
+    names = list(before) + [n for n in after if n not in before]
+    names.sort(key=lambda n: n == "loss")  # the quality metrics first, the loss last
+    after_label = "compressed" if compressed else "this model"
+    lines = [f"| Metric | {float_label} | {after_label} |", "|---|---:|---:|"]
+    lines += [f"| `{n}` | {_fmt(before[n]) if n in before else '–'} | {_fmt(after[n]) if n in after else '–'} |"
+              for n in names]
+    text = "Evaluated on the same data before and after compression, in one run of the script."
+    return [SECTIONS["metrics"], text, "\n".join(lines)]
+
+
+def ranges_section(
+    ranges: Mapping[str, LayerWeightStats] | None,
+    reference_ranges: Mapping[str, LayerWeightStats] | None = None,
+    reference_label: str = "reference",
+) -> list[str]:
+    """The card's weight-range section (the paper's Table 6), optionally next to a reference."""
+    if not ranges:
+        return []
+    ref_text = f", for this model and for the reference ({reference_label})" if reference_ranges else ""
+    return [
+        SECTIONS["ranges"],
+        f"Per-layer weight range (max − min) and standard deviation{ref_text}, as in Table 6 of the R² paper.",
+        format_weight_range_table(ranges, reference_ranges, labels=("this model", reference_label), precision=4),
+    ]
+
+
+def usage_section(auto_class: str = "AutoModel", repo_id: str | None = None, compressed: bool = False) -> list[str]:
+    """The card's "How to use" snippet (with `import hf_r2` for a compressed checkpoint, which needs it to load)."""
     target = repo_id or "path/to/this/folder"
-    needs_import = bool(compression)
     snippet = ["```python"]
-    if needs_import:
+    if compressed:
         snippet.append("import hf_r2  # registers the compressed layers; without it loading fails")
     snippet += [f"from transformers import {auto_class}", "", f'model = {auto_class}.from_pretrained("{target}")']
     snippet.append("```")
-    parts += [SECTIONS["usage"], "\n".join(snippet)]
-    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n"
-    return ModelCard(content)
+    return [SECTIONS["usage"], "\n".join(snippet)]
 
 
-def _public_source(name_or_path: str | os.PathLike | None, keep_parent: bool = False) -> tuple[str | None, bool]:
-    """How a card names a model or dataset given by Hub id or local path, without revealing a local path.
+def run_card_sections(
+    model: nn.Module,
+    *,
+    compression: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    float_metrics: Mapping[str, Any] | None = None,
+    float_label: str = FLOAT_LABEL,
+    folder: str | os.PathLike | None = None,
+    float32_bytes: int | None = None,
+    coreml_bytes: int | None = None,
+    size_report: str | Callable[[Path], str] | None = None,
+    reference_ranges: Mapping[str, LayerWeightStats] | None = None,
+    reference_label: str = "start of this run",
+) -> list[str]:
+    """The hf_r2 sections of the card the example scripts write into `--output_dir` next to the model.
 
-    Returns `(name, is_local)`: a Hub id is kept; a folder of the Hugging Face cache (`.../models--org--name/...`)
-    gives back its Hub id; any other local path (or an absolute path that does not exist here) gives its last
-    component (with `keep_parent`, its parent folder's name too, e.g. `qnli-squad/train.jsonl`).
+    `R2Trainer.create_model_card(extra_sections=...)` appends them to the Trainer's own card (which already holds the
+    R² settings, the hyperparameters and the last evaluation): the compression with the size of the weights saved in
+    `folder` against float32 (Table 2), the metrics before and after compression when `float_metrics` is given, the
+    per-layer weight ranges (Table 6, next to `reference_ranges` if given), and for a compressed model how to load it.
+
+    Args:
+        model (`nn.Module`): The saved (finalized, if compressed) model.
+        compression (`Mapping`, *optional*): `CompressionArguments.card_info(model)`; `None` when not compressed.
+        metrics, float_metrics, float_label: See `metrics_section`.
+        folder (`str` or `os.PathLike`, *optional*): Where the model's `model*.safetensors` were saved, for the size.
+        float32_bytes (`int`, *optional*): Size of the uncompressed float32 weights.
+        coreml_bytes (`int`, *optional*): Weight-file size of the Core ML export, shown next to the safetensors size.
+        size_report (`str` or `Callable[[Path], str]`, *optional*): As for `prepare_publish_folder`.
+        reference_ranges, reference_label: See `build_model_card`.
+
+    Returns:
+        `list[str]`: Markdown blocks.
     """
-    if name_or_path is None or not str(name_or_path):
-        return None, False
-    text = str(name_or_path)
-    if not os.path.isabs(text) and not os.path.exists(text) and text.count("/") <= 1 and not text.startswith("."):
-        return text, False  # a Hub id (or a plain name)
-    path = Path(os.path.abspath(text))
-    for part in path.parts:
-        match = re.fullmatch(r"(?:models|datasets)--(.+)", part)
-        if match and os.path.exists(text):
-            return match.group(1).replace("--", "/"), False
-    name = path.name
-    if keep_parent and path.parent.name and not path.is_dir():
-        name = f"{path.parent.name}/{name}"
-    return name, True
+    size = None
+    if compression and folder is not None and list(Path(folder).glob("model*.safetensors")):
+        size = {"checkpoint_bytes": folder_size_bytes(folder, "model*.safetensors"),
+                "label": "this checkpoint (safetensors on disk)"}
+        if float32_bytes:
+            size["float32_bytes"] = float32_bytes
+        if coreml_bytes:
+            size["coreml_bytes"] = coreml_bytes
+        if callable(size_report):
+            size_report = size_report(Path(folder))
+    else:
+        size_report = None if callable(size_report) else size_report
+    parts = compression_section(compression, size=size, size_report=size_report)
+    if float_metrics:
+        parts += metrics_section(metrics, float_metrics, float_label=float_label, compressed=bool(compression))
+    parts += ranges_section(weight_ranges(model), reference_ranges, reference_label)
+    if compression:
+        parts += usage_section(_auto_class_name(model), compressed=True)
+    return parts
 
 
 def _metric_name(key: str) -> str:
-    return key.split("_", 1)[1] if key.startswith(("eval_", "test_", "predict_")) else key
+    for prefix in ("eval_float_", "eval_", "test_", "predict_"):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
 
 
 def _is_quality_metric(key: str) -> bool:
     name = _metric_name(key)
-    return not any(s in name for s in ("runtime", "per_second", "loss", "epoch", "samples", "steps"))
+    return not any(s in name for s in ("runtime", "_time", "per_second", "loss", "epoch", "samples", "steps"))
 
 
 def _describe_compression(info: Mapping[str, Any]) -> str:

@@ -27,14 +27,17 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.modelcard import TrainingSummary
 from transformers.trainer import TRAINER_STATE_NAME  # written last into a checkpoint folder by the Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
@@ -48,7 +51,7 @@ from hf_r2.range_regularizer import (
     RangeRegularizer,
 )
 from hf_r2.regularizers import R2_TYPES
-from hf_r2.utils import atomic_path, check_module_regex, is_module_regex, select_modules
+from hf_r2.utils import atomic_path, check_module_regex, is_module_regex, public_source_name, select_modules
 
 __all__ = [
     "R2_MODES",
@@ -58,6 +61,7 @@ __all__ = [
     "R2Trainer",
     "check_resume_checkpoint",
     "check_steps_trained",
+    "evaluate_model",
     "checkpoint_global_step",
     "checkpoint_problem",
     "get_last_complete_checkpoint",
@@ -72,6 +76,8 @@ R2_TYPE_CHOICES: tuple[str, ...] = ("none", *R2_TYPES)
 R2_MODES: tuple[str, ...] = ("loss", "decoupled")
 #: File holding the regularizer's parameters inside a checkpoint folder.
 R2_STATE_NAME = "r2_regularizer.safetensors"
+#: Tags of every card of an R²-trained model (the publish folder's card, `hf_r2.hub.TAGS`, has the same).
+R2_CARD_TAGS = ("hf_r2", "range-regularization")
 
 #: Model weight files one of which every complete checkpoint holds (as `Trainer._load_from_checkpoint` looks for).
 _WEIGHT_FILES = (
@@ -661,46 +667,98 @@ class R2Trainer(Trainer):
 
     # ---- model card ----
 
-    def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
-        """`Trainer.create_model_card` plus the `hf-r2` / `r2-<type>` tags and a section with the R² settings.
+    def create_model_card(
+        self,
+        tags: str | list[str] | None = None,
+        finetuned_from: str | None = None,
+        dataset: str | list[str] | None = None,
+        extra_sections: Sequence[str] = (),
+        **kwargs,
+    ) -> None:
+        """`Trainer.create_model_card` (`README.md` in `output_dir`) that says how the model was regularized and never
+        names a local path.
 
-        The `r2_*` arguments are not part of the Trainer's hyperparameter list, so without this section the card would
-        not say how the model was regularized.
+        Adds the tags `hf_r2`, `range-regularization` and `r2-<type>` and a section with the R² settings (the `r2_*`
+        arguments are not part of the Trainer's hyperparameter list, so its card alone would not say how the model was
+        regularized), then `extra_sections` (e.g. `hf_r2.hub.run_card_sections`: compression, metrics before and after
+        it, weight ranges). The base model (`finetuned_from`, by default the model's `config._name_or_path`) and
+        `dataset` are named through `hf_r2.utils.public_source_name`: a Hub id is kept and linked, a local checkpoint
+        or data file is named by its folder (and file) name, and only a Hub id becomes the `base_model` metadata.
+
+        Args:
+            tags (`str` or `list[str]`, *optional*): More tags, as for `Trainer.create_model_card`.
+            finetuned_from (`str`, *optional*): The starting checkpoint (Hub id or local path).
+            dataset (`str` or `list[str]`, *optional*): The data (Hub ids or local paths).
+            extra_sections (`Sequence[str]`, *optional*): Markdown blocks appended to the card.
+            **kwargs: As for `Trainer.create_model_card` (`language`, `license`, `model_name`, `tasks`,
+                `dataset_tags`, `dataset_args`).
         """
         r2_type = (
             getattr(self.args, "r2_type", "none") if self.r2_regularizer is None else self.r2_regularizer.config.r2_type
         )
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
         if r2_type != "none":
-            tags = [tags] if isinstance(tags, str) else list(tags or [])
-            tags += [t for t in ("hf-r2", f"r2-{r2_type}") if t not in tags]
-        super().create_model_card(*args, tags=tags, **kwargs)
-        if r2_type == "none" or not self.is_world_process_zero():
+            tags += [t for t in (*R2_CARD_TAGS, f"r2-{r2_type}".replace("_", "-")) if t not in tags]
+        if finetuned_from is None:
+            finetuned_from = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        base_name, base_is_local = public_source_name(finetuned_from)
+        if dataset is not None:
+            dataset = [public_source_name(d, keep_parent=True)[0] for d in ([dataset] if isinstance(dataset, str)
+                                                                               else dataset)]
+            dataset = dataset[0] if len(dataset) == 1 else dataset
+        if not self.is_world_process_zero():
             return
         path = os.path.join(self.args.output_dir, "README.md")
-        with open(path, encoding="utf-8") as f:
-            card = f.read()
-        lines = [
-            "",
-            "## R² range regularization",
-            "",
-            f"- r2_type: {r2_type}",
-            f"- r2_mode: {getattr(self.args, 'r2_mode', 'loss')}",
-            f"- r2_weight: {self.r2_weight}",
-        ]
-        config = self.r2_regularizer.config if self.r2_regularizer is not None else None
-        if config is not None:
-            lines += [
-                f"- r2_cluster_dim: {config.cluster_dim}",
-                f"- regularized layers: {len(self.r2_regularizer.layer_names)}",
+        is_peft_card = False
+        if os.path.exists(path):  # keep the tags of an earlier card, as `Trainer.create_model_card` does
+            earlier = ModelCard.load(path).data
+            tags += [t for t in (earlier.tags or []) if t not in tags]
+            is_peft_card = earlier.get("library_name") == "peft"
+        # `TrainingSummary` directly rather than `Trainer.create_model_card`: the latter replaces a missing base model
+        # with `config._name_or_path`, a local path or "" for a model built from its config (then linked as
+        # "[](https://huggingface.co/)"). Only a Hub id may become the linked base model and `base_model` metadata;
+        # "" also keeps `TrainingSummary` from asking the Hub for its license.
+        summary = TrainingSummary.from_trainer(
+            self, tags=tags or None, finetuned_from=base_name if base_name and not base_is_local else "",
+            dataset=dataset, **kwargs,
+        )
+        if not summary.finetuned_from:
+            summary.finetuned_from = None
+        card = summary.to_model_card()
+        if base_is_local:
+            card = card.replace(
+                "This model was trained from scratch on ",
+                f"This model is a fine-tuned version of the local checkpoint `{base_name}` on ",
+                1,
+            )
+        lines = []
+        if r2_type != "none":
+            lines = [
+                "",
+                "## R² range regularization",
+                "",
+                f"- r2_type: {r2_type}",
+                f"- r2_mode: {getattr(self.args, 'r2_mode', 'loss')}",
+                f"- r2_weight: {self.r2_weight}",
             ]
-        last = next((e for e in reversed(self.state.log_history) if "r2_loss" in e), None)
-        if last is not None:
-            lines += [
-                f"- final r2_loss: {last['r2_loss']:.4g}",
-                f"- final max_weight_range: {last['max_weight_range']:.4g}",
-            ]
+            config = self.r2_regularizer.config if self.r2_regularizer is not None else None
+            if config is not None:
+                lines += [
+                    f"- r2_cluster_dim: {config.cluster_dim}",
+                    f"- regularized layers: {len(self.r2_regularizer.layer_names)}",
+                ]
+            last = next((e for e in reversed(self.state.log_history) if "r2_loss" in e), None)
+            if last is not None:
+                lines += [
+                    f"- final r2_loss: {last['r2_loss']:.4g}",
+                    f"- final max_weight_range: {last['max_weight_range']:.4g}",
+                ]
+        for section in extra_sections:
+            lines += ["", section.strip("\n")]
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(card.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+        if is_peft_card:  # as `Trainer.create_model_card`: let peft add its part
+            self.accelerator.unwrap_model(self.model).create_or_update_model_card(self.args.output_dir)
 
     # ---- checkpoints ----
 
@@ -770,3 +828,43 @@ class R2Trainer(Trainer):
     def _load_best_model(self) -> None:
         super()._load_best_model()
         self._load_r2_state(self.state.best_model_checkpoint, required=False)
+
+
+def evaluate_model(
+    model: nn.Module,
+    args: TrainingArguments,
+    eval_dataset: Any,
+    *,
+    metric_key_prefix: str = "eval",
+    **trainer_kwargs: Any,
+) -> dict[str, float]:
+    """Evaluates `model` once with a plain `Trainer` on `args`, e.g. the full-precision model before compression
+    layers are swapped in (the example scripts' "before" metric).
+
+    No range term (evaluation never adds one), nothing saved, and no reporting integration (`--report_to`): it is
+    not the run's trainer, so it must not start a second run in an experiment tracker. Under FSDP or DeepSpeed it
+    evaluates nothing and returns `{}` with a warning: their evaluation shards the model in place, which must not
+    happen before compression layers are swapped in and the run's own trainer prepares it.
+
+    Args:
+        model (`nn.Module`): The model to evaluate.
+        args (`TrainingArguments`): The run's arguments (batch size, device, processes).
+        eval_dataset: The evaluation data.
+        metric_key_prefix (`str`, *optional*, defaults to `"eval"`): Prefix of the returned keys.
+        **trainer_kwargs: Passed on to `Trainer` (`data_collator`, `processing_class`, `compute_metrics`).
+
+    Returns:
+        `dict[str, float]`: The `Trainer.evaluate` metrics (`{}` under FSDP or DeepSpeed).
+    """
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    trainer = Trainer(model=model, args=args, eval_dataset=eval_dataset, **trainer_kwargs)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        logger.warning(
+            f"The {metric_key_prefix} evaluation is skipped under {'FSDP' if trainer.is_fsdp_enabled else 'DeepSpeed'}:"
+            " it would shard the model in place before the run's own trainer prepares it."
+        )
+        return {}
+    for callback in get_reporting_integration_callbacks(args.report_to):
+        trainer.remove_callback(callback)
+    return trainer.evaluate(metric_key_prefix=metric_key_prefix)

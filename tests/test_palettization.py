@@ -318,8 +318,10 @@ def _tiny_bert_mlm():
     [(_tiny_gpt2_lm, "transformer.wte", "lm_head"), (_tiny_bert_mlm, "bert.embeddings.word_embeddings",
                                                      "cls.predictions.decoder")],
 )
-def test_tied_embeddings_are_refused_at_palettize_naming_them(build, embedding, head):
+def test_tied_embeddings_are_refused_at_palettize_naming_them(build, embedding, head, tmp_path):
     """Issue 15.2: a tied LM head used to pass `palettize` (head excluded) and lose the trained model at finalize."""
+    import hf_r2.palettization.quantizer  # noqa: F401  (registers the loader)
+
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for exclude in (None, [head]):  # excluding only the head leaves the tied embedding palettized: still refused
@@ -330,6 +332,14 @@ def test_tied_embeddings_are_refused_at_palettize_naming_them(build, embedding, 
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     palettize(model, DKMConfig(n_bits=2, exclude_modules=[embedding, head]))  # the documented fix works
     assert embedding not in dkm_layers(model) and head not in dkm_layers(model)
+    model.eval()
+    ids = torch.randint(1, 64, (2, 8))
+    finalize(model)
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()  # saves and loads, tie intact
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_finalize_validates_everything_before_changing_anything(tmp_path):
@@ -552,3 +562,14 @@ def test_multihead_attention_is_refused_loudly():
         palettize(model, DKMConfig(n_bits=2))
     palettize(model, DKMConfig(n_bits=2, exclude_modules=["attn"]))
     assert list(dkm_layers(model)) == ["head"]
+
+
+def test_finalize_refuses_diverged_centroids_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    palettize(model, DKMConfig(n_bits=2))
+    with torch.no_grad():
+        model[1].centroids[0] = float("nan")
+    first = model[0].centroids.clone()
+    with pytest.raises(ValueError, match="DKM layer '1' has non-finite centroids.*nothing was finalized"):
+        finalize(model, compress=False)
+    assert isinstance(model[0], DKMLinear) and torch.equal(model[0].centroids, first)  # layer 0 was not converted

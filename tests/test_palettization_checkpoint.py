@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from transformers import (
     ResNetForImageClassification,
 )
 
-import hf_r2.palettization.compressed as compressed
+import hf_r2.palettization.format as palettization_format
 import hf_r2.palettization.quantizer  # noqa: F401  (registers "hf_r2_palettization"; `import hf_r2` will do it)
 from hf_r2.palettization.compressed import (
     PalettizedConv2d,
@@ -175,7 +176,7 @@ def test_pack_matches_slow_reference_and_unpacks(n_bits, monkeypatch):
     generator = torch.Generator().manual_seed(n_bits)
     for small_chunks in (False, True):
         if small_chunks:  # the chunked path of long tensors, on short ones
-            monkeypatch.setattr(compressed, "_CHUNK", 16)
+            monkeypatch.setattr(palettization_format, "_CHUNK", 16)
         for length in (0, 1, 7, 8, 13, 37, 100):
             indices = torch.randint(0, 1 << n_bits, (length,), generator=generator)
             packed = pack_indices(indices, n_bits)
@@ -583,6 +584,30 @@ def test_format_version_1_checkpoints_still_load_and_save_as_version_1(tiny_chec
     loaded.save_pretrained(tmp_path / "again")  # re-saved as what it is: version 1, without checksums
     assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["format_version"] == 1
     assert not [k for k in load_file(tmp_path / "again" / "model.safetensors") if k.endswith("weight_checksum")]
+
+
+LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_checkpoints_written_by_earlier_hf_r2_still_load(version, tmp_path):
+    """tests/fixtures/legacy/palettized_v2 was written by hf_r2 before issue 14 moved the palettization modules
+    (tests/scripts/make_legacy_checkpoints.py); format version 1 is the same checkpoint without checksums."""
+    directory = tmp_path / "legacy"
+    shutil.copytree(LEGACY / "palettized_v2", directory)
+    if version == 1:
+        _as_format_version_1(directory)
+    expected = json.loads((directory / "expected.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+    assert model.config.quantization_config.format_version == version
+    assert len(palettized_modules(model)) == 10  # 3 embeddings and every Linear but pooler.dense
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(expected["input_ids"])).logits
+    torch.testing.assert_close(logits, torch.tensor(expected["logits"]), rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path / "again")  # re-saved in the same format, tensor for tensor
+    stored, again = load_file(directory / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert sorted(again) == sorted(stored)
+    assert all(torch.equal(again[k], v) for k, v in stored.items())
 
 
 def test_checksum_tolerates_a_lut_cast_on_load_but_still_checks_the_indices(tiny_checkpoint, tmp_path):

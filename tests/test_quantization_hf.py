@@ -1,6 +1,8 @@
 """Finalized quantized transformers checkpoints: save_pretrained / from_pretrained round trip, and loud failures."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,9 +162,12 @@ def test_tied_lm_head_is_refused_by_quantize_and_untied_one_round_trips(tmp_path
                                          r"exclude_modules=\['lm_head'\]"):
         quantize(model, get_quantization_config("ptq", w_bits=4))
     assert type(model.lm_head) is torch.nn.Linear
+    finalize(quantize(model, get_quantization_config("ptq", w_bits=4, exclude_modules=["lm_head"])))  # the advice
+    loaded = _save_and_reload(model, tmp_path / "tied")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied, still float
     untied = _tiny_gpt2_lm(tie_word_embeddings=False)
     finalize(quantize(untied, get_quantization_config("ptq", w_bits=4, target_modules=["lm_head"])))
-    loaded = _save_and_reload(untied, tmp_path)
+    loaded = _save_and_reload(untied, tmp_path / "untied")
     assert isinstance(loaded, GPT2LMHeadModel) and isinstance(loaded.lm_head, QuantizedLinear)
 
 
@@ -306,3 +311,21 @@ def test_scripts_calibrate_untrained_activation_quantizers_on_the_given_batches(
     with torch.no_grad():
         first(**other)  # another batch first: must not set anything
         torch.testing.assert_close(first(**BATCH).logits, second(**BATCH).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_written_by_earlier_hf_r2_still_load(tmp_path):
+    """tests/fixtures/legacy/quantized_lsq was written by hf_r2 before issue 14 moved the quantization modules
+    (tests/scripts/make_legacy_checkpoints.py)."""
+    directory = tmp_path / "legacy"
+    shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "legacy" / "quantized_lsq", directory)
+    expected = json.loads((directory / "expected.json").read_text())
+    model = BertForSequenceClassification.from_pretrained(directory).eval()
+    assert isinstance(model.config.quantization_config, HfR2QuantizationConfig)
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, QuantizedLinear)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(expected["input_ids"])).logits
+    torch.testing.assert_close(logits, torch.tensor(expected["logits"]), rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path / "again")  # integer codes, scales and zero points, tensor for tensor
+    stored, again = load_file(directory / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert sorted(again) == sorted(stored)
+    assert all(torch.equal(again[k], v) for k, v in stored.items())

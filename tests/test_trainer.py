@@ -438,7 +438,7 @@ def test_model_card_names_the_r2_settings(tmp_path):
     trainer.create_model_card(model_name="tiny-r2", tags=["mine"])
     card = (tmp_path / "README.md").read_text(encoding="utf-8")
     header = card.split("---")[1]
-    assert "hf-r2" in header and "r2-margin" in header and "mine" in header
+    assert "hf_r2" in header and "r2-margin" in header and "mine" in header
     assert "- r2_type: margin" in card and "- r2_weight: 0.02" in card
     assert f"- final r2_loss: {train_logs(trainer)[-1]['r2_loss']:.4g}" in card
 

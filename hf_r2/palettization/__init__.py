@@ -11,20 +11,19 @@ Example:
     ```
 """
 
-from .compressed import (
+from . import hf_quantizer
+from .config import DKMConfig, PalettizationQuantizationConfig, attach_palettization_config
+from .functional import dkm_exact, dkm_grid, kmeans, nearest_centroid, soft_assignment
+from .layers import DKMConv1D, DKMConv2d, DKMEmbedding, DKMLayerMixin, DKMLinear
+from .model import dkm_layers, finalize, palettize, unpalettize
+from .palettized_layers import (
     PalettizedConv1D,
     PalettizedConv2d,
     PalettizedEmbedding,
     PalettizedLinear,
-    attach_palettization_config,
     palettized_modules,
     to_palettized,
-    unpalettize,
 )
-from .config import DKMConfig
-from .functional import dkm_exact, dkm_grid, kmeans, nearest_centroid, soft_assignment
-from .layers import DKMConv1D, DKMConv2d, DKMEmbedding, DKMLayerMixin, DKMLinear
-from .model import dkm_layers, finalize, palettize
 from .serialization import PalettizedSizeReport, palettized_size_report, save_palettized
 
 __all__ = [
@@ -38,6 +37,7 @@ __all__ = [
     "PalettizedConv2d",
     "PalettizedEmbedding",
     "PalettizedLinear",
+    "PalettizationQuantizationConfig",
     "PalettizedSizeReport",
     "attach_palettization_config",
     "dkm_exact",
@@ -54,3 +54,6 @@ __all__ = [
     "to_palettized",
     "unpalettize",
 ]
+
+# `from_pretrained` loads palettized checkpoints once `hf_r2.palettization` is imported (`import hf_r2` does it).
+hf_quantizer.register()

@@ -1,9 +1,17 @@
-"""Configuration of DKM training-time palettization."""
+"""Configuration of DKM training-time palettization, and the `quantization_config` of the palettized checkpoints it
+produces (`PalettizationQuantizationConfig`, recorded on a model by `attach_palettization_config`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from torch import nn
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from hf_r2.palettization.format import PALETTIZATION_FORMAT_VERSION
+from hf_r2.palettization.palettized_layers import palettized_modules
 
 _INITS = ("kmeans++", "quantile")
 _BACKENDS = ("auto", "grid", "exact")
@@ -139,3 +147,136 @@ class DKMConfig:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+QUANT_METHOD = "hf_r2_palettization"
+
+
+@dataclass
+class PalettizationQuantizationConfig(QuantizationConfigMixin):
+    """The `quantization_config` of an hf_r2 palettized checkpoint (one entry per palettized layer).
+
+    Example:
+        ```python
+        >>> spec = {"n_bits": 2, "cluster_dim": 1, "shape": [2, 8]}
+        >>> config = PalettizationQuantizationConfig(layers={"classifier": spec})
+        >>> config.to_dict()["quant_method"]
+        'hf_r2_palettization'
+        ```
+    """
+
+    layers: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Palettized layers by full module name: {'n_bits': 1-8, 'cluster_dim': d >= 1, 'shape': dense "
+            "weight shape}."
+        },
+    )
+    format_version: int = field(
+        default=PALETTIZATION_FORMAT_VERSION,
+        metadata={"help": "On-disk layout version (see hf_r2.palettization.format); newer ones are refused."},
+    )
+    quant_method: str = field(
+        default=QUANT_METHOD, metadata={"help": f"transformers quantization method name; always {QUANT_METHOD!r}."}
+    )
+
+    def __post_init__(self):
+        if self.quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}.")
+        if not isinstance(self.format_version, int) or self.format_version < 1:
+            raise ValueError(f"format_version must be a positive integer, got {self.format_version!r}.")
+        if self.format_version > PALETTIZATION_FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses palettization format version {self.format_version}, newer than the "
+                f"{PALETTIZATION_FORMAT_VERSION} this hf_r2 reads: upgrade hf_r2."
+            )
+        if not isinstance(self.layers, dict) or not self.layers:
+            raise ValueError(f"layers must be a non-empty dict of palettized layers, got {self.layers!r}.")
+        for name, spec in self.layers.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f"quantization_config layer {name!r}: expected a dict, got {spec!r}.")
+            missing = {"n_bits", "cluster_dim", "shape"} - set(spec)
+            if missing:
+                raise ValueError(f"quantization_config layer {name!r} lacks {sorted(missing)}: got {spec!r}.")
+            n_bits, cluster_dim, shape = spec["n_bits"], spec["cluster_dim"], spec["shape"]
+            if not isinstance(n_bits, int) or isinstance(n_bits, bool) or not 1 <= n_bits <= 8:
+                raise ValueError(f"quantization_config layer {name!r}: n_bits must be in 1..8, got {n_bits!r}.")
+            if not isinstance(cluster_dim, int) or isinstance(cluster_dim, bool) or cluster_dim < 1:
+                raise ValueError(f"quantization_config layer {name!r}: cluster_dim must be >= 1, got {cluster_dim!r}.")
+            if (
+                not isinstance(shape, (list, tuple))
+                or not shape
+                or not all(isinstance(s, int) and s > 0 for s in shape)
+            ):
+                raise ValueError(
+                    f"quantization_config layer {name!r}: shape must be a list of positive ints, got {shape!r}."
+                )
+            if shape[0] % cluster_dim:
+                raise ValueError(
+                    f"quantization_config layer {name!r}: cluster_dim={cluster_dim} does not divide the {shape[0]} "
+                    "output channels."
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": self.quant_method,
+            "format_version": self.format_version,
+            "layers": {name: dict(spec, shape=list(spec["shape"])) for name, spec in self.layers.items()},
+        }
+
+
+def attach_palettization_config(model: nn.Module, layers: Mapping[str, Mapping[str, Any]] | None = None):
+    """Records the palettized layers in `model.config.quantization_config`, so `save_pretrained` writes a checkpoint
+    that `from_pretrained` (after `import hf_r2`) loads back into the same palettized layers.
+
+    Args:
+        model (`PreTrainedModel`): A model whose palettized layers were built with `to_palettized`.
+        layers (`dict[str, dict]`, *optional*): `{"layer name": {"n_bits": b, "cluster_dim": d}}` for every palettized
+            layer; checked against the layers themselves. Defaults to what the model holds.
+
+    Returns:
+        `PalettizationQuantizationConfig`: The attached config.
+
+    Raises:
+        ValueError: If a listed layer is missing or not palettized, its bits/dims disagree with the layer, a
+            palettized layer is not listed, or a palettized weight is tied to another module.
+    """
+    if getattr(model, "config", None) is None:
+        raise ValueError(
+            f"{type(model).__name__} has no `config`: attach_palettization_config needs a transformers PreTrainedModel."
+        )
+    found = palettized_modules(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no palettized layer: run DKM finalize (or to_palettized) first.")
+    if layers is None:
+        layers = {name: {"n_bits": m.n_bits, "cluster_dim": m.cluster_dim} for name, m in found.items()}
+    unknown = sorted(set(layers) - set(found))
+    if unknown:
+        raise ValueError(f"layers {unknown} are not palettized layers of {type(model).__name__}.")
+    unlisted = sorted(set(found) - set(layers))
+    if unlisted:
+        raise ValueError(f"palettized layers {unlisted} are missing from `layers`; list every palettized layer.")
+    tied = _tied_weight_names(model)
+    specs = {}
+    for name, module in found.items():
+        spec = dict(layers[name])
+        for key in ("n_bits", "cluster_dim"):
+            if key not in spec or spec[key] != getattr(module, key):
+                raise ValueError(
+                    f"layers[{name!r}][{key!r}] is {spec.get(key)!r} but the layer has {key}={getattr(module, key)}."
+                )
+        if f"{name}.weight" in tied:
+            raise ValueError(
+                f"The weight of {name!r} is tied to another module's weight; palettizing tied weights is not "
+                "supported (exclude the layer or untie the weights)."
+            )
+        module.layer_name = name
+        specs[name] = {"n_bits": module.n_bits, "cluster_dim": module.cluster_dim, "shape": list(module.dense_shape)}
+    config = PalettizationQuantizationConfig(layers=specs)
+    model.config.quantization_config = config
+    return config
+
+
+def _tied_weight_names(model: nn.Module) -> set[str]:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return set(tied) | set(tied.values())

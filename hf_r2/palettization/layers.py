@@ -12,8 +12,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..utils import vectors_to_weight, weight_to_vectors
-from .compressed import output_channels_first
 from .config import DKMConfig
+from .format import output_channels_first
 from .functional import dkm_exact, dkm_grid, grid_points_needed, kmeans, nearest_centroid
 
 

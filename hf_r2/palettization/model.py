@@ -14,15 +14,10 @@ from ..utils import (
     tied_weight_groups,
     vectors_to_weight,
 )
-from .compressed import (
-    attach_palettization_config,
-    output_channels_first,
-    output_channels_first_shape,
-    palettized_modules,
-    to_palettized,
-)
-from .config import DKMConfig
+from .config import QUANT_METHOD, DKMConfig, attach_palettization_config
+from .format import output_channels_first, output_channels_first_shape
 from .layers import DKM_LAYERS, DKMLayerMixin
+from .palettized_layers import palettized_modules, plain_class_for, to_palettized
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +150,9 @@ def palettize(model: nn.Module, config: DKMConfig) -> nn.Module:
         module.__class__ = DKM_LAYERS[type(module)]
         module._setup_dkm(config, generator)
     model.dkm_config = config
-    logger.info("DKM: palettizing %d layers at %d bits, cluster_dim %d.", len(selected), config.n_bits,
-                config.cluster_dim)
+    logger.info(
+        "DKM: palettizing %d layers at %d bits, cluster_dim %d.", len(selected), config.n_bits, config.cluster_dim
+    )
     return model
 
 
@@ -213,9 +209,7 @@ def finalize(model: nn.Module, compress: bool | None = None) -> nn.Module:
         # exactly the one evaluated during DKM training.
         lut, indices = layer.hard_assignment()
         if not torch.isfinite(lut).all():
-            raise ValueError(
-                f"DKM layer {name!r} has non-finite centroids (training diverged); nothing was finalized."
-            )
+            raise ValueError(f"DKM layer {name!r} has non-finite centroids (training diverged); nothing was finalized.")
         assignments[name] = (lut, indices.to(torch.uint8 if layer.dkm_config.n_clusters <= 256 else torch.long))
     specs = {}
     for name, layer in layers.items():
@@ -237,4 +231,30 @@ def finalize(model: nn.Module, compress: bool | None = None) -> nn.Module:
         del model.dkm_config
     if compress:
         attach_palettization_config(model, specs)
+    return model
+
+
+def unpalettize(model: nn.Module) -> nn.Module:
+    """Turns every palettized layer of `model` back into its plain class, in place.
+
+    Each layer keeps its decoded dense weight, now trainable again, and drops its LUT and packed indices; the model's
+    `quantization_config` is removed, so `save_pretrained` then writes an ordinary dense checkpoint (e.g. for export
+    tools that expect plain layers). For a model loaded with `from_pretrained`, `model.dequantize()` does the same.
+
+    Returns:
+        `nn.Module`: `model`.
+    """
+    for module in palettized_modules(model).values():
+        plain = plain_class_for(module)
+        for buffer in ("weight_lut", "weight_packed_indices", "weight_checksum"):
+            module._buffers.pop(buffer, None)
+            module._non_persistent_buffers_set.discard(buffer)
+        for attribute in ("n_bits", "cluster_dim", "layer_name", "_dense_shape", "_loaded_packed_weight"):
+            module.__dict__.pop(attribute, None)
+        module.__class__ = plain
+        module.weight.requires_grad_(True)
+    config = getattr(model, "config", None)
+    quantization_config = getattr(config, "quantization_config", None)
+    if quantization_config is not None and dict(quantization_config).get("quant_method") == QUANT_METHOD:
+        del config.quantization_config
     return model

@@ -26,12 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_r2.palettization.compressed import (
-    SUPPORTED_LAYER_TYPES,
-    PalettizedMixin,
-    output_channels_first_shape,
-    palettized_modules,
-)
+from hf_r2.palettization.config import PalettizationQuantizationConfig, attach_palettization_config
+from hf_r2.palettization.format import output_channels_first_shape
+from hf_r2.palettization.palettized_layers import SUPPORTED_LAYER_TYPES, PalettizedMixin, palettized_modules
 
 __all__ = ["PalettizedSizeReport", "palettized_size_report", "save_palettized"]
 
@@ -55,9 +52,6 @@ def save_palettized(model, save_directory: str | os.PathLike, **save_pretrained_
     Returns:
         `Path`: `save_directory`.
     """
-    from hf_r2.palettization.compressed import attach_palettization_config
-    from hf_r2.palettization.quantizer import PalettizationQuantizationConfig
-
     if save_pretrained_kwargs.get("push_to_hub"):
         raise ValueError("save_palettized does not push: call it, then upload the folder (e.g. `upload_folder`).")
     if not isinstance(getattr(model.config, "quantization_config", None), PalettizationQuantizationConfig):

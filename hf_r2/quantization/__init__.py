@@ -15,17 +15,21 @@ Example:
     ```
 """
 
+from hf_r2.quantization import hf_quantizer
 from hf_r2.quantization.config import (
+    HF_QUANT_METHOD,
     QUANTIZATION_CONFIGS,
     EWGSConfig,
+    HfR2QuantizationConfig,
     LSQConfig,
     PACTConfig,
     PTQConfig,
     QuantizationConfig,
+    attach_hf_quantization_config,
     get_quantization_config,
     register_quantization_method,
 )
-from hf_r2.quantization.hf_quantizer import HF_QUANT_METHOD, HfR2QuantizationConfig, HfR2Quantizer
+from hf_r2.quantization.hf_quantizer import HfR2Quantizer
 from hf_r2.quantization.layers import (
     DoReFaWeightQuantizer,
     LSQInputQuantizer,
@@ -58,6 +62,7 @@ __all__ = [
     "HfR2QuantizationConfig",
     "HfR2Quantizer",
     "QUANTIZATION_CONFIGS",
+    "attach_hf_quantization_config",
     "DoReFaWeightQuantizer",
     "EWGSConfig",
     "EWGSDeltaCallback",
@@ -88,3 +93,6 @@ __all__ = [
     "uncalibrated_input_quantizers",
     "validate_quantization",
 ]
+
+# `from_pretrained` loads finalized quantized checkpoints once `hf_r2.quantization` is imported (`import hf_r2` does).
+hf_quantizer.register()

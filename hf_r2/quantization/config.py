@@ -6,6 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
 from hf_r2.quantization.functional import check_bits
 
 QUANTIZATION_CONFIGS: dict[str, type[QuantizationConfig]] = {}
@@ -210,3 +214,45 @@ def get_quantization_config(method: str, **kwargs) -> QuantizationConfig:
     if unknown:
         raise ValueError(f"{cls.__name__} has no field(s) {unknown}; its fields are {sorted(names)}.")
     return cls(**kwargs)
+
+
+HF_QUANT_METHOD = "hf_r2_quantization"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class HfR2QuantizationConfig(QuantizationConfigMixin):
+    """The `quantization_config` of a finalized hf_r2 quantized checkpoint."""
+
+    method_config: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "The hf_r2 method config (`QuantizationConfig.to_dict()`)."}
+    )
+    layers: list[str] = field(default_factory=list, metadata={"help": "Full names of the finalized layers."})
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "On-disk layout version."})
+    quant_method: str = field(default=HF_QUANT_METHOD, metadata={"help": f"Always {HF_QUANT_METHOD!r}."})
+
+    def __post_init__(self):
+        if self.quant_method != HF_QUANT_METHOD:
+            raise ValueError(f"quant_method must be {HF_QUANT_METHOD!r}, got {self.quant_method!r}.")
+        if not isinstance(self.format_version, int) or not 1 <= self.format_version <= FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses hf_r2 quantization format {self.format_version!r}; this hf_r2 reads "
+                f"1..{FORMAT_VERSION}: upgrade hf_r2."
+            )
+        if not self.layers or not all(isinstance(n, str) and n for n in self.layers):
+            raise ValueError(f"layers must be a non-empty list of module names, got {self.layers!r}.")
+        self.method = QuantizationConfig.from_dict(self.method_config)  # validates
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": self.quant_method,
+            "format_version": self.format_version,
+            "method_config": dict(self.method_config),
+            "layers": list(self.layers),
+        }
+
+
+def attach_hf_quantization_config(model: nn.Module, config: QuantizationConfig, layers: list[str]) -> None:
+    """Sets `model.config.quantization_config` (transformers models only) so `save_pretrained` records it."""
+    if isinstance(getattr(model, "config", None), PretrainedConfig):
+        model.config.quantization_config = HfR2QuantizationConfig(method_config=config.to_dict(), layers=list(layers))

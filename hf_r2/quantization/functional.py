@@ -232,9 +232,7 @@ def minmax_qparams(
     return scale, zero_point, q_min, q_max
 
 
-def rtn_encode(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int
-) -> torch.Tensor:
+def rtn_encode(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q_min: int, q_max: int) -> torch.Tensor:
     """Round-to-nearest codes `clip(round(x / scale) + zero_point, q_min, q_max)`, straight-through round."""
     return torch.clamp(round_ste(x / scale) + zero_point, q_min, q_max)
 

@@ -1,7 +1,7 @@
 """transformers integration: `from_pretrained` loads finalized hf_r2 quantized checkpoints.
 
 Importing `hf_r2.quantization` registers the method `"hf_r2_quantization"` with transformers
-(`register_quantization_config` / `register_quantizer`). The flow:
+(`register_quantization_config` / `register_quantizer`, see `register`). The flow:
 
 1. `finalize(model)` on a transformers model sets `model.config.quantization_config` to a
    `HfR2QuantizationConfig` (the method's config and the finalized layer names), so `save_pretrained` writes it.
@@ -15,60 +15,13 @@ the dense weight: a size mismatch, which `from_pretrained` raises on (unless `ig
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
 from transformers.quantizers import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from hf_r2.quantization.config import QuantizationConfig
+from hf_r2.quantization.config import HF_QUANT_METHOD, HfR2QuantizationConfig, QuantizationConfig
+from hf_r2.quantization.model import finalize, quantize
 from hf_r2.utils import register_hf_quantization_method
 
-__all__ = ["HF_QUANT_METHOD", "HfR2QuantizationConfig", "HfR2Quantizer"]
-
-HF_QUANT_METHOD = "hf_r2_quantization"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class HfR2QuantizationConfig(QuantizationConfigMixin):
-    """The `quantization_config` of a finalized hf_r2 quantized checkpoint."""
-
-    method_config: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "The hf_r2 method config (`QuantizationConfig.to_dict()`)."}
-    )
-    layers: list[str] = field(default_factory=list, metadata={"help": "Full names of the finalized layers."})
-    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "On-disk layout version."})
-    quant_method: str = field(default=HF_QUANT_METHOD, metadata={"help": f"Always {HF_QUANT_METHOD!r}."})
-
-    def __post_init__(self):
-        if self.quant_method != HF_QUANT_METHOD:
-            raise ValueError(f"quant_method must be {HF_QUANT_METHOD!r}, got {self.quant_method!r}.")
-        if not isinstance(self.format_version, int) or not 1 <= self.format_version <= FORMAT_VERSION:
-            raise ValueError(
-                f"This checkpoint uses hf_r2 quantization format {self.format_version!r}; this hf_r2 reads "
-                f"1..{FORMAT_VERSION}: upgrade hf_r2."
-            )
-        if not self.layers or not all(isinstance(n, str) and n for n in self.layers):
-            raise ValueError(f"layers must be a non-empty list of module names, got {self.layers!r}.")
-        self.method = QuantizationConfig.from_dict(self.method_config)  # validates
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "quant_method": self.quant_method,
-            "format_version": self.format_version,
-            "method_config": dict(self.method_config),
-            "layers": list(self.layers),
-        }
-
-
-def attach_hf_quantization_config(model: nn.Module, config: QuantizationConfig, layers: list[str]) -> None:
-    """Sets `model.config.quantization_config` (transformers models only) so `save_pretrained` records it."""
-    from transformers import PretrainedConfig
-
-    if isinstance(getattr(model, "config", None), PretrainedConfig):
-        model.config.quantization_config = HfR2QuantizationConfig(method_config=config.to_dict(), layers=list(layers))
+__all__ = ["HF_QUANT_METHOD", "HfR2QuantizationConfig", "HfR2Quantizer", "register"]
 
 
 class HfR2Quantizer(HfQuantizer):
@@ -86,8 +39,6 @@ class HfR2Quantizer(HfQuantizer):
         return
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from hf_r2.quantization.model import finalize, quantize
-
         layers = self.quantization_config.layers
         modules = dict(model.named_modules())
         missing = [n for n in layers if n not in modules]
@@ -141,6 +92,3 @@ class HfR2Quantizer(HfQuantizer):
 def register() -> None:
     """Registers the config and quantizer with transformers (idempotent; done on import)."""
     register_hf_quantization_method(HF_QUANT_METHOD, HfR2QuantizationConfig, HfR2Quantizer)
-
-
-register()

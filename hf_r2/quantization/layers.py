@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_r2.palettization.compressed import output_channels_first
+from hf_r2.palettization.format import output_channels_first
 from hf_r2.quantization.functional import (
     add_l2_grad,
     channel_minmax,
@@ -466,9 +466,7 @@ class _QuantizedLayerMixin:
                 "loads integer codes (weight_int) and scales: this is a float checkpoint, not a finalized one."
             )
             return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
-        )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)

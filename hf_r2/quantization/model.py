@@ -11,9 +11,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
 
-from hf_r2.palettization.compressed import PalettizedMixin
-from hf_r2.quantization.config import EWGSConfig, LSQConfig, PACTConfig, PTQConfig, QuantizationConfig
-from hf_r2.quantization.hf_quantizer import HF_QUANT_METHOD, attach_hf_quantization_config
+from hf_r2.palettization.palettized_layers import PalettizedMixin
+from hf_r2.quantization.config import (
+    HF_QUANT_METHOD,
+    EWGSConfig,
+    LSQConfig,
+    PACTConfig,
+    PTQConfig,
+    QuantizationConfig,
+    attach_hf_quantization_config,
+)
 from hf_r2.quantization.layers import (
     DoReFaWeightQuantizer,
     LSQInputQuantizer,
@@ -400,7 +407,10 @@ def estimate_ewgs_deltas(
             for i in keep
         ]
         hvps = torch.autograd.grad(
-            [grads[i] for i in keep], [values[i] for i in keep], grad_outputs=probes, retain_graph=True,
+            [grads[i] for i in keep],
+            [values[i] for i in keep],
+            grad_outputs=probes,
+            retain_graph=True,
             allow_unused=True,
         )
         for i, v, hv in zip(keep, probes, hvps, strict=True):
