@@ -22,16 +22,18 @@ from hf_r2.quantization.config import (
     attach_hf_quantization_config,
 )
 from hf_r2.quantization.layers import (
-    DoReFaWeightQuantizer,
-    LSQInputQuantizer,
-    LSQWeightQuantizer,
-    PACTInputQuantizer,
     QuantConv1D,
     QuantConv2d,
     QuantizedConv1D,
     QuantizedConv2d,
     QuantizedLinear,
     QuantLinear,
+)
+from hf_r2.quantization.quantizers import (
+    DoReFaWeightQuantizer,
+    LSQInputQuantizer,
+    LSQWeightQuantizer,
+    PACTInputQuantizer,
     RTNInputQuantizer,
     RTNWeightQuantizer,
     WeightQuantizer,
