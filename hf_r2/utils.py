@@ -142,11 +142,20 @@ def select_modules(
     return selected
 
 
-def check_cluster_dim(cluster_dim: int, weight_shape: Iterable[int], name: str = "weight") -> None:
-    """Raises a `ValueError` if `cluster_dim` is not a positive integer dividing the output channels."""
-    shape = tuple(weight_shape)
+def check_bits(bits: int, name: str = "bits") -> None:
+    """Raises a `ValueError` unless `bits` is an integer in 1..8 (the bit widths of palettization and quantization)."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise ValueError(f"{name} must be an integer in 1..8, got {bits!r}.")
+
+
+def check_cluster_dim(cluster_dim: int, weight_shape: Iterable[int] | None = None, name: str = "weight") -> None:
+    """Raises a `ValueError` if `cluster_dim` is not a positive integer dividing the output channels (the first entry
+    of `weight_shape`; without a shape, only the integer is checked)."""
     if not isinstance(cluster_dim, int) or isinstance(cluster_dim, bool) or cluster_dim < 1:
         raise ValueError(f"cluster_dim must be an integer >= 1, got {cluster_dim!r}.")
+    if weight_shape is None:
+        return
+    shape = tuple(weight_shape)
     if shape[0] % cluster_dim:
         raise ValueError(
             f"cluster_dim={cluster_dim} does not divide the {shape[0]} output channels of {name} (shape {shape}); "

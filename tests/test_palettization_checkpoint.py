@@ -721,3 +721,32 @@ def test_unpalettize_restores_plain_trainable_layers():
     assert all(model.state_dict()[f"{name}.weight"].is_floating_point() for name in layers)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, expected)
+
+
+@pytest.mark.parametrize("bad", [0, 9, True, 2.0])
+def test_every_n_bits_entry_point_refuses_the_same_values_with_the_same_message(bad):
+    """One validator (`hf_r2.utils.check_bits`) behind the config, the format and the layers: bools and floats too."""
+    from hf_r2.palettization import DKMConfig
+
+    match = f"n_bits must be an integer in 1..8, got {bad!r}"
+    with pytest.raises(ValueError, match=match):
+        DKMConfig(n_bits=bad)
+    with pytest.raises(ValueError, match=match):
+        pack_indices(torch.zeros(3, dtype=torch.long), bad)
+    with pytest.raises(ValueError, match=match):
+        PalettizedLinear(4, 2, n_bits=bad)
+    with pytest.raises(ValueError, match=f"'a': n_bits must be in 1..8, got {bad!r}"):
+        PalettizationQuantizationConfig(layers=_layer(n_bits=bad))
+
+
+@pytest.mark.parametrize("bad", [0, True, 1.0])
+def test_every_cluster_dim_entry_point_refuses_the_same_values_with_the_same_message(bad):
+    from hf_r2.palettization import DKMConfig
+
+    match = f"cluster_dim must be an integer >= 1, got {bad!r}"
+    with pytest.raises(ValueError, match=match):
+        DKMConfig(cluster_dim=bad)
+    with pytest.raises(ValueError, match=match):
+        palettized_size_report(nn.Sequential(nn.Linear(4, 4)), cluster_dim=bad)  # accepted True before issue 14
+    with pytest.raises(ValueError, match=f"quantization_config layer 'a': {match}"):
+        PalettizationQuantizationConfig(layers=_layer(cluster_dim=bad))

@@ -19,7 +19,6 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_r2.palettization.format import (
     CHECKSUM_DTYPES,
-    _check_n_bits,
     decode_palettized,
     output_channels_first,
     output_channels_first_shape,
@@ -29,7 +28,7 @@ from hf_r2.palettization.format import (
     palettized_layer_label,
     unpack_indices,
 )
-from hf_r2.utils import check_cluster_dim
+from hf_r2.utils import check_bits, check_cluster_dim
 
 __all__ = [
     "SUPPORTED_LAYER_TYPES",
@@ -62,7 +61,7 @@ class PalettizedMixin:
     weight_packed_indices: torch.Tensor
 
     def _init_palettization(self, n_bits: int, cluster_dim: int, device: Any, dtype: Any) -> None:
-        _check_n_bits(n_bits)
+        check_bits(n_bits, "n_bits")
         check_cluster_dim(cluster_dim, self.dense_shape, name=type(self).__name__)
         self.n_bits = n_bits
         self.cluster_dim = cluster_dim
@@ -406,7 +405,7 @@ def to_palettized(
     cls = palettized_class_for(layer)
     if isinstance(layer, PalettizedMixin):
         raise TypeError(f"{type(layer).__name__} is already palettized.")
-    _check_n_bits(n_bits)
+    check_bits(n_bits, "n_bits")
     check_cluster_dim(cluster_dim, output_channels_first_shape(layer), name=f"{type(layer).__name__}.weight")
     num_vectors = layer.weight.numel() // cluster_dim
     if not isinstance(lut, torch.Tensor) or not lut.is_floating_point() or lut.dim() != 2:

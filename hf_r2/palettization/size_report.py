@@ -22,6 +22,7 @@ from torch import nn
 
 from hf_r2.palettization.format import output_channels_first_shape
 from hf_r2.palettization.palettized_layers import SUPPORTED_LAYER_TYPES, PalettizedMixin, palettized_modules
+from hf_r2.utils import check_cluster_dim
 
 __all__ = ["MIB", "PalettizedSizeReport", "palettized_size_report"]
 
@@ -208,8 +209,7 @@ def palettized_size_report(
     for b in bits:
         if b != 32 and not (isinstance(b, int) and 1 <= b <= 8):
             raise ValueError(f"bits must be 32 or in 1..8, got {b!r} in {bits!r}.")
-    if not isinstance(cluster_dim, int) or cluster_dim < 1:
-        raise ValueError(f"cluster_dim must be an integer >= 1, got {cluster_dim!r}.")
+    check_cluster_dim(cluster_dim)
     file_bytes = ideal_bytes = None
     if isinstance(model_or_dir, (str, os.PathLike)):
         directory = Path(model_or_dir)
