@@ -750,3 +750,27 @@ def test_every_cluster_dim_entry_point_refuses_the_same_values_with_the_same_mes
         palettized_size_report(nn.Sequential(nn.Linear(4, 4)), cluster_dim=bad)  # accepted True before issue 14
     with pytest.raises(ValueError, match=f"quantization_config layer 'a': {match}"):
         PalettizationQuantizationConfig(layers=_layer(cluster_dim=bad))
+
+
+def test_palettized_and_quantized_layers_keep_every_hyper_parameter_of_the_layer_they_replace():
+    """One swap helper (`hf_r2.utils.layer_shell`) copies each layer type's settings: the embedding's
+    `scale_grad_by_freq` / `norm_type` / `sparse` used to fall back to their defaults in `to_palettized`."""
+    from hf_r2.quantization import LSQConfig, quantize
+    from hf_r2.utils import LAYER_ATTRS, layer_shell
+
+    torch.manual_seed(0)
+    embedding = nn.Embedding(8, 4, padding_idx=1, scale_grad_by_freq=True, norm_type=1.0, sparse=True)
+    conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=1, groups=2, bias=False, padding_mode="reflect").eval()
+    for layer in (embedding, conv):
+        lut, indices = hard_assignment(layer.weight, 2, 1)
+        palettized = to_palettized(layer, lut, indices, 2, 1)
+        attrs = next(a for base, a in LAYER_ATTRS.items() if isinstance(layer, base))
+        assert {a: getattr(palettized, a) for a in attrs} == {a: getattr(layer, a) for a in attrs}
+        assert palettized.training == layer.training
+        assert getattr(palettized, "bias", None) is getattr(layer, "bias", None)
+    quantized = quantize(nn.Sequential(conv), LSQConfig(w_bits=4, a_bits=None))[0]
+    assert {a: getattr(quantized, a) for a in LAYER_ATTRS[nn.Conv2d]} == {
+        a: getattr(conv, a) for a in LAYER_ATTRS[nn.Conv2d]
+    }
+    with pytest.raises(TypeError, match="Cannot swap a ReLU"):
+        layer_shell(PalettizedLinear, nn.ReLU())

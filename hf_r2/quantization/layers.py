@@ -25,6 +25,7 @@ from hf_r2.quantization.quantizers import (  # the quantizers are re-exported fr
     RTNWeightQuantizer,
     WeightQuantizer,
 )
+from hf_r2.utils import layer_shell
 
 __all__ = [
     "DoReFaWeightQuantizer",
@@ -42,32 +43,6 @@ __all__ = [
     "WeightQuantizer",
 ]
 
-_LINEAR_ATTRS = ("in_features", "out_features")
-_CONV_ATTRS = (
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
-    "transposed",
-    "output_padding",
-    "groups",
-    "padding_mode",
-    "_reversed_padding_repeated_twice",
-)
-
-
-def _shell(cls, source: nn.Module, attrs: tuple[str, ...]):
-    """An instance of `cls` carrying `source`'s hyper-parameters and bias, without allocating a new weight."""
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    for attr in attrs:
-        setattr(new, attr, getattr(source, attr))
-    new.train(source.training)
-    new.bias = source.bias
-    return new
-
 
 class _QuantLayerMixin:
     """Fake-quantized layer: quantizes its weight through `weight_quantizer` and its input through
@@ -79,7 +54,7 @@ class _QuantLayerMixin:
     @classmethod
     def from_float(cls, module, weight_quantizer: WeightQuantizer, input_quantizer: nn.Module | None = None):
         """Wraps `module`, reusing its `weight` and `bias` parameters (same objects, same keys)."""
-        new = _shell(cls, module, cls._ATTRS)
+        new = layer_shell(cls, module)
         new.weight = module.weight
         new.weight_quantizer = weight_quantizer
         new.input_quantizer = input_quantizer
@@ -98,7 +73,7 @@ class _QuantLayerMixin:
 
     def to_float(self) -> nn.Module:
         """The plain float layer (weights not quantized), sharing this layer's parameters."""
-        new = _shell(self._FLOAT, self, self._ATTRS)
+        new = layer_shell(self._FLOAT, self)
         new.weight = self.weight
         return new
 
@@ -106,7 +81,6 @@ class _QuantLayerMixin:
 class QuantLinear(_QuantLayerMixin, nn.Linear):
     """`nn.Linear` with fake-quantized weight and (optionally) input."""
 
-    _ATTRS = _LINEAR_ATTRS
     _FLOAT = nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +90,6 @@ class QuantLinear(_QuantLayerMixin, nn.Linear):
 class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
     """`nn.Conv2d` with fake-quantized weight and (optionally) input."""
 
-    _ATTRS = _CONV_ATTRS
     _FLOAT = nn.Conv2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +99,6 @@ class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
 class QuantConv1D(_QuantLayerMixin, Conv1D):
     """transformers' `Conv1D` (GPT-2's Linear with an `(in, out)` weight) with fake-quantized weight and input."""
 
-    _ATTRS = ("nf", "nx")
     _FLOAT = Conv1D
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +125,7 @@ class _QuantizedLayerMixin:
         q_min, q_max = module.weight_quantizer.code_range
         dtype = torch.int8 if q_min < 0 else torch.uint8
         scale = scale.detach().to(module.weight.dtype)
-        new = _shell(cls, module, cls._ATTRS)
+        new = layer_shell(cls, module)
         new.register_buffer("weight_int", codes.detach().round().to(dtype))
         new.register_buffer("weight_scale", scale.clone())
         zero_point = torch.as_tensor(zero_point, dtype=scale.dtype, device=scale.device)
@@ -232,16 +204,12 @@ class _QuantizedLayerMixin:
 class QuantizedLinear(_QuantizedLayerMixin, nn.Linear):
     """Finalized `nn.Linear`: integer weight codes, dequantized on the fly."""
 
-    _ATTRS = _LINEAR_ATTRS
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._quantize_input(x), self.weight, self.bias)
 
 
 class QuantizedConv2d(_QuantizedLayerMixin, nn.Conv2d):
     """Finalized `nn.Conv2d`: integer weight codes, dequantized on the fly."""
-
-    _ATTRS = _CONV_ATTRS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self._quantize_input(x), self.weight, self.bias)
@@ -250,8 +218,6 @@ class QuantizedConv2d(_QuantizedLayerMixin, nn.Conv2d):
 class QuantizedConv1D(_QuantizedLayerMixin, Conv1D):
     """Finalized transformers `Conv1D`: integer codes stored output channels first (`(out, in)`, as for a
     `QuantizedLinear`); `weight` gives Conv1D's `(in, out)` dequantized weight."""
-
-    _ATTRS = ("nf", "nx")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size_out = x.size()[:-1] + (self.nf,)
