@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 ModulePattern = str | Sequence[str] | None
 
@@ -142,11 +143,69 @@ def select_modules(
     return selected
 
 
-def check_cluster_dim(cluster_dim: int, weight_shape: Iterable[int], name: str = "weight") -> None:
-    """Raises a `ValueError` if `cluster_dim` is not a positive integer dividing the output channels."""
-    shape = tuple(weight_shape)
+# The hyper-parameters that define each swappable layer type besides its tensors (what `layer_shell` copies).
+_CONV_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "transposed",
+    "output_padding",
+    "groups",
+    "padding_mode",
+    "_reversed_padding_repeated_twice",
+)
+_EMBEDDING_ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq")
+LAYER_ATTRS: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.Linear: ("in_features", "out_features"),
+    nn.Conv2d: _CONV_ATTRS,
+    nn.Embedding: (*_EMBEDDING_ATTRS, "sparse"),
+    Conv1D: ("nf", "nx"),
+}
+
+
+def layer_shell(cls: type[nn.Module], source: nn.Module) -> nn.Module:
+    """A new `cls` layer standing in for `source`, the one way hf_r2 swaps a layer for its compressed form and back.
+
+    The shell has `source`'s hyper-parameters (`LAYER_ATTRS` of its layer type), training mode and `bias` (the same
+    parameter object), and no weight yet: the caller sets `weight` (or the buffers that replace it), so nothing of
+    the weight's size is allocated twice. Put it in place with `replace_submodule`.
+    """
+    attrs = next((a for base, a in LAYER_ATTRS.items() if isinstance(source, base)), None)
+    if attrs is None:
+        raise TypeError(f"Cannot swap a {type(source).__name__}; swappable: {[t.__name__ for t in LAYER_ATTRS]}.")
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for attr in attrs:
+        setattr(new, attr, getattr(source, attr))
+    new.train(source.training)
+    if hasattr(source, "bias"):
+        new.bias = source.bias
+    return new
+
+
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Puts `new` in place of `model`'s submodule `name` (full dotted name)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def check_bits(bits: int, name: str = "bits") -> None:
+    """Raises a `ValueError` unless `bits` is an integer in 1..8 (the bit widths of palettization and quantization)."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise ValueError(f"{name} must be an integer in 1..8, got {bits!r}.")
+
+
+def check_cluster_dim(cluster_dim: int, weight_shape: Iterable[int] | None = None, name: str = "weight") -> None:
+    """Raises a `ValueError` if `cluster_dim` is not a positive integer dividing the output channels (the first entry
+    of `weight_shape`; without a shape, only the integer is checked)."""
     if not isinstance(cluster_dim, int) or isinstance(cluster_dim, bool) or cluster_dim < 1:
         raise ValueError(f"cluster_dim must be an integer >= 1, got {cluster_dim!r}.")
+    if weight_shape is None:
+        return
+    shape = tuple(weight_shape)
     if shape[0] % cluster_dim:
         raise ValueError(
             f"cluster_dim={cluster_dim} does not divide the {shape[0]} output channels of {name} (shape {shape}); "

@@ -721,3 +721,56 @@ def test_unpalettize_restores_plain_trainable_layers():
     assert all(model.state_dict()[f"{name}.weight"].is_floating_point() for name in layers)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, expected)
+
+
+@pytest.mark.parametrize("bad", [0, 9, True, 2.0])
+def test_every_n_bits_entry_point_refuses_the_same_values_with_the_same_message(bad):
+    """One validator (`hf_r2.utils.check_bits`) behind the config, the format and the layers: bools and floats too."""
+    from hf_r2.palettization import DKMConfig
+
+    match = f"n_bits must be an integer in 1..8, got {bad!r}"
+    with pytest.raises(ValueError, match=match):
+        DKMConfig(n_bits=bad)
+    with pytest.raises(ValueError, match=match):
+        pack_indices(torch.zeros(3, dtype=torch.long), bad)
+    with pytest.raises(ValueError, match=match):
+        PalettizedLinear(4, 2, n_bits=bad)
+    with pytest.raises(ValueError, match=f"'a': n_bits must be in 1..8, got {bad!r}"):
+        PalettizationQuantizationConfig(layers=_layer(n_bits=bad))
+
+
+@pytest.mark.parametrize("bad", [0, True, 1.0])
+def test_every_cluster_dim_entry_point_refuses_the_same_values_with_the_same_message(bad):
+    from hf_r2.palettization import DKMConfig
+
+    match = f"cluster_dim must be an integer >= 1, got {bad!r}"
+    with pytest.raises(ValueError, match=match):
+        DKMConfig(cluster_dim=bad)
+    with pytest.raises(ValueError, match=match):
+        palettized_size_report(nn.Sequential(nn.Linear(4, 4)), cluster_dim=bad)  # accepted True before issue 14
+    with pytest.raises(ValueError, match=f"quantization_config layer 'a': {match}"):
+        PalettizationQuantizationConfig(layers=_layer(cluster_dim=bad))
+
+
+def test_palettized_and_quantized_layers_keep_every_hyper_parameter_of_the_layer_they_replace():
+    """One swap helper (`hf_r2.utils.layer_shell`) copies each layer type's settings: the embedding's
+    `scale_grad_by_freq` / `norm_type` / `sparse` used to fall back to their defaults in `to_palettized`."""
+    from hf_r2.quantization import LSQConfig, quantize
+    from hf_r2.utils import LAYER_ATTRS, layer_shell
+
+    torch.manual_seed(0)
+    embedding = nn.Embedding(8, 4, padding_idx=1, scale_grad_by_freq=True, norm_type=1.0, sparse=True)
+    conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=1, groups=2, bias=False, padding_mode="reflect").eval()
+    for layer in (embedding, conv):
+        lut, indices = hard_assignment(layer.weight, 2, 1)
+        palettized = to_palettized(layer, lut, indices, 2, 1)
+        attrs = next(a for base, a in LAYER_ATTRS.items() if isinstance(layer, base))
+        assert {a: getattr(palettized, a) for a in attrs} == {a: getattr(layer, a) for a in attrs}
+        assert palettized.training == layer.training
+        assert getattr(palettized, "bias", None) is getattr(layer, "bias", None)
+    quantized = quantize(nn.Sequential(conv), LSQConfig(w_bits=4, a_bits=None))[0]
+    assert {a: getattr(quantized, a) for a in LAYER_ATTRS[nn.Conv2d]} == {
+        a: getattr(conv, a) for a in LAYER_ATTRS[nn.Conv2d]
+    }
+    with pytest.raises(TypeError, match="Cannot swap a ReLU"):
+        layer_shell(PalettizedLinear, nn.ReLU())

@@ -24,7 +24,8 @@ from .palettized_layers import (
     palettized_modules,
     to_palettized,
 )
-from .serialization import PalettizedSizeReport, palettized_size_report, save_palettized
+from .serialization import save_palettized
+from .size_report import PalettizedSizeReport, palettized_size_report
 
 __all__ = [
     "DKMConfig",

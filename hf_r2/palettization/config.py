@@ -12,6 +12,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hf_r2.palettization.format import PALETTIZATION_FORMAT_VERSION
 from hf_r2.palettization.palettized_layers import palettized_modules
+from hf_r2.utils import check_bits, check_cluster_dim
 
 _INITS = ("kmeans++", "quantile")
 _BACKENDS = ("auto", "grid", "exact")
@@ -97,10 +98,8 @@ class DKMConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the k-means++ initialisation."})
 
     def __post_init__(self):
-        if not _is_int(self.n_bits) or not 1 <= self.n_bits <= 8:
-            raise ValueError(f"n_bits must be an integer in 1..8, got {self.n_bits!r}.")
-        if not _is_int(self.cluster_dim) or self.cluster_dim < 1:
-            raise ValueError(f"cluster_dim must be an integer >= 1, got {self.cluster_dim!r}.")
+        check_bits(self.n_bits, "n_bits")
+        check_cluster_dim(self.cluster_dim)  # whether it divides a layer's output channels is checked per layer
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}.")
         if not _is_int(self.kmeans_iters) or self.kmeans_iters < 1:
@@ -199,10 +198,16 @@ class PalettizationQuantizationConfig(QuantizationConfigMixin):
             if missing:
                 raise ValueError(f"quantization_config layer {name!r} lacks {sorted(missing)}: got {spec!r}.")
             n_bits, cluster_dim, shape = spec["n_bits"], spec["cluster_dim"], spec["shape"]
-            if not isinstance(n_bits, int) or isinstance(n_bits, bool) or not 1 <= n_bits <= 8:
-                raise ValueError(f"quantization_config layer {name!r}: n_bits must be in 1..8, got {n_bits!r}.")
-            if not isinstance(cluster_dim, int) or isinstance(cluster_dim, bool) or cluster_dim < 1:
-                raise ValueError(f"quantization_config layer {name!r}: cluster_dim must be >= 1, got {cluster_dim!r}.")
+            try:
+                check_bits(n_bits, "n_bits")
+            except ValueError:
+                raise ValueError(
+                    f"quantization_config layer {name!r}: n_bits must be in 1..8, got {n_bits!r}."
+                ) from None
+            try:
+                check_cluster_dim(cluster_dim)
+            except ValueError as err:
+                raise ValueError(f"quantization_config layer {name!r}: {err}") from None
             if (
                 not isinstance(shape, (list, tuple))
                 or not shape
@@ -211,11 +216,7 @@ class PalettizationQuantizationConfig(QuantizationConfigMixin):
                 raise ValueError(
                     f"quantization_config layer {name!r}: shape must be a list of positive ints, got {shape!r}."
                 )
-            if shape[0] % cluster_dim:
-                raise ValueError(
-                    f"quantization_config layer {name!r}: cluster_dim={cluster_dim} does not divide the {shape[0]} "
-                    "output channels."
-                )
+            check_cluster_dim(cluster_dim, shape, name=f"quantization_config layer {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -22,13 +22,12 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_r2.utils import check_cluster_dim, vectors_to_weight
+from hf_r2.utils import check_bits, check_cluster_dim, vectors_to_weight
 
 __all__ = [
     "CHECKSUM_DTYPES",
@@ -52,15 +51,9 @@ of each layer's packed indices and LUT (`weight_checksum`); 1: no checksum."""
 _CHUNK = 1 << 20
 
 
-def _check_n_bits(n_bits: Any) -> int:
-    if not isinstance(n_bits, int) or isinstance(n_bits, bool) or not 1 <= n_bits <= 8:
-        raise ValueError(f"n_bits must be an integer in 1..8, got {n_bits!r}.")
-    return n_bits
-
-
 def packed_num_bytes(num_indices: int, n_bits: int) -> int:
     """Returns the number of bytes `pack_indices` produces for `num_indices` indices of `n_bits` bits."""
-    _check_n_bits(n_bits)
+    check_bits(n_bits, "n_bits")
     if num_indices < 0:
         raise ValueError(f"num_indices must be >= 0, got {num_indices}.")
     return (num_indices * n_bits + 7) // 8
@@ -79,7 +72,7 @@ def pack_indices(indices: torch.Tensor, n_bits: int) -> torch.Tensor:
     Raises:
         ValueError: If `n_bits` is not in 1..8, `indices` is not a 1-D integer tensor, or a value is out of range.
     """
-    _check_n_bits(n_bits)
+    check_bits(n_bits, "n_bits")
     if indices.dim() != 1 or indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise ValueError(
             f"indices must be a 1-D integer tensor, got dtype {indices.dtype} and shape {tuple(indices.shape)}."
@@ -228,7 +221,7 @@ def decode_palettized(
     """
     label = palettized_layer_label(name)
     shape = tuple(int(s) for s in shape)
-    _check_n_bits(n_bits)
+    check_bits(n_bits, "n_bits")
     check_cluster_dim(cluster_dim, shape, name=label)
     num_vectors = math.prod(shape) // cluster_dim
     if packed.dtype != torch.uint8 or packed.dim() != 1:

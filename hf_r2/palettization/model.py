@@ -10,6 +10,7 @@ from torch import nn
 from ..utils import (
     check_cluster_dim,
     refuse_multihead_attention,
+    replace_submodule,
     select_modules,
     tied_weight_groups,
     vectors_to_weight,
@@ -224,9 +225,7 @@ def finalize(model: nn.Module, compress: bool | None = None) -> nn.Module:
         layer.train(was_training)
         specs[name] = {"n_bits": config.n_bits, "cluster_dim": config.cluster_dim}
         if compress:
-            new = to_palettized(layer, lut, indices, config.n_bits, config.cluster_dim)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            replace_submodule(model, name, to_palettized(layer, lut, indices, config.n_bits, config.cluster_dim))
     if hasattr(model, "dkm_config"):
         del model.dkm_config
     if compress:

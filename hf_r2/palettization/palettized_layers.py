@@ -19,7 +19,6 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_r2.palettization.format import (
     CHECKSUM_DTYPES,
-    _check_n_bits,
     decode_palettized,
     output_channels_first,
     output_channels_first_shape,
@@ -29,7 +28,7 @@ from hf_r2.palettization.format import (
     palettized_layer_label,
     unpack_indices,
 )
-from hf_r2.utils import check_cluster_dim
+from hf_r2.utils import check_bits, check_cluster_dim, layer_shell
 
 __all__ = [
     "SUPPORTED_LAYER_TYPES",
@@ -62,7 +61,7 @@ class PalettizedMixin:
     weight_packed_indices: torch.Tensor
 
     def _init_palettization(self, n_bits: int, cluster_dim: int, device: Any, dtype: Any) -> None:
-        _check_n_bits(n_bits)
+        check_bits(n_bits, "n_bits")
         check_cluster_dim(cluster_dim, self.dense_shape, name=type(self).__name__)
         self.n_bits = n_bits
         self.cluster_dim = cluster_dim
@@ -78,6 +77,22 @@ class PalettizedMixin:
         # (`_save_to_state_dict`), so a later dtype change of the LUT cannot leave a stale value; removed for the layers
         # of a version-1 checkpoint.
         self.register_buffer("weight_checksum", torch.zeros(3, device=device, dtype=torch.int64))
+
+    @classmethod
+    def like(cls, layer: nn.Module, n_bits: int, cluster_dim: int, device: Any = "meta") -> PalettizedMixin:
+        """Builds an empty palettized layer with the structure of `layer` (a `layer_shell`: it shares `layer`'s bias;
+        weight, LUT and packed indices are new tensors on `device`, to be filled by `set_palettization` or a loader).
+        """
+        if getattr(layer, "max_norm", None) is not None:
+            # nn.Embedding renormalizes its table in place during forward when max_norm is set: the weight would
+            # drift from its LUT.
+            raise ValueError("Palettizing an nn.Embedding with max_norm is not supported (it rewrites its weights).")
+        new = layer_shell(cls, layer)
+        dtype = layer.weight.dtype
+        new.weight = nn.Parameter(torch.empty(layer.weight.shape, dtype=dtype, device=device), requires_grad=False)
+        new._dense_shape = output_channels_first_shape(layer)
+        new._init_palettization(n_bits, cluster_dim, device, dtype)
+        return new
 
     def __setattr__(self, name: str, value: Any) -> None:
         # transformers' loader assigns every checkpoint tensor with setattr. The packed indices arrive under `weight`
@@ -223,19 +238,6 @@ class PalettizedLinear(PalettizedMixin, nn.Linear):
         self._dense_shape = (out_features, in_features)
         self._init_palettization(n_bits, cluster_dim, device, dtype)
 
-    @classmethod
-    def like(cls, layer: nn.Linear, n_bits: int, cluster_dim: int, device: Any = "meta") -> PalettizedLinear:
-        """Builds an empty palettized layer with the structure of `layer` (weights on `device`)."""
-        return cls(
-            layer.in_features,
-            layer.out_features,
-            bias=layer.bias is not None,
-            n_bits=n_bits,
-            cluster_dim=cluster_dim,
-            device=device,
-            dtype=layer.weight.dtype,
-        )
-
 
 class PalettizedConv2d(PalettizedMixin, nn.Conv2d):
     """`nn.Conv2d` whose weight is stored as a LUT and packed indices; vectors run along the output channels."""
@@ -273,25 +275,6 @@ class PalettizedConv2d(PalettizedMixin, nn.Conv2d):
         self._dense_shape = tuple(self.weight.shape)
         self._init_palettization(n_bits, cluster_dim, device, dtype)
 
-    @classmethod
-    def like(cls, layer: nn.Conv2d, n_bits: int, cluster_dim: int, device: Any = "meta") -> PalettizedConv2d:
-        """Builds an empty palettized layer with the structure of `layer` (weights on `device`)."""
-        return cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-            bias=layer.bias is not None,
-            padding_mode=layer.padding_mode,
-            n_bits=n_bits,
-            cluster_dim=cluster_dim,
-            device=device,
-            dtype=layer.weight.dtype,
-        )
-
 
 class PalettizedEmbedding(PalettizedMixin, nn.Embedding):
     """`nn.Embedding` whose table is stored as a LUT and packed indices; vectors run along the rows (tokens)."""
@@ -302,23 +285,6 @@ class PalettizedEmbedding(PalettizedMixin, nn.Embedding):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
         self._dense_shape = (num_embeddings, embedding_dim)
         self._init_palettization(n_bits, cluster_dim, device, dtype)
-
-    @classmethod
-    def like(cls, layer: nn.Embedding, n_bits: int, cluster_dim: int, device: Any = "meta") -> PalettizedEmbedding:
-        """Builds an empty palettized layer with the structure of `layer` (weights on `device`)."""
-        if layer.max_norm is not None:
-            # nn.Embedding renormalizes its table in place during forward when max_norm is set: the weight would
-            # drift from its LUT.
-            raise ValueError("Palettizing an nn.Embedding with max_norm is not supported (it rewrites its weights).")
-        return cls(
-            layer.num_embeddings,
-            layer.embedding_dim,
-            padding_idx=layer.padding_idx,
-            n_bits=n_bits,
-            cluster_dim=cluster_dim,
-            device=device,
-            dtype=layer.weight.dtype,
-        )
 
 
 class PalettizedConv1D(PalettizedMixin, Conv1D):
@@ -336,11 +302,6 @@ class PalettizedConv1D(PalettizedMixin, Conv1D):
             self.to(dtype)
         self._dense_shape = (nf, nx)
         self._init_palettization(n_bits, cluster_dim, device, dtype)
-
-    @classmethod
-    def like(cls, layer: Conv1D, n_bits: int, cluster_dim: int, device: Any = "meta") -> PalettizedConv1D:
-        """Builds an empty palettized layer with the structure of `layer` (weights on `device`)."""
-        return cls(layer.nf, layer.nx, n_bits=n_bits, cluster_dim=cluster_dim, device=device, dtype=layer.weight.dtype)
 
 
 # Most specific first: the palettized classes are themselves subclasses of the plain ones.
@@ -406,7 +367,7 @@ def to_palettized(
     cls = palettized_class_for(layer)
     if isinstance(layer, PalettizedMixin):
         raise TypeError(f"{type(layer).__name__} is already palettized.")
-    _check_n_bits(n_bits)
+    check_bits(n_bits, "n_bits")
     check_cluster_dim(cluster_dim, output_channels_first_shape(layer), name=f"{type(layer).__name__}.weight")
     num_vectors = layer.weight.numel() // cluster_dim
     if not isinstance(lut, torch.Tensor) or not lut.is_floating_point() or lut.dim() != 2:
@@ -427,15 +388,7 @@ def to_palettized(
             f"indices must lie in [0, {lut.shape[0]}) (the LUT rows), got range [{int(indices.min())}, "
             f"{int(indices.max())}]."
         )
-    new = cls.like(layer, n_bits, cluster_dim, device="meta")
-    device = layer.weight.device
-    new.weight = nn.Parameter(torch.empty(layer.weight.shape, dtype=layer.weight.dtype, device=device), False)
-    new.weight_lut = torch.empty(0, device=device)
-    new.weight_packed_indices = torch.empty(0, dtype=torch.uint8, device=device)
-    new.weight_checksum = torch.zeros(3, dtype=torch.int64, device=device)  # its value is computed at save time
-    if getattr(layer, "bias", None) is not None:
-        new.bias = layer.bias
-    new.train(layer.training)
+    new = cls.like(layer, n_bits, cluster_dim, device=layer.weight.device)
     new.set_palettization(lut, indices)
     return new
 

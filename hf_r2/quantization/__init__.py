@@ -31,18 +31,12 @@ from hf_r2.quantization.config import (
 )
 from hf_r2.quantization.hf_quantizer import HfR2Quantizer
 from hf_r2.quantization.layers import (
-    DoReFaWeightQuantizer,
-    LSQInputQuantizer,
-    LSQWeightQuantizer,
-    PACTInputQuantizer,
     QuantConv1D,
     QuantConv2d,
     QuantizedConv1D,
     QuantizedConv2d,
     QuantizedLinear,
     QuantLinear,
-    RTNInputQuantizer,
-    RTNWeightQuantizer,
 )
 from hf_r2.quantization.model import (
     EWGSDeltaCallback,
@@ -55,6 +49,14 @@ from hf_r2.quantization.model import (
     register_quantize_handler,
     uncalibrated_input_quantizers,
     validate_quantization,
+)
+from hf_r2.quantization.quantizers import (
+    DoReFaWeightQuantizer,
+    LSQInputQuantizer,
+    LSQWeightQuantizer,
+    PACTInputQuantizer,
+    RTNInputQuantizer,
+    RTNWeightQuantizer,
 )
 
 __all__ = [

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from hf_r2.quantization.functional import check_bits
+from hf_r2.utils import check_bits
 
 QUANTIZATION_CONFIGS: dict[str, type[QuantizationConfig]] = {}
 

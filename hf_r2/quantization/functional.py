@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from hf_r2.utils import check_bits  # noqa: F401  (re-exported from its former home)
+
 
 class _RoundSTE(torch.autograd.Function):
     @staticmethod
@@ -75,12 +77,6 @@ def round_ewgs(x: torch.Tensor, delta: float, levels: int) -> torch.Tensor:
 def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Returns `x` unchanged; its gradient is multiplied by `scale`."""
     return _GradScale.apply(x, scale)
-
-
-def check_bits(bits: int, name: str = "bits") -> None:
-    """Raises a `ValueError` unless `bits` is an integer in 1..8."""
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-        raise ValueError(f"{name} must be an integer in 1..8, got {bits!r}.")
 
 
 def signed_range(bits: int) -> tuple[int, int]:

@@ -22,22 +22,24 @@ from hf_r2.quantization.config import (
     attach_hf_quantization_config,
 )
 from hf_r2.quantization.layers import (
-    DoReFaWeightQuantizer,
-    LSQInputQuantizer,
-    LSQWeightQuantizer,
-    PACTInputQuantizer,
     QuantConv1D,
     QuantConv2d,
     QuantizedConv1D,
     QuantizedConv2d,
     QuantizedLinear,
     QuantLinear,
+)
+from hf_r2.quantization.quantizers import (
+    DoReFaWeightQuantizer,
+    LSQInputQuantizer,
+    LSQWeightQuantizer,
+    PACTInputQuantizer,
     RTNInputQuantizer,
     RTNWeightQuantizer,
     WeightQuantizer,
     _all_reduce_mean,
 )
-from hf_r2.utils import refuse_multihead_attention, select_modules, tied_weight_groups
+from hf_r2.utils import refuse_multihead_attention, replace_submodule, select_modules, tied_weight_groups
 
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, Conv1D)
 # Fake-quantized and finalized class of each supported type (Conv1D: transformers' GPT-2 Linear, weight (in, out)).
@@ -100,11 +102,6 @@ def _handler(config: QuantizationConfig) -> QuantizerFactory:
         if cls in _HANDLERS:
             return _HANDLERS[cls]
     raise ValueError(f"No quantization handler is registered for {type(config).__name__}.")
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def validate_quantization(model: nn.Module, config: QuantizationConfig) -> dict[str, nn.Module]:
@@ -194,7 +191,7 @@ def quantize(model: nn.Module, config: QuantizationConfig) -> nn.Module:
     for name, module in selected.items():
         base = next(t for t in _QUANT_TYPES if isinstance(module, t))  # Conv1D, Linear, Conv2d: unrelated types
         weight_q, input_q = handler(module, config)
-        _replace(model, name, _QUANT_TYPES[base].from_float(module, weight_q, input_q))
+        replace_submodule(model, name, _QUANT_TYPES[base].from_float(module, weight_q, input_q))
     # Kept for `finalize`, which records it in a transformers model's config (a plain attribute, not state).
     model.hf_r2_quantization_config = config
     return model
@@ -335,7 +332,7 @@ def finalize(model: nn.Module, *, rebuild_only: bool = False) -> nn.Module:
         if not placeholder:
             finalized[name].check_codes(name)
     for name, new in finalized.items():
-        _replace(model, name, new)
+        replace_submodule(model, name, new)
     config = getattr(model, "hf_r2_quantization_config", None)
     if config is not None:
         attach_hf_quantization_config(model, config, list(layers))
