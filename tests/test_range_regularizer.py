@@ -538,3 +538,22 @@ def test_step_parameters_is_adam_at_the_std_pace(scale_free):
     smm.alphas.grad = torch.ones_like(smm.alphas)  # a pull towards softness: the floor holds α at its start
     smm.step_parameters()
     assert torch.all(smm.alphas == 4.0)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_decoupled_step_on_every_layer_kind(d):
+    """Conv1D (stored transposed), Conv2d, Embedding, Linear: in each layer exactly the extreme element of each
+    coordinate moves (linf), by rate × the layer's range, towards zero."""
+    model = make_model()
+    reg = RangeRegularizer(model, R2Config("linf", cluster_dim=d))
+    modules = dict(model.named_modules())
+    before = {n: modules[n].weight.detach().clone() for n in reg.layer_names}
+    reg.decoupled_step(0.01)
+    for name in reg.layer_names:
+        old, new = before[name], modules[name].weight.detach()
+        moved = (new - old) != 0
+        assert moved.sum().item() == d, name
+        span = (old.max() - old.min()).item()
+        torch.testing.assert_close((old - new)[moved], old[moved].sign() * 0.01 * span, msg=name)
+        if d == 1:  # the element of largest |w| of the layer
+            assert old[moved].abs().item() == old.abs().max().item(), name
