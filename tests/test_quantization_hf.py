@@ -329,3 +329,18 @@ def test_checkpoints_written_by_earlier_hf_r2_still_load(tmp_path):
     stored, again = load_file(directory / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert sorted(again) == sorted(stored)
     assert all(torch.equal(again[k], v) for k, v in stored.items())
+
+
+def test_import_paths_from_before_issue_14_still_work():
+    from hf_r2 import utils
+    from hf_r2.quantization import config, layers, quantizers
+    from hf_r2.quantization.functional import check_bits
+    from hf_r2.quantization.hf_quantizer import HF_QUANT_METHOD, HfR2QuantizationConfig, attach_hf_quantization_config
+
+    for name in quantizers.__all__:
+        assert getattr(layers, name) is getattr(quantizers, name), name
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        layers.nothing_here  # noqa: B018
+    assert check_bits is utils.check_bits
+    assert (HF_QUANT_METHOD, HfR2QuantizationConfig) == (config.HF_QUANT_METHOD, config.HfR2QuantizationConfig)
+    assert attach_hf_quantization_config is config.attach_hf_quantization_config

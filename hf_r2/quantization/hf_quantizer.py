@@ -17,11 +17,22 @@ from __future__ import annotations
 
 from transformers.quantizers import HfQuantizer
 
-from hf_r2.quantization.config import HF_QUANT_METHOD, HfR2QuantizationConfig, QuantizationConfig
+from hf_r2.quantization.config import (  # the config and attach_hf_quantization_config lived here before
+    HF_QUANT_METHOD,
+    HfR2QuantizationConfig,
+    QuantizationConfig,
+    attach_hf_quantization_config,
+)
 from hf_r2.quantization.model import finalize, quantize
 from hf_r2.utils import register_hf_quantization_method
 
-__all__ = ["HF_QUANT_METHOD", "HfR2QuantizationConfig", "HfR2Quantizer", "register"]
+__all__ = [
+    "HF_QUANT_METHOD",
+    "HfR2QuantizationConfig",
+    "HfR2Quantizer",
+    "attach_hf_quantization_config",
+    "register",
+]
 
 
 class HfR2Quantizer(HfQuantizer):
