@@ -393,6 +393,13 @@ class R2TrainingArguments(TrainingArguments):
                 f"With r2_mode='decoupled', r2_weight is the fraction of a layer's range its most-pulled weight moves "
                 f"per step and must be in [0, 1], got {self.r2_weight!r} (recommended: 0.05)."
             )
+        if self.r2_mode == "decoupled" and self.r2_type in ("margin", "soft_min_max") and self.r2_weight > 0.005:
+            logger.warning(
+                f"r2_mode='decoupled' with r2_type={self.r2_type!r} and r2_weight={self.r2_weight}: this type pulls "
+                "the tails of every layer's bulk, not only its outliers, at every step (measured on MiniLM with "
+                "soft_min_max at 0.05: chance accuracy). To remove outliers use r2_type='linf' (see "
+                "docs/regularizers.md)."
+            )
         if not isinstance(self.r2_scale_free, bool):
             raise ValueError(f"r2_scale_free must be True or False, got {self.r2_scale_free!r}.")
         if self.r2_alpha_init is None:

@@ -774,3 +774,26 @@ def test_palettized_and_quantized_layers_keep_every_hyper_parameter_of_the_layer
     }
     with pytest.raises(TypeError, match="Cannot swap a ReLU"):
         layer_shell(PalettizedLinear, nn.ReLU())
+
+
+def test_import_paths_from_before_issue_14_still_work():
+    import hf_r2.palettization.compressed as old_compressed
+    from hf_r2.palettization import config, format, model, palettized_layers, serialization, size_report
+    from hf_r2.palettization.quantizer import PalettizationHfQuantizer, PalettizationQuantizationConfig
+
+    moved = {"PALETTIZATION_FORMAT_VERSION": format, "SUPPORTED_LAYER_TYPES": palettized_layers}
+    moved |= {name: format for name in ("decode_palettized", "output_channels_first", "pack_indices")}
+    moved |= {name: format for name in ("output_channels_first_shape", "packed_num_bytes", "unpack_indices")}
+    moved |= {name: palettized_layers for name in ("PalettizedConv1D", "PalettizedConv2d", "PalettizedEmbedding")}
+    moved |= {name: palettized_layers for name in ("PalettizedLinear", "PalettizedMixin", "palettized_class_for")}
+    moved |= {name: palettized_layers for name in ("palettized_modules", "to_palettized")}
+    moved |= {"palettized_checksum": format, "attach_palettization_config": config, "unpalettize": model}
+    for name, home in moved.items():
+        assert getattr(old_compressed, name) is getattr(home, name), name
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        old_compressed.nothing_here  # noqa: B018
+    from hf_r2.palettization import hf_quantizer
+
+    assert PalettizationHfQuantizer is hf_quantizer.PalettizationHfQuantizer
+    assert PalettizationQuantizationConfig is config.PalettizationQuantizationConfig
+    assert serialization.palettized_size_report is size_report.palettized_size_report

@@ -329,3 +329,37 @@ def test_checkpoints_written_by_earlier_hf_r2_still_load(tmp_path):
     stored, again = load_file(directory / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert sorted(again) == sorted(stored)
     assert all(torch.equal(again[k], v) for k, v in stored.items())
+
+
+def test_import_paths_from_before_issue_14_still_work():
+    from hf_r2 import utils
+    from hf_r2.quantization import config, layers, quantizers
+    from hf_r2.quantization.functional import check_bits
+    from hf_r2.quantization.hf_quantizer import HF_QUANT_METHOD, HfR2QuantizationConfig, attach_hf_quantization_config
+
+    for name in quantizers.__all__:
+        assert getattr(layers, name) is getattr(quantizers, name), name
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        layers.nothing_here  # noqa: B018
+    assert check_bits is utils.check_bits
+    assert (HF_QUANT_METHOD, HfR2QuantizationConfig) == (config.HF_QUANT_METHOD, config.HfR2QuantizationConfig)
+    assert attach_hf_quantization_config is config.attach_hf_quantization_config
+
+
+def test_both_transformers_loaders_share_one_base_and_keep_their_flags():
+    from hf_r2.palettization.hf_quantizer import PalettizationHfQuantizer, PalettizationQuantizationConfig
+    from hf_r2.quantization import HfR2Quantizer
+    from hf_r2.utils import CheckpointHfQuantizer
+
+    palettized_spec = {"a": {"n_bits": 2, "cluster_dim": 1, "shape": [4, 4]}}
+    loaders = {
+        PalettizationHfQuantizer(PalettizationQuantizationConfig(layers=palettized_spec)): True,
+        HfR2Quantizer(
+            HfR2QuantizationConfig(method_config=get_quantization_config("lsq").to_dict(), layers=["a"])
+        ): False,
+    }
+    for loader, qat_trainable in loaders.items():
+        assert isinstance(loader, CheckpointHfQuantizer)
+        assert loader.requires_calibration and loader.is_serializable() and loader.is_trainable
+        assert loader.is_qat_trainable is qat_trainable
+        assert loader.validate_environment() is None

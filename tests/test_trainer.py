@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -410,6 +411,14 @@ def test_decoupled_mode_pulls_outliers_in_under_adamw(tmp_path):
     assert widest["d"] < 0.8 * widest["none"], widest  # 8 steps of 5% of the range
     last = decoupled["logs"][-1]
     assert last["task_loss"] == last["loss"] and last["r2_loss"] > 0  # nothing of the range term in the loss
+
+
+def test_decoupled_bulk_pulling_types_warn(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_r2.trainer"):
+        R2TrainingArguments(output_dir=str(tmp_path), r2_type="linf", r2_mode="decoupled", r2_weight=0.05)
+        assert "tails of every layer" not in caplog.text
+        R2TrainingArguments(output_dir=str(tmp_path), r2_type="soft_min_max", r2_mode="decoupled", r2_weight=0.05)
+    assert "tails of every layer" in caplog.text and "r2_type='linf'" in caplog.text
 
 
 def test_model_init_rebuilds_the_regularizer_on_the_fresh_model(tmp_path):

@@ -14,6 +14,8 @@ from hf_r2.palettization.format import PALETTIZATION_FORMAT_VERSION
 from hf_r2.palettization.palettized_layers import palettized_modules
 from hf_r2.utils import check_bits, check_cluster_dim
 
+__all__ = ["QUANT_METHOD", "DKMConfig", "PalettizationQuantizationConfig", "attach_palettization_config"]
+
 _INITS = ("kmeans++", "quantile")
 _BACKENDS = ("auto", "grid", "exact")
 

@@ -20,6 +20,8 @@ from .format import output_channels_first, output_channels_first_shape
 from .layers import DKM_LAYERS, DKMLayerMixin
 from .palettized_layers import palettized_modules, plain_class_for, to_palettized
 
+__all__ = ["dkm_layers", "finalize", "palettize", "unpalettize"]
+
 logger = logging.getLogger(__name__)
 
 

@@ -15,33 +15,19 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_r2.palettization.format import output_channels_first
+from hf_r2.quantization import quantizers
 from hf_r2.quantization.functional import dequantize
-from hf_r2.quantization.quantizers import (  # the quantizers are re-exported from here, their former home
-    DoReFaWeightQuantizer,
-    LSQInputQuantizer,
-    LSQWeightQuantizer,
-    PACTInputQuantizer,
-    RTNInputQuantizer,
-    RTNWeightQuantizer,
-    WeightQuantizer,
-)
+from hf_r2.quantization.quantizers import WeightQuantizer
 from hf_r2.utils import layer_shell
 
-__all__ = [
-    "DoReFaWeightQuantizer",
-    "LSQInputQuantizer",
-    "LSQWeightQuantizer",
-    "PACTInputQuantizer",
-    "QuantConv1D",
-    "QuantConv2d",
-    "QuantLinear",
-    "QuantizedConv1D",
-    "QuantizedConv2d",
-    "QuantizedLinear",
-    "RTNInputQuantizer",
-    "RTNWeightQuantizer",
-    "WeightQuantizer",
-]
+__all__ = ["QuantConv1D", "QuantConv2d", "QuantLinear", "QuantizedConv1D", "QuantizedConv2d", "QuantizedLinear"]
+
+
+def __getattr__(name: str):
+    # The quantizers lived here before `hf_r2.quantization.quantizers`: old imports keep working.
+    if name in quantizers.__all__:
+        return getattr(quantizers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _QuantLayerMixin:

@@ -27,6 +27,16 @@ from hf_r2.quantization.functional import (
     unsigned_range,
 )
 
+__all__ = [
+    "DoReFaWeightQuantizer",
+    "LSQInputQuantizer",
+    "LSQWeightQuantizer",
+    "PACTInputQuantizer",
+    "RTNInputQuantizer",
+    "RTNWeightQuantizer",
+    "WeightQuantizer",
+]
+
 
 def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Averages `t` across processes so that lazily initialized parameters agree between DDP ranks."""
