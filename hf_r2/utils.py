@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+from transformers.quantizers import HfQuantizer
 
 ModulePattern = str | Sequence[str] | None
 
@@ -417,6 +418,28 @@ def register_hf_quantization_method(method: str, config_cls: type, quantizer_cls
         register_quantization_config(method)(config_cls)
     if method not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(method)(quantizer_cls)
+
+
+class CheckpointHfQuantizer(HfQuantizer):
+    """Base of hf_r2's transformers loaders (`from_pretrained` of palettized and of quantized checkpoints).
+
+    They load checkpoints that hf_r2 wrote: compressing happens in training or calibration, never at load time
+    (`requires_calibration`), nothing beyond hf_r2 is needed (`validate_environment`), a loaded model saves back to
+    the same format (`is_serializable`), and `Trainer` may evaluate or fine-tune it: the compressed weights stay frozen,
+    biases, norms and uncompressed layers train as usual (`is_trainable`). Subclasses set `is_qat_trainable`.
+    """
+
+    requires_calibration = True
+
+    def validate_environment(self, *args, **kwargs):
+        return
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
 
 
 def tied_weight_groups(model: nn.Module) -> dict[str, list[str]]:

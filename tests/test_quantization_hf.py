@@ -344,3 +344,22 @@ def test_import_paths_from_before_issue_14_still_work():
     assert check_bits is utils.check_bits
     assert (HF_QUANT_METHOD, HfR2QuantizationConfig) == (config.HF_QUANT_METHOD, config.HfR2QuantizationConfig)
     assert attach_hf_quantization_config is config.attach_hf_quantization_config
+
+
+def test_both_transformers_loaders_share_one_base_and_keep_their_flags():
+    from hf_r2.palettization.hf_quantizer import PalettizationHfQuantizer, PalettizationQuantizationConfig
+    from hf_r2.quantization import HfR2Quantizer
+    from hf_r2.utils import CheckpointHfQuantizer
+
+    palettized_spec = {"a": {"n_bits": 2, "cluster_dim": 1, "shape": [4, 4]}}
+    loaders = {
+        PalettizationHfQuantizer(PalettizationQuantizationConfig(layers=palettized_spec)): True,
+        HfR2Quantizer(
+            HfR2QuantizationConfig(method_config=get_quantization_config("lsq").to_dict(), layers=["a"])
+        ): False,
+    }
+    for loader, qat_trainable in loaders.items():
+        assert isinstance(loader, CheckpointHfQuantizer)
+        assert loader.requires_calibration and loader.is_serializable() and loader.is_trainable
+        assert loader.is_qat_trainable is qat_trainable
+        assert loader.validate_environment() is None

@@ -696,8 +696,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     figure_weights[row] = load_file(str(figure_file))
             if row == "none":
                 none_model = model
-            # Every unit of (row, seed) is cached now: its full-precision weights are no longer needed to resume.
-            cache.path(file_name(unit_name(row, seed, "FP32")), ".safetensors").unlink(missing_ok=True)
+            # Every unit of (row, seed) is cached now: its full-precision weights are no longer needed to resume (the
+            # `none` weights serve the `clip` row too, so they go once that row is done).
+            done_rows = ["none", "clip"] if row == "clip" else [] if row == "none" and "clip" in rows else [row]
+            for done in done_rows:
+                cache.path(file_name(unit_name(done, seed, "FP32")), ".safetensors").unlink(missing_ok=True)
     if "clip" in rows and clip_fraction is None:  # every clip unit came from the cache
         clip_fraction = choose_clip_fraction(none_model, args.seeds[0])["fraction"]
     shutil.rmtree(work, ignore_errors=True)

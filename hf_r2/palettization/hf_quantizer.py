@@ -18,13 +18,11 @@ Without hf_r2 imported, transformers skips the unknown method and tries to copy 
 
 from __future__ import annotations
 
-from transformers.quantizers import HfQuantizer
-
 from hf_r2.palettization.config import QUANT_METHOD, PalettizationQuantizationConfig
 from hf_r2.palettization.format import output_channels_first_shape
 from hf_r2.palettization.model import unpalettize
 from hf_r2.palettization.palettized_layers import SUPPORTED_LAYER_TYPES, PalettizedMixin, palettized_class_for
-from hf_r2.utils import register_hf_quantization_method
+from hf_r2.utils import CheckpointHfQuantizer, register_hf_quantization_method
 
 __all__ = ["QUANT_METHOD", "PalettizationHfQuantizer", "PalettizationQuantizationConfig", "register"]
 
@@ -44,19 +42,14 @@ def _resolve_layer_names(model, names) -> dict[str, str]:
     return resolved
 
 
-class PalettizationHfQuantizer(HfQuantizer):
+class PalettizationHfQuantizer(CheckpointHfQuantizer):
     """Loads hf_r2 palettized checkpoints (see the module docstring); registered as `"hf_r2_palettization"`."""
 
-    # Only pre-palettized checkpoints can be loaded: palettizing happens in training (DKM), not at load time.
-    requires_calibration = True
     quantization_config: PalettizationQuantizationConfig
 
     def __init__(self, quantization_config: PalettizationQuantizationConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self._layer_names: dict[str, str] = {}
-
-    def validate_environment(self, *args, **kwargs):
-        return
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         specs = self.quantization_config.layers
@@ -131,15 +124,6 @@ class PalettizationHfQuantizer(HfQuantizer):
         # `model.dequantize()`: plain layers holding the decoded weights (transformers then drops the config).
         unpalettize(model)
         return model if dtype is None else model.to(dtype)
-
-    def is_serializable(self, *args, **kwargs) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        # Lets `Trainer` evaluate or fine-tune a loaded model: the palettized weights stay frozen
-        # (`requires_grad=False`); biases, norms and unpalettized layers train as usual.
-        return True
 
     @property
     def is_qat_trainable(self) -> bool:

@@ -15,8 +15,6 @@ the dense weight: a size mismatch, which `from_pretrained` raises on (unless `ig
 
 from __future__ import annotations
 
-from transformers.quantizers import HfQuantizer
-
 from hf_r2.quantization.config import (  # the config and attach_hf_quantization_config lived here before
     HF_QUANT_METHOD,
     HfR2QuantizationConfig,
@@ -24,7 +22,7 @@ from hf_r2.quantization.config import (  # the config and attach_hf_quantization
     attach_hf_quantization_config,
 )
 from hf_r2.quantization.model import finalize, quantize
-from hf_r2.utils import register_hf_quantization_method
+from hf_r2.utils import CheckpointHfQuantizer, register_hf_quantization_method
 
 __all__ = [
     "HF_QUANT_METHOD",
@@ -35,19 +33,14 @@ __all__ = [
 ]
 
 
-class HfR2Quantizer(HfQuantizer):
+class HfR2Quantizer(CheckpointHfQuantizer):
     """Loads finalized hf_r2 quantized checkpoints (see the module docstring)."""
 
-    # Only checkpoints quantized by hf_r2 load: quantizing happens in training or `calibrate`, not at load time.
-    requires_calibration = True
     quantization_config: HfR2QuantizationConfig
 
     def __init__(self, quantization_config: HfR2QuantizationConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self._layers: set[str] = set()
-
-    def validate_environment(self, *args, **kwargs):
-        return
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         layers = self.quantization_config.layers
@@ -86,14 +79,6 @@ class HfR2Quantizer(HfQuantizer):
         for name in sorted(self._layers):
             model.get_submodule(name).check_codes(name)
         return model
-
-    def is_serializable(self, *args, **kwargs) -> bool:
-        return True
-
-    @property
-    def is_trainable(self) -> bool:
-        # Integer weights are buffers and stay fixed; biases and unquantized layers can still be fine-tuned.
-        return True
 
     @property
     def is_qat_trainable(self) -> bool:
