@@ -33,6 +33,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check hf_r2 tests examples benchmarks
+	$(VENV)/bin/ruff format --check hf_r2 tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) outputs

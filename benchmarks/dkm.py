@@ -195,8 +195,9 @@ def main() -> None:
     parser.add_argument("--steps", type=_positive_int, default=3, help="Timed steps per model (median reported).")
     parser.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (memory: RSS on CPU, allocator peak on CUDA).")
-    parser.add_argument("--cases", nargs="+", default=[f"{b}x{d}" for b, d in CASES],
-                        help="Cases as BITSxDIM, e.g. 2x1 4x1 2x2 4x4.")
+    parser.add_argument(
+        "--cases", nargs="+", default=[f"{b}x{d}" for b, d in CASES], help="Cases as BITSxDIM, e.g. 2x1 4x1 2x2 4x4."
+    )
     parser.add_argument("--skip_coremltools", action="store_true")
     parser.add_argument("--skip_accuracy", action="store_true")
     parser.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)

@@ -51,8 +51,11 @@ def bench_loop(args: argparse.Namespace, device: torch.device) -> dict[str, list
     r2_config = {t: R2Config(r2_type=t, cluster_dim=args.cluster_dim) for t in args.r2_types}
     regs = {t: RangeRegularizer(model, cfg).to(device) for t, cfg in r2_config.items()}
     reg_opts = {t: torch.optim.AdamW(r.parameters(), lr=1e-3) for t, r in regs.items() if list(r.parameters())}
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{len(next(iter(regs.values())).layer_names) if regs else 0} regularized layers", flush=True)
+    print(
+        f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{len(next(iter(regs.values())).layer_names) if regs else 0} regularized layers",
+        flush=True,
+    )
 
     def step(mode: str) -> float:
         _sync(device)
@@ -130,19 +133,29 @@ def bench_trainer(args: argparse.Namespace, device: torch.device) -> dict[str, l
         model = MobileBertForSequenceClassification(config)
         timer = StepTimer()
         common = dict(
-            per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps, learning_rate=1e-5,
-            logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=device.type == "cpu",
-            dataloader_num_workers=0, disable_tqdm=True,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.warmup + args.steps,
+            learning_rate=1e-5,
+            logging_steps=10_000,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=device.type == "cpu",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
         )
         with tempfile.TemporaryDirectory() as out:
             if mode == "none":
-                trainer = Trainer(model=model, args=TrainingArguments(output_dir=out, **common), train_dataset=dataset,
-                                  callbacks=[timer])
+                trainer = Trainer(
+                    model=model,
+                    args=TrainingArguments(output_dir=out, **common),
+                    train_dataset=dataset,
+                    callbacks=[timer],
+                )
             else:
                 targs = R2TrainingArguments(output_dir=out, r2_type=mode, r2_cluster_dim=args.cluster_dim, **common)
                 trainer = R2Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[timer])
             trainer.train()
-        return timer.times[args.warmup:]
+        return timer.times[args.warmup :]
 
     # Each r2_type is compared with a plain Trainer run right next to it (pairs), so that slow drifts in machine
     # load hit both sides of a ratio alike.
@@ -169,8 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, mode {args.mode}, "
-          f"batch {args.batch_size}x{args.seq_len}, steps {args.steps} (+{args.warmup} warm-up)", flush=True)
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, mode {args.mode}, "
+        f"batch {args.batch_size}x{args.seq_len}, steps {args.steps} (+{args.warmup} warm-up)",
+        flush=True,
+    )
 
     times = bench_loop(args, device) if args.mode == "loop" else bench_trainer(args, device)
     print(f"\n{'mode':<36} {'median step (ms)':>17} {'overhead vs none':>17}")

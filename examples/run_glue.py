@@ -258,9 +258,11 @@ def check_classes_trained(
     evaluated = raw_datasets["validation"]["label"][: data_args.max_eval_samples]
     missing = sorted(set(evaluated) - set(train))
     if missing:
-        limit = f" among the first {data_args.max_train_samples} (--max_train_samples)" if (
-            data_args.max_train_samples is not None and data_args.max_train_samples < len(raw_datasets["train"])
-        ) else ""
+        limit = (
+            f" among the first {data_args.max_train_samples} (--max_train_samples)"
+            if (data_args.max_train_samples is not None and data_args.max_train_samples < len(raw_datasets["train"]))
+            else ""
+        )
         raise ValueError(
             f"{files.get('validation', 'the validation split')} has class(es) {missing} that no training example "
             f"has{limit}: the model could never learn them. Train on data holding every class"
@@ -350,9 +352,9 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
                 raise ValueError(f"--{split}_file {path} is empty: it holds no examples.")
         # One load per file: loaded together, files with different columns fail inside `datasets` with an unclear
         # schema error instead of `check_columns`' message.
-        raw = datasets.DatasetDict({
-            split: _load_file(path, f"--{split}_file", model_args.cache_dir) for split, path in files.items()
-        })
+        raw = datasets.DatasetDict(
+            {split: _load_file(path, f"--{split}_file", model_args.cache_dir) for split, path in files.items()}
+        )
     else:
         raw = load_dataset(data_args.dataset_name, data_args.task_name, cache_dir=model_args.cache_dir)
         if data_args.task_name == "mnli":  # GLUE MNLI names its splits validation_matched / test_matched
@@ -519,8 +521,13 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     float_label = "full precision"
     if training_args.do_eval and compression_args.trains_compressed:
         float_metrics = evaluate_model(
-            model, training_args, eval_dataset, metric_key_prefix="eval_float", data_collator=collator,
-            processing_class=tokenizer, compute_metrics=compute_metrics,
+            model,
+            training_args,
+            eval_dataset,
+            metric_key_prefix="eval_float",
+            data_collator=collator,
+            processing_class=tokenizer,
+            compute_metrics=compute_metrics,
         )
         float_label = "full precision (start of this run)"
 

@@ -261,6 +261,7 @@ def label_names(raw, label_column: str) -> list[str]:
 def check_classes_trained(train_dataset, eval_dataset, label_column: str, names: list[str]) -> None:
     """Fails before training if the evaluated images hold a class that no training image has (after
     `--max_train_samples` / `--max_eval_samples`): the model could never learn it."""
+
     def classes(ds):  # the raw labels, without running the image transform
         return set(ds.with_format(None)[label_column])
 
@@ -338,8 +339,10 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
 
     # ---- data and every check that can fail before training
     raw = load_images(data_args, model_args, training_args.seed)
-    for split, do, flag in (("train", training_args.do_train, "--do_train"),
-                            ("validation", training_args.do_eval, "--do_eval")):
+    for split, do, flag in (
+        ("train", training_args.do_train, "--do_train"),
+        ("validation", training_args.do_eval, "--do_eval"),
+    ):
         if do and split not in raw:
             raise ValueError(f"{flag} needs a {split} split, which the data lacks.")
     check_columns(raw, data_args)
@@ -425,8 +428,13 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
     float_label = "full precision"
     if training_args.do_eval and compression_args.trains_compressed:
         float_metrics = evaluate_model(
-            model, training_args, eval_dataset, metric_key_prefix="eval_float", data_collator=collate,
-            processing_class=processor, compute_metrics=compute_metrics,
+            model,
+            training_args,
+            eval_dataset,
+            metric_key_prefix="eval_float",
+            data_collator=collate,
+            processing_class=processor,
+            compute_metrics=compute_metrics,
         )
         float_label = "full precision (start of this run)"
 
@@ -453,8 +461,9 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         if ds is None:
             return []
         rows = [ds[i] for i in range(min(len(ds), n_batches * batch_size))]
-        return [{"pixel_values": collate(rows[i : i + batch_size])["pixel_values"]}
-                for i in range(0, len(rows), batch_size)]
+        return [
+            {"pixel_values": collate(rows[i : i + batch_size])["pixel_values"]} for i in range(0, len(rows), batch_size)
+        ]
 
     all_metrics: dict[str, float] = {}
     if training_args.do_train:

@@ -258,11 +258,20 @@ class CompressionArguments:
                 "(e.g. an R² run, then a DKM run from its output)."
             )
         dkm_only = {
-            "dkm_cluster_dim", "dkm_temperature", "dkm_kmeans_iters", "dkm_weight_threshold", "dkm_target_modules",
+            "dkm_cluster_dim",
+            "dkm_temperature",
+            "dkm_kmeans_iters",
+            "dkm_weight_threshold",
+            "dkm_target_modules",
             "dkm_exclude_modules",
         }
         quant_only = {
-            "w_bits", "a_bits", "quant_per_channel", "quant_symmetric", "quant_target_modules", "quant_exclude_modules"
+            "w_bits",
+            "a_bits",
+            "quant_per_channel",
+            "quant_symmetric",
+            "quant_target_modules",
+            "quant_exclude_modules",
         }
         self._refuse_orphans(dkm_only, self.dkm_bits is None, "--dkm_bits")
         self._refuse_orphans(quant_only, self.quant_method == "none", "--quant_method")
@@ -531,8 +540,10 @@ class PublishArguments:
     )
 
     def __post_init__(self):
-        if isinstance(self.card_histogram_layers, bool) or not isinstance(self.card_histogram_layers, int) or (
-            self.card_histogram_layers < 0
+        if (
+            isinstance(self.card_histogram_layers, bool)
+            or not isinstance(self.card_histogram_layers, int)
+            or (self.card_histogram_layers < 0)
         ):
             raise ValueError(f"--card_histogram_layers must be an integer >= 0, got {self.card_histogram_layers!r}.")
 

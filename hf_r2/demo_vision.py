@@ -143,7 +143,6 @@ def run_pipeline(
     return {"accuracy": accuracy, "weight_stats": stats, "models": models, "timing_s": timing}
 
 
-
 @dataclass
 class VisionDemoArguments:
     """Settings of the vision demo (`python -m hf_r2.demo_vision --help` lists them)."""

@@ -103,8 +103,11 @@ def r2_info_from_args(args: Any) -> dict[str, Any] | None:
     r2_type = getattr(args, "r2_type", "none")
     if r2_type in (None, "none"):
         return None
-    unused = {"linf": ("r2_margin_init_std", "r2_alpha_init", "r2_scale_free"), "margin": ("r2_alpha_init",),
-              "soft_min_max": ("r2_margin_init_std",)}.get(r2_type, ())
+    unused = {
+        "linf": ("r2_margin_init_std", "r2_alpha_init", "r2_scale_free"),
+        "margin": ("r2_alpha_init",),
+        "soft_min_max": ("r2_margin_init_std",),
+    }.get(r2_type, ())
     info = {k: v for k, v in sorted(vars(args).items()) if k.startswith("r2_") and v is not None and k not in unused}
     resolve = getattr(args, "resolved_r2_learning_rate", None)
     if r2_type != "linf" and callable(resolve):  # L-inf has no parameter of its own
@@ -117,8 +120,15 @@ def r2_info_from_args(args: Any) -> dict[str, Any] | None:
 def training_info_from_args(args: Any) -> dict[str, Any]:
     """The usual hyperparameters of a `TrainingArguments`, for the card's training section."""
     keys = (
-        "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
-        "max_steps", "weight_decay", "warmup_steps", "lr_scheduler_type", "seed",
+        "learning_rate",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "max_steps",
+        "weight_decay",
+        "warmup_steps",
+        "lr_scheduler_type",
+        "seed",
     )
     info = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     world = getattr(args, "world_size", 1) or 1
@@ -260,8 +270,11 @@ def build_model_card(
         "Quantization*).",
     ]
     if r2:
-        parts += [SECTIONS["r2"], "Each targeted layer's weight range is penalized during training so that it "
-                  "survives low-bit compression.", _kv_table(r2)]
+        parts += [
+            SECTIONS["r2"],
+            "Each targeted layer's weight range is penalized during training so that it survives low-bit compression.",
+            _kv_table(r2),
+        ]
     parts += compression_section(compression, size=size, size_report=size_report)
     parts += metrics_section(metrics, float_metrics, float_label=float_label, compressed=bool(compression))
     parts += ranges_section(ranges, reference_ranges, reference_label)
@@ -303,8 +316,11 @@ def metrics_section(
     """The card's evaluation section: one column of quality metrics and loss, or, with `float_metrics`, the metric
     before compression (full precision) next to the one after it, row by row."""
     shown = {k: v for k, v in (metrics or {}).items() if _is_quality_metric(k) or _metric_name(k) == "loss"}
-    before = {_metric_name(k): v for k, v in (float_metrics or {}).items()
-              if _is_quality_metric(k) or _metric_name(k) == "loss"}
+    before = {
+        _metric_name(k): v
+        for k, v in (float_metrics or {}).items()
+        if _is_quality_metric(k) or _metric_name(k) == "loss"
+    }
     if not before:
         return [SECTIONS["metrics"], _kv_table(shown, header=("Metric", "Value"))] if shown else []
     after = {_metric_name(k): v for k, v in shown.items()}
@@ -312,8 +328,10 @@ def metrics_section(
     names.sort(key=lambda n: n == "loss")  # the quality metrics first, the loss last
     after_label = "compressed" if compressed else "this model"
     lines = [f"| Metric | {float_label} | {after_label} |", "|---|---:|---:|"]
-    lines += [f"| `{n}` | {_fmt(before[n]) if n in before else '–'} | {_fmt(after[n]) if n in after else '–'} |"
-              for n in names]
+    lines += [
+        f"| `{n}` | {_fmt(before[n]) if n in before else '–'} | {_fmt(after[n]) if n in after else '–'} |"
+        for n in names
+    ]
     text = "Evaluated on the same data before and after compression, in one run of the script."
     return [SECTIONS["metrics"], text, "\n".join(lines)]
 
@@ -381,8 +399,10 @@ def run_card_sections(
     """
     size = None
     if compression and folder is not None and list(Path(folder).glob("model*.safetensors")):
-        size = {"checkpoint_bytes": folder_size_bytes(folder, "model*.safetensors"),
-                "label": "this checkpoint (safetensors on disk)"}
+        size = {
+            "checkpoint_bytes": folder_size_bytes(folder, "model*.safetensors"),
+            "label": "this checkpoint (safetensors on disk)",
+        }
         if float32_bytes:
             size["float32_bytes"] = float32_bytes
         if coreml_bytes:
@@ -403,7 +423,7 @@ def run_card_sections(
 def _metric_name(key: str) -> str:
     for prefix in ("eval_float_", "eval_", "test_", "predict_"):
         if key.startswith(prefix):
-            return key[len(prefix):]
+            return key[len(prefix) :]
     return key
 
 
@@ -416,8 +436,10 @@ def _describe_compression(info: Mapping[str, Any]) -> str:
     method = info.get("method")
     if method == "dkm":
         dim = info.get("cluster_dim", 1)
-        return f"DKM palettization ({info.get('n_bits')}-bit, cluster_dim {dim}: {_fmt(info.get('bits_per_weight'))} " \
+        return (
+            f"DKM palettization ({info.get('n_bits')}-bit, cluster_dim {dim}: {_fmt(info.get('bits_per_weight'))} "
             "bits per weight)"
+        )
     a_bits = info.get("a_bits")
     acts = f", activations {a_bits}-bit" if a_bits else ""
     return f"{str(method).upper()} quantization (weights {info.get('w_bits')}-bit{acts})"
@@ -430,8 +452,10 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
         data = json.loads((folder / PUBLISH_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("format") != PUBLISH_MARKER_FORMAT or not isinstance(
-        data.get("files"), list
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != PUBLISH_MARKER_FORMAT
+        or not isinstance(data.get("files"), list)
     ):
         return None
     return data
@@ -610,9 +634,10 @@ def verify_publish_folder(
         want_state, got_state = model.state_dict(), loaded.state_dict()
         ignored = set(ignore_keys)
         differing = [
-            k for k, v in want_state.items()
-            if k not in ignored and (k not in got_state or got_state[k].shape != v.shape
-                                     or not torch.equal(got_state[k].to(v.device), v))
+            k
+            for k, v in want_state.items()
+            if k not in ignored
+            and (k not in got_state or got_state[k].shape != v.shape or not torch.equal(got_state[k].to(v.device), v))
         ]
         if differing:
             raise ValueError(f"The folder {folder} loads back with different tensors: {differing[:10]}.")
@@ -857,10 +882,13 @@ def push_folder(
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     target = getattr(url, "repo_id", None) or repo_id
     return api.upload_folder(
-        repo_id=target, folder_path=str(folder), commit_message=commit_message, revision=revision, repo_type="model",
+        repo_id=target,
+        folder_path=str(folder),
+        commit_message=commit_message,
+        revision=revision,
+        repo_type="model",
         ignore_patterns=[PUBLISH_MARKER],
     )
-
 
 
 def publish_from_args(
@@ -920,6 +948,7 @@ def publish_from_args(
         )
         logger.info(f"Pushed {folder} to {repo_id}: {commit}")
     return Path(folder)
+
 
 def read_card_metadata(folder: str | os.PathLike) -> dict[str, Any]:
     """The YAML metadata of the card in `folder` (as a dict), e.g. to check its tags."""

@@ -54,6 +54,7 @@ except ImportError:  # pragma: no cover - torch built without distributed suppor
     class _DTensor:  # never an instance
         pass
 
+
 #: Layer types whose weight is regularized by default (`nn.MultiheadAttention`: its packed `in_proj_weight`; its
 #: `out_proj` is an `nn.Linear` of its own).
 SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (
@@ -525,8 +526,12 @@ def _trainable_and_untied(modules: dict[str, nn.Module]) -> dict[str, nn.Module]
         if not param.requires_grad:
             frozen.append(name)
         elif id(param) in owner:
-            logger.info("R²: %s shares its weight with %s (tied); regularized once, as %s.", name, owner[id(param)],
-                        owner[id(param)])
+            logger.info(
+                "R²: %s shares its weight with %s (tied); regularized once, as %s.",
+                name,
+                owner[id(param)],
+                owner[id(param)],
+            )
         else:
             owner[id(param)] = name
             kept[name] = module

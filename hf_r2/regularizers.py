@@ -65,7 +65,6 @@ def coordinate_std(weight: torch.Tensor, cluster_dim: int = 1) -> torch.Tensor:
         return weight_coordinates(weight, cluster_dim).std(dim=0, correction=0).clamp_min(MIN_SCALE)
 
 
-
 def _scale(scale: torch.Tensor | float | None, cluster_dim: int, device: torch.device) -> torch.Tensor:
     if scale is None:
         return torch.ones(cluster_dim, device=device)

@@ -81,8 +81,12 @@ R2_CARD_TAGS = ("hf_r2", "range-regularization")
 
 #: Model weight files one of which every complete checkpoint holds (as `Trainer._load_from_checkpoint` looks for).
 _WEIGHT_FILES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-    "adapter_model.safetensors", "adapter_model.bin",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
 )
 
 
@@ -710,8 +714,9 @@ class R2Trainer(Trainer):
             finetuned_from = getattr(getattr(self.model, "config", None), "_name_or_path", None)
         base_name, base_is_local = public_source_name(finetuned_from)
         if dataset is not None:
-            dataset = [public_source_name(d, keep_parent=True)[0] for d in ([dataset] if isinstance(dataset, str)
-                                                                               else dataset)]
+            dataset = [
+                public_source_name(d, keep_parent=True)[0] for d in ([dataset] if isinstance(dataset, str) else dataset)
+            ]
             dataset = dataset[0] if len(dataset) == 1 else dataset
         if not self.is_world_process_zero():
             return
@@ -726,8 +731,11 @@ class R2Trainer(Trainer):
         # "[](https://huggingface.co/)"). Only a Hub id may become the linked base model and `base_model` metadata;
         # "" also keeps `TrainingSummary` from asking the Hub for its license.
         summary = TrainingSummary.from_trainer(
-            self, tags=tags or None, finetuned_from=base_name if base_name and not base_is_local else "",
-            dataset=dataset, **kwargs,
+            self,
+            tags=tags or None,
+            finetuned_from=base_name if base_name and not base_is_local else "",
+            dataset=dataset,
+            **kwargs,
         )
         if not summary.finetuned_from:
             summary.finetuned_from = None

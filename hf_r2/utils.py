@@ -335,9 +335,7 @@ def _siblings(folder: Path, kind: str) -> list[tuple[Path, int]]:
     return found
 
 
-def remove_stale_temp_dirs(
-    target: str | os.PathLike, owned: Callable[[Path], bool] = lambda path: True
-) -> list[Path]:
+def remove_stale_temp_dirs(target: str | os.PathLike, owned: Callable[[Path], bool] = lambda path: True) -> list[Path]:
     """Removes the `make_temp_dir_beside(target)` folders left by processes that were killed while building them.
 
     Only folders named by `make_temp_dir_beside` for this `target`, whose process no longer runs and for which
@@ -351,9 +349,7 @@ def remove_stale_temp_dirs(
     return removed
 
 
-def recover_replaced_dir(
-    folder: str | os.PathLike, owned: Callable[[Path], bool] = lambda path: True
-) -> Path | None:
+def recover_replaced_dir(folder: str | os.PathLike, owned: Callable[[Path], bool] = lambda path: True) -> Path | None:
     """Repairs what a `replace_dir` killed halfway left behind next to `folder`.
 
     `replace_dir` renames the old folder aside to `.<name>.old-<pid>`, renames the new one into place, then deletes
@@ -475,7 +471,8 @@ def refuse_multihead_attention(model: nn.Module, selected: Iterable[str], what: 
     """
     selected = set(selected)
     attention = [
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if isinstance(module, nn.MultiheadAttention) and f"{name}.out_proj" in selected
     ]
     if attention:

@@ -14,8 +14,13 @@ def parse(*argv):
 def tiny_bert(seed=0):
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=2,
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
     )
     return BertForSequenceClassification(config).eval()
 
@@ -41,8 +46,18 @@ def test_module_pattern_names_commas_and_regex():
 
 
 def test_dkm_flags_build_the_dkm_config():
-    compression, _ = parse("--dkm_bits", "2", "--dkm_cluster_dim", "2", "--dkm_temperature", "0.001",
-                           "--dkm_kmeans_iters", "5", "--dkm_exclude_modules", "classifier")
+    compression, _ = parse(
+        "--dkm_bits",
+        "2",
+        "--dkm_cluster_dim",
+        "2",
+        "--dkm_temperature",
+        "0.001",
+        "--dkm_kmeans_iters",
+        "5",
+        "--dkm_exclude_modules",
+        "classifier",
+    )
     assert compression.method == "dkm" and compression.trains_compressed
     config = compression.dkm_config()
     assert (config.n_bits, config.cluster_dim, config.temperature, config.kmeans_iters) == (2, 2, 0.001, 5)
@@ -52,8 +67,9 @@ def test_dkm_flags_build_the_dkm_config():
 
 
 def test_quant_flags_build_the_method_config():
-    compression, _ = parse("--quant_method", "lsq", "--w_bits", "2", "--a_bits", "3",
-                           "--quant_target_modules", ".*layer.*")
+    compression, _ = parse(
+        "--quant_method", "lsq", "--w_bits", "2", "--a_bits", "3", "--quant_target_modules", ".*layer.*"
+    )
     config = compression.quantization_config()
     assert type(config).__name__ == "LSQConfig"
     assert (config.w_bits, config.a_bits, config.target_modules) == (2, 3, ".*layer.*")
@@ -183,12 +199,37 @@ def test_parse_script_args_from_the_command_line_or_one_json_file(tmp_path):
     class DataArgs:
         task_name: str = "qnli"
 
-    argv = ["--model_name_or_path", "x", "--task_name", "rte", "--output_dir", str(tmp_path), "--r2_type", "margin",
-            "--quant_method", "ptq", "--w_bits", "4", "--card_histogram_layers", "2"]
+    argv = [
+        "--model_name_or_path",
+        "x",
+        "--task_name",
+        "rte",
+        "--output_dir",
+        str(tmp_path),
+        "--r2_type",
+        "margin",
+        "--quant_method",
+        "ptq",
+        "--w_bits",
+        "4",
+        "--card_histogram_layers",
+        "2",
+    ]
     from_cli = parse_script_args(ModelArgs, DataArgs, argv)
     path = tmp_path / "args.json"
-    path.write_text(json.dumps({"model_name_or_path": "x", "task_name": "rte", "output_dir": str(tmp_path),
-                                "r2_type": "margin", "quant_method": "ptq", "w_bits": 4, "card_histogram_layers": 2}))
+    path.write_text(
+        json.dumps(
+            {
+                "model_name_or_path": "x",
+                "task_name": "rte",
+                "output_dir": str(tmp_path),
+                "r2_type": "margin",
+                "quant_method": "ptq",
+                "w_bits": 4,
+                "card_histogram_layers": 2,
+            }
+        )
+    )
     from_json = parse_script_args(ModelArgs, DataArgs, [str(path)])
     for parsed in (from_cli, from_json):
         model_args, data_args, training_args, compression, publish = parsed
@@ -203,11 +244,13 @@ def test_module_flags_cover_containers_and_refuse_typos_and_mixed_regexes():
     "match no module" without saying why."""
     from hf_r2.quantization import quantized_layers
 
-    compression, _ = parse("--quant_method", "lsq", "--w_bits", "4", "--quant_target_modules", "attention",
-                           "classifier")
+    compression, _ = parse(
+        "--quant_method", "lsq", "--w_bits", "4", "--quant_target_modules", "attention", "classifier"
+    )
     model = compression.apply(tiny_bert())
-    expected = {f"bert.encoder.layer.0.attention.{n}" for n in ("self.query", "self.key", "self.value",
-                                                                 "output.dense")} | {"classifier"}
+    expected = {
+        f"bert.encoder.layer.0.attention.{n}" for n in ("self.query", "self.key", "self.value", "output.dense")
+    } | {"classifier"}
     assert set(quantized_layers(model)) == expected
     for flags, message in [
         (("--quant_method", "lsq", "--quant_exclude_modules", "classifer"), r"exclude_modules \['classifer'\] match"),
@@ -216,8 +259,11 @@ def test_module_flags_cover_containers_and_refuse_typos_and_mixed_regexes():
         compression, _ = parse(*flags)
         with pytest.raises(ValueError, match=message):
             compression.apply(tiny_bert())
-    with pytest.raises(ValueError, match=r"mixes module names with a regular expression \['\.\*attn\.\*'\]: a regular "
-                                         "expression must stand alone"):
+    with pytest.raises(
+        ValueError,
+        match=r"mixes module names with a regular expression \['\.\*attn\.\*'\]: a regular "
+        "expression must stand alone",
+    ):
         parse("--quant_method", "lsq", "--quant_target_modules", "query", ".*attn.*")
     compression, _ = parse("--dkm_bits", "2", "--dkm_exclude_modules", "word_embeddings", "classifier")
     model = compression.apply(tiny_bert())
@@ -232,8 +278,11 @@ def test_too_few_vectors_advice_names_a_flag_that_exists():
     from hf_r2.palettization import dkm_layers
 
     compression, _ = parse("--dkm_bits", "6")
-    with pytest.raises(ValueError, match=r"token_type_embeddings.weight .* fewer than the 2\*\*6 = 64 centroids.*"
-                                         r"--dkm_weight_threshold 33"):
+    with pytest.raises(
+        ValueError,
+        match=r"token_type_embeddings.weight .* fewer than the 2\*\*6 = 64 centroids.*"
+        r"--dkm_weight_threshold 33",
+    ):
         compression.apply(tiny_bert())
     compression, _ = parse("--dkm_bits", "6", "--dkm_weight_threshold", "33")
     layers = dkm_layers(compression.apply(tiny_bert()))
@@ -263,8 +312,11 @@ def test_r2_with_a_compression_that_trains_needs_an_explicit_flag_and_matching_d
         return parse_script_args(ModelArgs, DataArgs, ["--output_dir", str(tmp_path), *flags])
 
     for compression in (("--dkm_bits", "2"), ("--quant_method", "lsq"), ("--quant_method", "pact")):
-        with pytest.raises(ValueError, match=rf"--r2_type margin with {' '.join(compression)} would keep R² on while "
-                                             "the compression trains.*paper turns R² off.*--r2_during_compression"):
+        with pytest.raises(
+            ValueError,
+            match=rf"--r2_type margin with {' '.join(compression)} would keep R² on while "
+            "the compression trains.*paper turns R² off.*--r2_during_compression",
+        ):
             script("--do_train", "--r2_type", "margin", *compression)
         script("--do_train", "--r2_type", "margin", *compression, "--r2_during_compression")  # explicit: accepted
         script("--do_train", *compression)  # compression alone
@@ -273,8 +325,18 @@ def test_r2_with_a_compression_that_trains_needs_an_explicit_flag_and_matching_d
     with pytest.raises(ValueError, match="--r2_during_compression applies only with --r2_type"):
         script("--do_train", "--dkm_bits", "2", "--r2_during_compression")
     with pytest.raises(ValueError, match="--r2_cluster_dim 2 differs from --dkm_cluster_dim 4"):
-        script("--do_train", "--r2_type", "linf", "--r2_cluster_dim", "2", "--dkm_bits", "4", "--dkm_cluster_dim", "4",
-               "--r2_during_compression")
+        script(
+            "--do_train",
+            "--r2_type",
+            "linf",
+            "--r2_cluster_dim",
+            "2",
+            "--dkm_bits",
+            "4",
+            "--dkm_cluster_dim",
+            "4",
+            "--r2_during_compression",
+        )
     with pytest.raises(ValueError, match="--r2_cluster_dim 2 differs from --dkm_cluster_dim 1"):
         script("--do_train", "--r2_type", "linf", "--r2_cluster_dim", "2", "--dkm_bits", "2", "--r2_during_compression")
     *_, compression, _ = script("--do_train", "--quant_method", "ewgs")

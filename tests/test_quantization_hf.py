@@ -25,8 +25,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _tiny_bert():
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, num_labels=3,
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
     )
     return BertForSequenceClassification(config)
 
@@ -81,10 +86,14 @@ def test_a_checkpoint_missing_a_quantized_tensor_refuses_to_load(tmp_path):
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda t: t["classifier.weight_int"].view(-1)[0].fill_(100),
-         r"codes in \[-?\d+, 100\], outside the 4-bit grid"),
-        (lambda t: t.update({"classifier.weight_int": t["classifier.weight_int"].to(torch.int32)}),
-         "dtype torch.int32; this 4-bit grid stores torch.int8"),
+        (
+            lambda t: t["classifier.weight_int"].view(-1)[0].fill_(100),
+            r"codes in \[-?\d+, 100\], outside the 4-bit grid",
+        ),
+        (
+            lambda t: t.update({"classifier.weight_int": t["classifier.weight_int"].to(torch.int32)}),
+            "dtype torch.int32; this 4-bit grid stores torch.int8",
+        ),
         (lambda t: t["classifier.weight_scale"].view(-1)[0].fill_(float("nan")), "weight_scale must be finite"),
         (lambda t: t["classifier.weight_scale"].view(-1)[0].fill_(-1.0), "weight_scale must be finite and >= 0"),
     ],
@@ -117,8 +126,9 @@ def _tiny_gpt2_lm(**kwargs):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0,
-                        **kwargs)
+    config = GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0, **kwargs
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -143,8 +153,11 @@ def test_palettized_model_is_refused_by_quantize_and_its_dequantized_form_round_
     model.save_pretrained(tmp_path / "dkm")
     palettized = BertForSequenceClassification.from_pretrained(tmp_path / "dkm")
     config = get_quantization_config("ptq", w_bits=4)
-    with pytest.raises(ValueError, match=r"already compressed \('hf_r2_palettization', e.g. palettized layer "
-                                         r"'bert.embeddings.word_embeddings'\).*unpalettize"):
+    with pytest.raises(
+        ValueError,
+        match=r"already compressed \('hf_r2_palettization', e.g. palettized layer "
+        r"'bert.embeddings.word_embeddings'\).*unpalettize",
+    ):
         quantize(palettized, config)
     assert not any(isinstance(m, QuantizedLinear) for m in palettized.modules())
     unpalettize(palettized)  # the advised way: plain layers holding the palettized values
@@ -158,8 +171,11 @@ def test_tied_lm_head_is_refused_by_quantize_and_untied_one_round_trips(tmp_path
     from transformers import GPT2LMHeadModel
 
     model = _tiny_gpt2_lm()
-    with pytest.raises(ValueError, match=r"tied weights \(lm_head.weight = transformer.wte.weight.*"
-                                         r"exclude_modules=\['lm_head'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"tied weights \(lm_head.weight = transformer.wte.weight.*"
+        r"exclude_modules=\['lm_head'\]",
+    ):
         quantize(model, get_quantization_config("ptq", w_bits=4))
     assert type(model.lm_head) is torch.nn.Linear
     finalize(quantize(model, get_quantization_config("ptq", w_bits=4, exclude_modules=["lm_head"])))  # the advice
@@ -176,8 +192,11 @@ def test_non_finite_weights_are_refused_at_quantize_and_at_finalize():
     model = _tiny_bert()
     with torch.no_grad():
         model.classifier.weight[0, 0] = float("inf")
-    with pytest.raises(ValueError, match=r"classifier.weight holds 1 NaN/Inf value\(s\).*exclude_modules="
-                                         r"\['classifier'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"classifier.weight holds 1 NaN/Inf value\(s\).*exclude_modules="
+        r"\['classifier'\]",
+    ):
         quantize(model, get_quantization_config("ptq", w_bits=4))
     assert type(model.classifier) is torch.nn.Linear
     # A weight that turns non-finite during QAT is caught at finalize, before any layer is replaced.
@@ -231,10 +250,19 @@ def test_gpt2_ptq_quantizes_every_conv1d_and_round_trips(tmp_path):
     from hf_r2.quantization import QuantizedConv1D
 
     torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(GPT2Config(
-        n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-        num_labels=2,
-    ))
+    model = GPT2ForSequenceClassification(
+        GPT2Config(
+            n_layer=1,
+            n_embd=16,
+            n_head=2,
+            vocab_size=50,
+            n_positions=16,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            num_labels=2,
+        )
+    )
     finalize(quantize(model, get_quantization_config("ptq", w_bits=2)))
     conv1d = [n for n, m in model.named_modules() if isinstance(m, QuantizedConv1D)]
     assert conv1d == [f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
@@ -261,8 +289,11 @@ def test_multihead_attention_is_refused_loudly_and_excluding_it_works():
     from hf_r2.quantization import quantized_layers
 
     model = _WithMultiheadAttention()
-    with pytest.raises(ValueError, match=r"cannot compress nn.MultiheadAttention \['attn'\].*exclude_modules="
-                                         r"\['attn'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot compress nn.MultiheadAttention \['attn'\].*exclude_modules="
+        r"\['attn'\]",
+    ):
         quantize(model, get_quantization_config("lsq", w_bits=4))
     assert type(model.attn.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
     quantize(model, get_quantization_config("lsq", w_bits=4, exclude_modules=["attn"]))
@@ -278,8 +309,11 @@ def test_multihead_attention_is_refused_loudly_and_excluding_it_works():
 )
 def test_finalize_refuses_activation_quantizers_that_saw_no_batch(method, kwargs):
     model = quantize(_tiny_bert(), get_quantization_config(method, **kwargs))
-    with pytest.raises(ValueError, match=r"input quantizers of \d+ layer\(s\), e.g. \['bert.encoder.layer.0.attention"
-                                         r".*have seen no batch.*calibrate.*Nothing was finalized"):
+    with pytest.raises(
+        ValueError,
+        match=r"input quantizers of \d+ layer\(s\), e.g. \['bert.encoder.layer.0.attention"
+        r".*have seen no batch.*calibrate.*Nothing was finalized",
+    ):
         finalize(model)
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     calibrate(model, [BATCH])

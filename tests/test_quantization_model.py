@@ -285,8 +285,15 @@ def test_training_through_r2trainer_updates_quantizer_parameters(tmp_path):
     steps_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("step")}
     callback = EWGSDeltaCallback(every_n_steps=2, num_samples=2)
     args = R2TrainingArguments(
-        output_dir=str(tmp_path), r2_type="none", per_device_train_batch_size=8, num_train_epochs=1,
-        learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
+        output_dir=str(tmp_path),
+        r2_type="none",
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
     )
     trainer = R2Trainer(model=model, args=args, train_dataset=_Digits(), callbacks=[callback])
     result = trainer.train()
@@ -302,8 +309,13 @@ def test_transformers_model_keeps_its_keys_and_finalizes_exactly():
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, num_labels=3,
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
     )
     model = BertForSequenceClassification(config)
     keys = set(model.state_dict())

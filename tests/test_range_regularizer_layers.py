@@ -39,9 +39,11 @@ def test_tied_weights_are_regularized_once(r2_type, caplog):
     wte = model.transformer.wte.weight.detach().double()
     row = reg.layer_names.index("transformer.wte")
     unit = R.coordinate_std(wte)  # the default, scale-free parametrization
-    value = {"linf": lambda: R.linf(wte),
-             "margin": lambda: R.margin(wte, reg.margins[row].detach().double(), scale=unit),
-             "soft_min_max": lambda: R.soft_min_max(wte, reg.alphas[row].detach().double(), scale=unit)}[r2_type]()
+    value = {
+        "linf": lambda: R.linf(wte),
+        "margin": lambda: R.margin(wte, reg.margins[row].detach().double(), scale=unit),
+        "soft_min_max": lambda: R.soft_min_max(wte, reg.alphas[row].detach().double(), scale=unit),
+    }[r2_type]()
     assert losses["transformer.wte"] == pytest.approx(value.item(), rel=1e-5)
 
 
@@ -80,9 +82,11 @@ def test_multihead_attention_in_proj_weight_is_regularized(r2_type):
     in_proj = model.attn.in_proj_weight
     row = 0
     w, unit = in_proj.detach(), R.coordinate_std(in_proj)  # the default, scale-free parametrization
-    expected = {"linf": lambda: R.linf(w),
-                "margin": lambda: R.margin(w, reg.margins[row].detach(), scale=unit),
-                "soft_min_max": lambda: R.soft_min_max(w, reg.alphas[row].detach(), scale=unit)}[r2_type]()
+    expected = {
+        "linf": lambda: R.linf(w),
+        "margin": lambda: R.margin(w, reg.margins[row].detach(), scale=unit),
+        "soft_min_max": lambda: R.soft_min_max(w, reg.alphas[row].detach(), scale=unit),
+    }[r2_type]()
     assert reg.per_layer_losses()["attn"] == pytest.approx(expected.item(), rel=1e-5)
     reg().backward()
     assert in_proj.grad is not None and in_proj.grad[0, 0] > 0

@@ -54,21 +54,31 @@ def test_a_killed_save_leaves_a_checkpoint_that_auto_resume_skips(margin_run, tm
     warnings = []
     monkeypatch.setattr(logger, "warning", lambda msg, *a, **k: warnings.append(msg))
     assert get_last_complete_checkpoint(out) == str(out / "checkpoint-4")
-    assert [w.split(":")[0] for w in warnings] == [f"Skipping the incomplete checkpoint {out / c}"
-                                                   for c in ("checkpoint-6", "checkpoint-5")]
+    assert [w.split(":")[0] for w in warnings] == [
+        f"Skipping the incomplete checkpoint {out / c}" for c in ("checkpoint-6", "checkpoint-5")
+    ]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in (2, 4, 5, 6)]  # kept
 
     loaded = []
     real_load = R2Trainer._load_from_checkpoint
-    monkeypatch.setattr(R2Trainer, "_load_from_checkpoint",
-                        lambda self, ckpt, model=None: (loaded.append(ckpt), real_load(self, ckpt, model)))
-    trainer = R2Trainer(model=tiny_bert(), args=make_args(str(out), per_device=8, ga=1, steps=6, r2_type="margin"),
-                        train_dataset=TokenDataset())
+    monkeypatch.setattr(
+        R2Trainer,
+        "_load_from_checkpoint",
+        lambda self, ckpt, model=None: (loaded.append(ckpt), real_load(self, ckpt, model)),
+    )
+    trainer = R2Trainer(
+        model=tiny_bert(),
+        args=make_args(str(out), per_device=8, ga=1, steps=6, r2_type="margin"),
+        train_dataset=TokenDataset(),
+    )
     trainer.train(resume_from_checkpoint=True)
     assert loaded == [str(out / "checkpoint-4")] and trainer.state.global_step == 6
 
-    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-6: it has no trainer_state.json.*"
-                                         r"Resume from an earlier complete checkpoint"):
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot resume from .*checkpoint-6: it has no trainer_state.json.*"
+        r"Resume from an earlier complete checkpoint",
+    ):
         trainer.train(resume_from_checkpoint=str(killed))
 
 
@@ -95,16 +105,22 @@ def test_a_save_killed_inside_the_trainer_is_never_resumed(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("r2_type", ["linf", "none"])
-def test_a_margin_checkpoint_resumed_without_its_regularizer_is_refused_up_front(margin_run, tmp_path, r2_type,
-                                                                                 monkeypatch):
+def test_a_margin_checkpoint_resumed_without_its_regularizer_is_refused_up_front(
+    margin_run, tmp_path, r2_type, monkeypatch
+):
     checkpoint = margin_run / "checkpoint-2"
-    message = (r"checkpoint-2 was trained with r2_type='margin'.*cannot be resumed with "
-               rf"r2_type='{r2_type}'. Resume with --r2_type margin")
+    message = (
+        r"checkpoint-2 was trained with r2_type='margin'.*cannot be resumed with "
+        rf"r2_type='{r2_type}'. Resume with --r2_type margin"
+    )
     with pytest.raises(ValueError, match=message):
         check_resume_checkpoint(checkpoint, r2_type)
     monkeypatch.setattr(R2Trainer, "_load_from_checkpoint", lambda *a, **k: pytest.fail("loaded before the check"))
-    trainer = R2Trainer(model=tiny_bert(), args=make_args(str(tmp_path), per_device=8, ga=1, steps=4, r2_type=r2_type),
-                        train_dataset=TokenDataset())
+    trainer = R2Trainer(
+        model=tiny_bert(),
+        args=make_args(str(tmp_path), per_device=8, ga=1, steps=4, r2_type=r2_type),
+        train_dataset=TokenDataset(),
+    )
     with pytest.raises(ValueError, match=message):
         trainer.train(resume_from_checkpoint=str(checkpoint))
 
@@ -113,8 +129,11 @@ def test_resuming_a_finished_run_is_refused_before_training(margin_run, tmp_path
     out = copy_run(margin_run, tmp_path / "out")
     args = make_args(str(out), per_device=8, ga=1, steps=4, r2_type="margin", max_steps=4)
     args.do_train = True
-    with pytest.raises(ValueError, match=r"checkpoint-4 was saved at step 4, which already reaches --max_steps 4: "
-                                         r"resuming would train 0 steps.*give a new --output_dir"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint-4 was saved at step 4, which already reaches --max_steps 4: "
+        r"resuming would train 0 steps.*give a new --output_dir",
+    ):
         resolve_resume_checkpoint(args)
     args.max_steps = 6
     assert resolve_resume_checkpoint(args) == str(out / "checkpoint-4")

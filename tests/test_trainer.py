@@ -342,9 +342,7 @@ def test_works_on_models_with_wrapped_layers(tmp_path):
 
 # r2_weight 1.0 makes 30 steps of a tiny model enough for every layer (default, scale-free temperature); the paper's
 # 0.01 and alpha 0.1 are meant for runs of thousands of steps (see docs/trainer.md).
-SHRINK_SETTINGS = dict(
-    steps=30, r2_weight=1.0, r2_learning_rate=None, learning_rate=1e-3, logging_steps=30
-)
+SHRINK_SETTINGS = dict(steps=30, r2_weight=1.0, r2_learning_rate=None, learning_rate=1e-3, logging_steps=30)
 
 
 @pytest.fixture(scope="module")

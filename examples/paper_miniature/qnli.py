@@ -646,6 +646,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results: dict[str, dict[str, dict[str, Any]]] = {r: {} for r in rows}  # row -> column -> {seed: result}
     figure_weights: dict[str, dict[str, torch.Tensor]] = {}
     figure_layers: list[str] | None = None
+
     def uncached(row: str, seed: int) -> bool:
         return any(cache.load(file_name(unit_name(r, s, c))) is None for s, r, c in plan if (r, s) == (row, seed))
 
@@ -748,7 +749,9 @@ def write_report(args, rows, columns, results, figure_weights, elapsed, model_la
         f"Clipping row: every compressed layer clipped to ± {clip_fraction:.3g} × its max |w| (the smallest of "
         f"{[round(f, 3) for f in args.clip_fractions]} keeping the held-out accuracy within "
         f"{args.clip_tolerance:.0%} "
-        "on the first seed)." if clip_fraction is not None else "",
+        "on the first seed)."
+        if clip_fraction is not None
+        else "",
         f"DKM: every Linear layer palettized (one LUT per layer), {args.dkm_steps} AdamW steps "
         f"(lr {args.dkm_learning_rate}, "
         f"{args.dkm_warmup_steps} warm-up steps, then linear decay, epsilon {args.dkm_adam_epsilon}) without R²; "

@@ -11,7 +11,18 @@ import evaluate
 import numpy as np
 
 TASKS = (
-    "cola", "mnli", "mnli_matched", "mnli_mismatched", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli", "hans"
+    "cola",
+    "mnli",
+    "mnli_matched",
+    "mnli_mismatched",
+    "mrpc",
+    "qnli",
+    "qqp",
+    "rte",
+    "sst2",
+    "stsb",
+    "wnli",
+    "hans",
 )
 
 _DESCRIPTION = "GLUE benchmark metrics (offline copy shipped with the hf_r2 example scripts)."
