@@ -28,7 +28,6 @@ settings, the compression and the accuracy before and after it), `train_results.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -62,7 +61,7 @@ from hf_r2.hub import (
     resolve_publish_dir,
     run_card_sections,
 )
-from hf_r2.trainer import R2Trainer, check_steps_trained, evaluate_model, resolve_resume_checkpoint
+from hf_r2.trainer import R2Trainer, check_steps_trained, resolve_resume_checkpoint
 from hf_r2.utils import make_temp_dir_beside, replace_dir
 
 logger = logging.getLogger(__name__)
@@ -422,27 +421,15 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
         return metric.compute(predictions=np.argmax(preds, axis=1), references=p.label_ids)
 
-    # The accuracy before compression, as optimum-intel's example reports it: DKM and QAT train the compressed model,
-    # so their full-precision reference is the model this run starts from, evaluated before the layers are swapped.
-    float_metrics: dict[str, float] = {}
-    float_label = "full precision"
-    if training_args.do_eval and compression_args.trains_compressed:
-        float_metrics = evaluate_model(
-            model,
-            training_args,
-            eval_dataset,
-            metric_key_prefix="eval_float",
-            data_collator=collate,
-            processing_class=processor,
-            compute_metrics=compute_metrics,
-        )
-        float_label = "full precision (start of this run)"
-
-    model = compression_args.apply(model)
-    if compression_args.method == "ptq" and training_args.do_train:
-        # PTQ is applied after training: try it now on a copy, so that a --quant_target_modules entry that matches
-        # nothing (or a layer it cannot quantize) fails before training rather than after it.
-        compression_args.apply(copy.deepcopy(model), before_training=False)
+    # The accuracy before compression, then the compression layers (PTQ: tried on a copy, applied after training).
+    model, float_metrics, float_label = compression_args.prepare(
+        model,
+        training_args,
+        eval_dataset,
+        data_collator=collate,
+        processing_class=processor,
+        compute_metrics=compute_metrics,
+    )
 
     trainer = R2Trainer(
         model=model,

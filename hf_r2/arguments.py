@@ -22,6 +22,7 @@ model = compression.finalize(model)   # after training: integer weights + scales
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -364,6 +365,39 @@ class CompressionArguments:
             quantization = importlib.import_module("hf_r2.quantization")
             result = quantization.quantize(model, self.quantization_config())
         return model if result is None or not isinstance(result, nn.Module) else result
+
+    def prepare(
+        self, model: nn.Module, training_args: Any, eval_dataset: Any = None, **eval_kwargs: Any
+    ) -> tuple[nn.Module, dict[str, float], str]:
+        """Before training, in an example script: the metric before compression, then `apply`.
+
+        DKM and QAT train the compressed model, so their full-precision reference is the model the run starts from,
+        evaluated (with `--do_eval`) before the layers are swapped, as optimum-intel's example reports it. PTQ comes
+        after training; it is tried now on a copy, so that a target entry that matches nothing (or a layer it cannot
+        quantize) fails before the training time is spent.
+
+        Args:
+            model (`nn.Module`): The model the run starts from.
+            training_args (`TrainingArguments`): The parsed training flags (`do_eval`, `do_train`, ...).
+            eval_dataset (*optional*): The evaluation set of the full-precision metric.
+            **eval_kwargs: Passed to `hf_r2.trainer.evaluate_model` (`data_collator`, `compute_metrics`, ...).
+
+        Returns:
+            `tuple`: The model to train, the full-precision metrics (`eval_float_*`, empty when not measured here) and
+            the label of that column in the model card.
+        """
+        float_metrics: dict[str, float] = {}
+        float_label = "full precision"
+        if training_args.do_eval and self.trains_compressed:
+            evaluate_model = importlib.import_module("hf_r2.trainer").evaluate_model
+            float_metrics = evaluate_model(
+                model, training_args, eval_dataset, metric_key_prefix="eval_float", **eval_kwargs
+            )
+            float_label = "full precision (start of this run)"
+        model = self.apply(model)
+        if self.method == "ptq" and training_args.do_train:
+            self.apply(copy.deepcopy(model), before_training=False)
+        return model, float_metrics, float_label
 
     def finalize(self, model: nn.Module, calibration_batches: Iterable[Any] | None = None) -> nn.Module:
         """After training: hard-assigns DKM weights to centroids, or turns fake-quantized layers into integer weights
