@@ -29,14 +29,25 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
-from hf_r2.utils import check_module_regex, is_module_regex
+from hf_r2.quantization.config import QUANTIZATION_CONFIGS, quantization_methods
+from hf_r2.utils import LiveChoices, check_module_regex, is_module_regex
 
-QUANT_METHODS = ("none", "lsq", "ewgs", "pact", "ptq")
-QAT_METHODS = ("lsq", "ewgs", "pact")
+#: The `--quant_method` values: `"none"`, then every registered quantization method (`register_quantization_method`),
+#: read from the registry at every use.
+QUANT_METHOD_CHOICES = LiveChoices(quantization_methods, "none")
+
+
+def __getattr__(name: str):
+    # `QUANT_METHODS` / `QAT_METHODS`, the former hand-written lists, now read from the registry at every access.
+    if name == "QUANT_METHODS":
+        return tuple(QUANT_METHOD_CHOICES)
+    if name == "QAT_METHODS":
+        return tuple(quantization_methods(quantization_aware=True))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_module_pattern(value: list[str] | str | None, name: str = "module pattern") -> list[str] | str | None:
@@ -197,11 +208,13 @@ class CompressionArguments:
         default=None,
         metadata={"help": "Modules never to palettize: names or one regex (same syntax as --dkm_target_modules)."},
     )
-    quant_method: Literal["none", "lsq", "ewgs", "pact", "ptq"] = field(
+    quant_method: str = field(
         default="none",
         metadata={
-            "help": "Quantization: 'lsq', 'ewgs', 'pact' train with fake quantization (QAT); 'ptq' rounds to nearest "
-            "after training. 'none' (default) disables it. Exclusive with --dkm_bits."
+            "help": "Quantization, a registered method (hf_r2.quantization.register_quantization_method): 'lsq', "
+            "'ewgs', 'pact' train with fake quantization (QAT); 'ptq' rounds to nearest after training. 'none' "
+            "(default) disables it. Exclusive with --dkm_bits.",
+            "choices": QUANT_METHOD_CHOICES,
         },
     )
     w_bits: int | None = field(
@@ -250,8 +263,8 @@ class CompressionArguments:
             raise ValueError(f"--dkm_temperature must be a finite number > 0, got {self.dkm_temperature!r}.")
         if self.dkm_kmeans_iters is not None and self.dkm_kmeans_iters < 1:
             raise ValueError(f"--dkm_kmeans_iters must be >= 1, got {self.dkm_kmeans_iters!r}.")
-        if self.quant_method not in QUANT_METHODS:
-            raise ValueError(f"--quant_method {self.quant_method!r} is not one of {list(QUANT_METHODS)}.")
+        if self.quant_method not in QUANT_METHOD_CHOICES:
+            raise ValueError(f"--quant_method {self.quant_method!r} is not one of {list(QUANT_METHOD_CHOICES)}.")
         if self.dkm_bits is not None and self.quant_method != "none":
             raise ValueError(
                 f"--dkm_bits {self.dkm_bits} and --quant_method {self.quant_method} are mutually exclusive: "
@@ -305,7 +318,13 @@ class CompressionArguments:
     @property
     def trains_compressed(self) -> bool:
         """Whether the compression is applied before training (DKM, QAT) rather than after it (PTQ)."""
-        return self.method in ("dkm", *QAT_METHODS)
+        return self.method == "dkm" or (self.method is not None and not self._post_training)
+
+    @property
+    def _post_training(self) -> bool:
+        """Whether the method is a registered quantization method that rounds a trained model (PTQ), not QAT."""
+        config_cls = QUANTIZATION_CONFIGS.get(self.quant_method)
+        return self.dkm_bits is None and config_cls is not None and not config_cls.quantization_aware
 
     def dkm_config(self) -> Any:
         """The `hf_r2.palettization.DKMConfig` these flags describe."""
@@ -353,7 +372,7 @@ class CompressionArguments:
         method = self.method
         if method is None:
             return model
-        if method == "ptq" and before_training:
+        if self._post_training and before_training:
             # Quantized after training, but checked now: a selection that matches nothing, a tied or non-finite
             # weight or an already compressed model fails before the training time is spent.
             importlib.import_module("hf_r2.quantization").validate_quantization(model, self.quantization_config())
@@ -395,7 +414,7 @@ class CompressionArguments:
             )
             float_label = "full precision (start of this run)"
         model = self.apply(model)
-        if self.method == "ptq" and training_args.do_train:
+        if self._post_training and training_args.do_train:
             self.apply(copy.deepcopy(model), before_training=False)
         return model, float_metrics, float_label
 
@@ -412,13 +431,13 @@ class CompressionArguments:
         method = self.method
         if method is None:
             return model
-        if method == "ptq":
+        if self._post_training:
             model = self.apply(model, before_training=False)
             if self.a_bits is not None:
                 if calibration_batches is None:
                     raise ValueError("--quant_method ptq with --a_bits needs calibration batches (activation ranges).")
                 importlib.import_module("hf_r2.quantization").calibrate(model, calibration_batches)
-        elif method in QAT_METHODS and calibration_batches is not None:
+        elif method != "dkm" and calibration_batches is not None:
             quantization = importlib.import_module("hf_r2.quantization")
             if quantization.uncalibrated_input_quantizers(model):
                 # Not trained (e.g. --do_eval alone): the activation quantizers have seen no batch yet; set their step
@@ -451,7 +470,8 @@ class CompressionArguments:
         if self.r2_during_compression and not (r2_type != "none" and compresses_in_training):
             raise ValueError(
                 "--r2_during_compression applies only with --r2_type, --do_train and --dkm_bits or a QAT "
-                f"--quant_method (lsq, ewgs, pact); got --r2_type {r2_type}, method {self.method!r}."
+                f"--quant_method ({', '.join(quantization_methods(quantization_aware=True))}); got --r2_type "
+                f"{r2_type}, method {self.method!r}."
             )
         r2_dim = getattr(training_args, "r2_cluster_dim", 1)
         dkm_dim = self.dkm_cluster_dim or 1
@@ -462,11 +482,11 @@ class CompressionArguments:
             )
 
     def trainer_callbacks(self) -> list[Any]:
-        """The `TrainerCallback`s the method needs during training: `EWGSDeltaCallback` for `--quant_method ewgs`
-        (without it EWGS's delta stays at its starting value), none otherwise."""
-        if self.method == "ewgs":
-            return [importlib.import_module("hf_r2.quantization").EWGSDeltaCallback()]
-        return []
+        """The `TrainerCallback`s the method needs during training, as registered with its quantize handler
+        (`EWGSDeltaCallback` for `--quant_method ewgs`: without it EWGS's delta stays at its starting value)."""
+        if self.method is None or self.method == "dkm":
+            return []
+        return importlib.import_module("hf_r2.quantization").trainer_callbacks(self.quantization_config())
 
     def card_info(self, model: nn.Module | None = None) -> dict[str, Any] | None:
         """What was done, for the model card (`hf_r2.hub`); `None` without compression.

@@ -48,6 +48,7 @@ from torch import nn
 
 from hf_r2.analysis import LayerWeightStats, format_weight_range_table, weight_ranges
 from hf_r2.plotting import layer_weights, pick_histogram_layers, plot_weight_histograms
+from hf_r2.regularizer_registry import get_regularizer, regularizer_names
 from hf_r2.utils import (
     make_temp_dir_beside,
     public_source_name,
@@ -94,26 +95,25 @@ def folder_size_bytes(folder: str | os.PathLike, pattern: str = "*.safetensors")
 def r2_info_from_args(args: Any) -> dict[str, Any] | None:
     """The `r2_*` settings of an `R2TrainingArguments` (or any object with such attributes), for the card.
 
-    Only the settings the chosen `r2_type` uses: the initial margin for `margin`, the initial temperature for
-    `soft_min_max` (a card listing both would suggest both were used). The regularizer's learning rate is the one
-    trained with: `resolved_r2_learning_rate()` when `r2_learning_rate` was left to its per-type default.
+    Only the settings the chosen `r2_type` uses (its registered `RegularizerSpec.options`): the initial margin for
+    `margin`, the initial temperature for `soft_min_max` (a card listing both would suggest both were used). The
+    regularizer's learning rate is the one trained with: `resolved_r2_learning_rate()` when `r2_learning_rate` was left
+    to its per-type default; a regularizer without a learnable parameter (`linf`) has none.
 
     Returns `None` when R² was off (`r2_type` missing or `"none"`).
     """
     r2_type = getattr(args, "r2_type", "none")
     if r2_type in (None, "none"):
         return None
-    unused = {
-        "linf": ("r2_margin_init_std", "r2_alpha_init", "r2_scale_free"),
-        "margin": ("r2_alpha_init",),
-        "soft_min_max": ("r2_margin_init_std",),
-    }.get(r2_type, ())
+    spec = get_regularizer(r2_type)
+    type_specific = {option for name in regularizer_names() for option in get_regularizer(name).options}
+    unused = {f"r2_{option}" for option in type_specific - set(spec.options)}
     info = {k: v for k, v in sorted(vars(args).items()) if k.startswith("r2_") and v is not None and k not in unused}
     resolve = getattr(args, "resolved_r2_learning_rate", None)
-    if r2_type != "linf" and callable(resolve):  # L-inf has no parameter of its own
-        info["r2_learning_rate"] = resolve()
-    elif r2_type == "linf":
+    if spec.parameter is None:
         info.pop("r2_learning_rate", None)
+    elif callable(resolve):
+        info["r2_learning_rate"] = resolve()
     return dict(sorted(info.items()))
 
 

@@ -24,16 +24,32 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import nn
 
 from hf_r2 import regularizers as R
+from hf_r2.regularizer_registry import (
+    DEFAULT_PARAMETER_LEARNING_RATE,
+    LearnableParameter,
+    RegularizerSpec,
+    get_regularizer,
+    register_regularizer,
+)
 from hf_r2.sharding import DenseGrad, DTensor, gather_flat_shards, is_flat_shard
 from hf_r2.utils import check_cluster_dim, select_modules
 
-__all__ = ["DEFAULT_PARAMETER_LEARNING_RATE", "R2Config", "RangeRegularizer", "SUPPORTED_LAYER_TYPES", "layer_weight"]
+__all__ = [
+    "DEFAULT_PARAMETER_LEARNING_RATE",
+    "R2Config",
+    "R2_OPTION_NAMES",
+    "RangeRegularizer",
+    "SUPPORTED_LAYER_TYPES",
+    "check_r2_options",
+    "layer_weight",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +103,6 @@ def _parameter(module: nn.Module) -> nn.Parameter:
     return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
 
 
-#: Default learning rate of the margins' / temperatures' own Adam (see `R2Config.learning_rate`).
-DEFAULT_PARAMETER_LEARNING_RATE = 0.01
 #: Default initial temperature: scale-free (units of 1 / std) and the paper's absolute one.
 DEFAULT_ALPHA_INIT = {True: 4.0, False: 0.1}
 _ADAM_BETAS = (0.9, 0.999)
@@ -99,7 +113,7 @@ _ADAM_EPS = 1e-12  # the gradients are small (r2_weight x std-sized), the usual 
 class R2Config:
     """Configuration of R² range regularization (Kundu et al., section 2)."""
 
-    r2_type: str = field(metadata={"help": f"Range regularizer: one of {list(R.R2_TYPES)}."})
+    r2_type: str = field(metadata={"help": "Range regularizer: a registered name (hf_r2.regularizer_registry)."})
     cluster_dim: int = field(
         default=1,
         metadata={
@@ -109,13 +123,14 @@ class R2Config:
         },
     )
     margin_init_std: float = field(
-        default=2.0, metadata={"help": "r2_type='margin': initial margin in multiples of std(W) (the paper uses 2)."}
+        default=2.0, metadata={"help": "r2_type='margin': initial margin in multiples of std(W) (the paper uses 2.0)."}
     )
     alpha_init: float | None = field(
         default=None,
         metadata={
-            "help": "r2_type='soft_min_max': initial temperature alpha. Default: 4.0 (in units of 1/std) when "
-            "scale_free, else 0.1 (the paper's). Scale-free alpha never drops below this value."
+            "help": "r2_type='soft_min_max': initial temperature alpha, also its floor when scale-free. Default: "
+            f"{DEFAULT_ALPHA_INIT[True]} in units of 1/std(W) when scale-free (the default), else "
+            f"{DEFAULT_ALPHA_INIT[False]} (the paper's)."
         },
     )
     scale_free: bool = field(
@@ -131,56 +146,87 @@ class R2Config:
     learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "Learning rate of the margins / temperatures' own Adam (RangeRegularizer.step_parameters): each "
-            "moves by about this many std (margin) or units of alpha per step, whatever the model's optimizer. "
-            f"Default: {DEFAULT_PARAMETER_LEARNING_RATE}."
+            "help": "Learning rate of the regularizer's own Adam on its margins / temperatures "
+            "(RangeRegularizer.step_parameters; not in the model's optimizer, so any model optimizer and learning "
+            "rate work: under the paper's SGD at lr 0.1 a margin in the model's optimizer jumped above every weight "
+            "in one step). Each margin moves by about this many std(W) per step, each alpha by about this much. "
+            "Constant (no schedule). Default (None): the regularizer's registered default, "
+            f"{DEFAULT_PARAMETER_LEARNING_RATE} for margin and soft_min_max."
         },
     )
     target_modules: str | list[str] | None = field(
         default=None,
         metadata={
-            "help": "Module names (suffix match) or one regex (full match) to regularize. Default: the weight of "
-            "every nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding and transformers Conv1D, first and last layers "
-            "included."
+            "help": "Layers to regularize: module names (suffix match, e.g. 'query value'), or a single regular "
+            "expression matched in full (e.g. '.*attention.*'). Default: the weight of every nn.Linear, "
+            "nn.Conv1d, nn.Conv2d, nn.Embedding and transformers Conv1D, first and last layers included."
         },
     )
     exclude_modules: str | list[str] | None = field(
-        default=None, metadata={"help": "Module names (suffix match) or one regex (full match) to skip."}
+        default=None, metadata={"help": "Layers not to regularize; same syntax as target_modules."}
     )
 
     def __post_init__(self) -> None:
-        if self.r2_type not in R.R2_TYPES:
-            raise ValueError(f"Unknown r2_type {self.r2_type!r}; allowed: {list(R.R2_TYPES)}.")
-        if not isinstance(self.cluster_dim, int) or isinstance(self.cluster_dim, bool) or self.cluster_dim < 1:
-            raise ValueError(f"cluster_dim must be an integer >= 1, got {self.cluster_dim!r}.")
-        if not isinstance(self.margin_init_std, (int, float)) or not (
-            math.isfinite(self.margin_init_std) and self.margin_init_std > 0
-        ):
-            raise ValueError(f"margin_init_std must be a finite number > 0, got {self.margin_init_std!r}.")
-        if not isinstance(self.scale_free, bool):
-            raise ValueError(f"scale_free must be True or False, got {self.scale_free!r}.")
-        if self.alpha_init is None:
-            self.alpha_init = DEFAULT_ALPHA_INIT[self.scale_free]
-        alpha = self.alpha_init
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
-            # alpha <= 0 turns the soft max into a soft min (and back): the loss would widen the range.
-            raise ValueError(f"alpha_init must be a finite number > 0, got {self.alpha_init!r}.")
-        if self.learning_rate is None:
-            self.learning_rate = DEFAULT_PARAMETER_LEARNING_RATE
-        if (
-            not isinstance(self.learning_rate, (int, float))
-            or isinstance(self.learning_rate, bool)
-            or not (math.isfinite(self.learning_rate) and self.learning_rate >= 0)
-        ):
-            raise ValueError(f"learning_rate must be None or a finite number >= 0, got {self.learning_rate!r}.")
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if value is None or isinstance(value, str):
-                continue
-            value = list(value)
-            if not value or not all(isinstance(v, str) and v for v in value):
-                raise ValueError(f"{name} must be None, a regex string or a non-empty list of names, got {value!r}.")
+        spec = get_regularizer(self.r2_type)  # an unknown type raises, naming the registered ones
+        options = check_r2_options({name: getattr(self, name) for name in R2_OPTION_NAMES})
+        for name, value in options.items():
             setattr(self, name, value)
+        if self.learning_rate is None:
+            self.learning_rate = spec.default_learning_rate
+
+
+#: The `R2Config` fields besides `r2_type`: the options every regularizer is configured with (`R2TrainingArguments`
+#: declares one `--r2_<name>` flag per entry).
+R2_OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(R2Config) if f.name != "r2_type")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_r2_options(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Validates R² options (the `R2Config` fields besides `r2_type`) and returns them with `alpha_init` resolved.
+
+    Shared by `R2Config` and `R2TrainingArguments` (which names them `r2_<name>`: pass `prefix="r2_"` so that an
+    error names the flag).
+
+    Args:
+        options (`dict`): Option name (without prefix) -> value; missing names are not checked.
+        prefix (`str`, *optional*): Prefix of the names in error messages.
+
+    Raises:
+        ValueError: Naming the first bad option, its value and what is allowed.
+    """
+    out = dict(options)
+    if "cluster_dim" in out:
+        dim = out["cluster_dim"]
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"{prefix}cluster_dim must be an integer >= 1, got {dim!r}.")
+    if "margin_init_std" in out and not (_is_number(out["margin_init_std"]) and out["margin_init_std"] > 0):
+        raise ValueError(f"{prefix}margin_init_std must be a finite number > 0, got {out['margin_init_std']!r}.")
+    scale_free = out.get("scale_free", True)
+    if not isinstance(scale_free, bool):
+        raise ValueError(f"{prefix}scale_free must be True or False, got {scale_free!r}.")
+    if "alpha_init" in out:
+        if out["alpha_init"] is None:
+            out["alpha_init"] = DEFAULT_ALPHA_INIT[scale_free]
+        # alpha <= 0 turns the soft max into a soft min (and back): the loss would widen the range.
+        if not (_is_number(out["alpha_init"]) and out["alpha_init"] > 0):
+            raise ValueError(f"{prefix}alpha_init must be a finite number > 0, got {out['alpha_init']!r}.")
+    rate = out.get("learning_rate")
+    if rate is not None and not (_is_number(rate) and rate >= 0):
+        raise ValueError(f"{prefix}learning_rate must be None or a finite number >= 0, got {rate!r}.")
+    for name in ("target_modules", "exclude_modules"):
+        value = out.get(name)
+        if value is None or isinstance(value, str):
+            continue
+        value = list(value)
+        if not value or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(
+                f"{prefix}{name} must be None, a regex string or a non-empty list of names, got {value!r}."
+            )
+        out[name] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -479,6 +525,82 @@ class _SoftMinMaxLosses(torch.autograd.Function):
         return tuple(grads)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The paper's three regularizers, each one registered spec: its pure function (`hf_r2.regularizers`), its fused kernel
+# above, and its learnable parameter. A new regularizer registers itself the same way (docs/adding-a-method.md).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _init_margins(weights: list[torch.Tensor], config: R2Config) -> torch.Tensor:
+    if config.scale_free:  # in units of each coordinate's std: the init is the multiple itself
+        init = torch.full((len(weights), config.cluster_dim), float(config.margin_init_std))
+        return init.to(weights[0].device) if weights else init
+    return torch.stack([R.init_margin(w, config.cluster_dim, config.margin_init_std) for w in weights])
+
+
+def _init_alphas(weights: list[torch.Tensor], config: R2Config) -> torch.Tensor:
+    return torch.stack([R.init_alpha(w, config.cluster_dim, config.alpha_init) for w in weights])
+
+
+def _alpha_floor(config: R2Config) -> float | None:
+    # The loss's own pull on α is towards softness (see `RangeRegularizer.step_parameters`): scale-free α only grows.
+    return config.alpha_init if config.scale_free else None
+
+
+register_regularizer(
+    RegularizerSpec(
+        name="linf",
+        loss=R.linf,
+        description="max |w| (eq. 1)",
+        fused=lambda weights, param, config: _LinfLosses.apply(config.cluster_dim, *weights),
+        sparse_gradient=True,
+    )
+)
+register_regularizer(
+    RegularizerSpec(
+        name="margin",
+        loss=R.margin,
+        description="learnable margin per layer (eq. 2)",
+        fused=lambda weights, param, config: _MarginLosses.apply(
+            config.cluster_dim, torch.is_grad_enabled(), config.scale_free, param, *weights
+        ),
+        parameter=LearnableParameter(name="margins", init=_init_margins, std_exponent=1),
+        sparse_gradient=True,
+        options=("margin_init_std", "scale_free"),
+        pulls_bulk=True,
+    )
+)
+register_regularizer(
+    RegularizerSpec(
+        name="soft_min_max",
+        loss=R.soft_min_max,
+        description="learnable temperature per layer (eq. 3)",
+        fused=lambda weights, param, config: _SoftMinMaxLosses.apply(
+            config.cluster_dim, torch.is_grad_enabled(), config.scale_free, param, *weights
+        ),
+        parameter=LearnableParameter(name="alphas", init=_init_alphas, std_exponent=-1, floor=_alpha_floor),
+        options=("alpha_init", "scale_free"),
+        pulls_bulk=True,
+    )
+)
+
+
+def _looped_losses(spec: RegularizerSpec, weights: list[torch.Tensor], param, config: R2Config) -> torch.Tensor:
+    """The per-layer losses through the spec's pure function, one layer at a time (for a spec without a kernel)."""
+    d = config.cluster_dim
+    if not weights:
+        return torch.zeros(0)
+    losses = []
+    for i, weight in enumerate(weights):
+        if param is None:
+            losses.append(spec.loss(weight, cluster_dim=d))
+        else:
+            scale = R.coordinate_std(weight, d) if config.scale_free else None
+            losses.append(spec.loss(weight, param[i], cluster_dim=d, scale=scale))
+    device = param.device if param is not None else weights[0].device
+    return torch.stack([loss.to(device=device, dtype=torch.float32).reshape(()) for loss in losses])
+
+
 def _densify_grad(param: torch.Tensor) -> None:
     if param.grad is not None and param.grad.is_sparse:
         param.grad = param.grad.to_dense()
@@ -528,7 +650,7 @@ def _trainable_and_untied(modules: dict[str, nn.Module]) -> dict[str, nn.Module]
 
 
 class RangeRegularizer(nn.Module):
-    """Computes `Σ_layers R(W_layer)` for one of the three R² regularizers over the targeted layers of a model.
+    """Computes `Σ_layers R(W_layer)` for one registered R² regularizer over the targeted layers of a model.
 
     The model is not registered as a submodule: the regularizer keeps references to the targeted modules and reads
     `module.weight` at every call, so it follows `model.to(...)` and DDP wrapping (which keeps the modules).
@@ -553,6 +675,7 @@ class RangeRegularizer(nn.Module):
     def __init__(self, model: nn.Module, config: R2Config) -> None:
         super().__init__()
         self.config = config
+        self.spec: RegularizerSpec = get_regularizer(config.r2_type)
         modules = select_modules(
             model,
             SUPPORTED_LAYER_TYPES,
@@ -581,21 +704,20 @@ class RangeRegularizer(nn.Module):
         # weight that gets no task gradient in a step (an unused layer, a separate `reg().backward()`) would be left
         # with a sparse `.grad` that optimizers reject: densify it right after accumulation.
         self._hook_handles = []
-        if config.r2_type in ("linf", "margin"):
+        if self.spec.sparse_gradient:
             for layer in self._layers:
                 if not (isinstance(layer, nn.Embedding) and layer.sparse):
                     self._hook_handles.append(_parameter(layer).register_post_accumulate_grad_hook(_densify_grad))
 
-        if config.r2_type == "margin":
-            if config.scale_free:  # in units of each coordinate's std: the init is the multiple itself
-                init = torch.full((len(weights), config.cluster_dim), float(config.margin_init_std))
-                init = init.to(weights[0].device) if weights else init
-            else:
-                init = torch.stack([R.init_margin(w, config.cluster_dim, config.margin_init_std) for w in weights])
-            self.margins = nn.Parameter(init)
-        elif config.r2_type == "soft_min_max":
-            init = torch.stack([R.init_alpha(w, config.cluster_dim, config.alpha_init) for w in weights])
-            self.alphas = nn.Parameter(init)
+        if self.spec.parameter is not None:
+            init = self.spec.parameter.init(weights, config)
+            expected = (len(weights), config.cluster_dim)
+            if tuple(init.shape) != expected:
+                raise ValueError(
+                    f"The init of r2_type={config.r2_type!r}'s parameter {self.spec.parameter.name!r} returned shape "
+                    f"{tuple(init.shape)}, expected {expected} (n_layers, cluster_dim)."
+                )
+            setattr(self, self.spec.parameter.name, nn.Parameter(init.detach().float()))
         param = self._own_parameter()
         if param is not None:  # the state of the parameter's own Adam (see the module docstring)
             self.register_buffer(f"{self._own_name()}_exp_avg", torch.zeros_like(param.detach()))
@@ -603,7 +725,7 @@ class RangeRegularizer(nn.Module):
             self.register_buffer("param_steps", torch.zeros((), dtype=torch.int64, device=param.device))
 
     def _own_name(self) -> str | None:
-        return {"margin": "margins", "soft_min_max": "alphas"}.get(self.config.r2_type)
+        return None if self.spec.parameter is None else self.spec.parameter.name
 
     def _own_parameter(self) -> nn.Parameter | None:
         name = self._own_name()
@@ -643,12 +765,13 @@ class RangeRegularizer(nn.Module):
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         update = (exp_avg / (1 - beta1**steps)) / ((exp_avg_sq / (1 - beta2**steps)).sqrt_().add_(_ADAM_EPS))
-        if not self.config.scale_free:
-            units = self.units().to(update.device)
-            update = update * units if name == "margins" else update / units
+        exponent = self.spec.parameter.std_exponent
+        if not self.config.scale_free and exponent:
+            update = update * self.units().to(update.device) ** exponent
         param.sub_(lr * update.to(param.dtype))
-        if name == "alphas" and self.config.scale_free:
-            param.clamp_(min=self.config.alpha_init)
+        floor = None if self.spec.parameter.floor is None else self.spec.parameter.floor(self.config)
+        if floor is not None:
+            param.clamp_(min=floor)
 
     def decoupled_step(self, rate: float) -> torch.Tensor:
         """Moves the weights against the range loss's gradient, outside of any optimizer (like AdamW's weight decay).
@@ -722,14 +845,11 @@ class RangeRegularizer(nn.Module):
 
     def layer_losses(self) -> torch.Tensor:
         """The differentiable per-layer losses, a `float32` tensor of shape `(n_layers,)`."""
-        d = self.config.cluster_dim
         weights = self.weights()
-        if self.config.r2_type == "linf":
-            return _LinfLosses.apply(d, *weights)
-        scale_free = self.config.scale_free
-        if self.config.r2_type == "margin":
-            return _MarginLosses.apply(d, torch.is_grad_enabled(), scale_free, self.margins, *weights)
-        return _SoftMinMaxLosses.apply(d, torch.is_grad_enabled(), scale_free, self.alphas, *weights)
+        param = self._own_parameter()
+        if self.spec.fused is not None:
+            return self.spec.fused(weights, param, self.config)
+        return _looped_losses(self.spec, weights, param, self.config)
 
     def forward(self) -> torch.Tensor:
         """Returns the total range loss, a differentiable scalar `float32` tensor.

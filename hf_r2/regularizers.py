@@ -16,8 +16,10 @@ temperature is `α / σ` and its penalty `σ e^(-α)`. The loss then keeps the u
 `α` equals the paper's for `M = m σ`, temperature `α / σ`, penalty `σ e^(-α)`), while `m` and `α` mean the same for
 a layer of std 0.01 as for one of std 1. `scale=None` is the paper's eq. 2 / eq. 3 exactly.
 
-These functions are the readable definition of the math. `hf_r2.range_regularizer.RangeRegularizer` computes the same
-values for a whole model at once with fused, grouped kernels; the tests check the two against each other.
+These functions are the readable definition of the math. `hf_r2.range_regularizer` registers each of them
+(`hf_r2.regularizer_registry`) with its fused kernel and learnable parameter, and `RangeRegularizer` computes the
+same values for a whole model at once with those grouped kernels; the tests check the two against each other.
+`REGULARIZERS` / `R2_TYPES` read the registry.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ from collections.abc import Callable
 
 import torch
 
+from hf_r2.regularizer_registry import get_regularizer, regularizer_names
 from hf_r2.utils import check_cluster_dim, weight_to_vectors
 
-__all__ = [
-    "REGULARIZERS",
-    "R2_TYPES",
+__all__ = [  # plus `REGULARIZERS` and `R2_TYPES`, read from the registry by the module's `__getattr__`
     "linf",
     "margin",
     "soft_min_max",
@@ -179,8 +180,12 @@ def init_alpha(weight: torch.Tensor, cluster_dim: int = 1, alpha_init: float = 0
 
 RegularizerFn = Callable[..., torch.Tensor]
 
-#: The regularizers, keyed by their `--r2_type` names.
-REGULARIZERS: dict[str, RegularizerFn] = {"linf": linf, "margin": margin, "soft_min_max": soft_min_max}
 
-#: The valid `r2_type` values (without the trainer's `"none"`).
-R2_TYPES: tuple[str, ...] = tuple(REGULARIZERS)
+def __getattr__(name: str):
+    # `REGULARIZERS` (name -> pure function) and `R2_TYPES` (the names) are read from the registry
+    # (`hf_r2.regularizer_registry`) at every access, so that a regularizer registered later appears in them too.
+    if name == "REGULARIZERS":
+        return {n: get_regularizer(n).loss for n in regularizer_names()}
+    if name == "R2_TYPES":
+        return tuple(regularizer_names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

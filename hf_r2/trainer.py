@@ -23,10 +23,12 @@ Design (see `docs/trainer.md`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,14 +46,22 @@ from transformers.utils import logging
 
 from hf_r2.analysis import max_weight_range
 from hf_r2.range_regularizer import (
-    DEFAULT_ALPHA_INIT,
     DEFAULT_PARAMETER_LEARNING_RATE,
+    R2_OPTION_NAMES,
     SUPPORTED_LAYER_TYPES,
     R2Config,
     RangeRegularizer,
+    check_r2_options,
 )
-from hf_r2.regularizers import R2_TYPES
-from hf_r2.utils import atomic_path, check_module_regex, is_module_regex, public_source_name, select_modules
+from hf_r2.regularizer_registry import get_regularizer, regularizer_names
+from hf_r2.utils import (
+    LiveChoices,
+    atomic_path,
+    check_module_regex,
+    is_module_regex,
+    public_source_name,
+    select_modules,
+)
 
 __all__ = [
     "R2_MODES",
@@ -70,8 +80,9 @@ __all__ = [
 
 logger = logging.get_logger(__name__)
 
-#: Allowed values of `--r2_type`: `"none"` trains without R² (a plain `Trainer` with the loss-scale fix).
-R2_TYPE_CHOICES: tuple[str, ...] = ("none", *R2_TYPES)
+#: Allowed values of `--r2_type`: `"none"` trains without R² (a plain `Trainer` with the loss-scale fix), then every
+#: registered regularizer (a live view of `hf_r2.regularizer_registry`: one registered later is accepted too).
+R2_TYPE_CHOICES: Sequence[str] = LiveChoices(regularizer_names, "none")
 #: Allowed values of `--r2_mode`.
 R2_MODES: tuple[str, ...] = ("loss", "decoupled")
 #: File holding the regularizer's parameters inside a checkpoint folder.
@@ -287,12 +298,40 @@ class _RegularizerStep(TrainerCallback):
         reg.zero_grad(set_to_none=True)
 
 
+#: CLI types of the `R2Config` options whose Python type `HfArgumentParser` cannot parse (`str | list[str] | None`):
+#: on the command line a module pattern is one or more names, or one regex (see `_normalize_module_pattern`).
+_CLI_OPTION_TYPES = {"target_modules": list[str] | None, "exclude_modules": list[str] | None}
+
+
+def _with_r2_config_options(cls: type) -> type:
+    """Declares one `r2_<name>` field per `R2Config` option (`R2_OPTION_NAMES`), with its default and help.
+
+    `R2TrainingArguments` thereby holds an `R2Config`'s options under the flag names `--r2_<name>` without repeating
+    them: an option added to `R2Config` becomes a flag. Applied before `@dataclass`, so the fields are ordinary
+    dataclass fields that `HfArgumentParser` lists.
+    """
+    hints = typing.get_type_hints(R2Config)
+    config_fields = {f.name: f for f in dataclasses.fields(R2Config)}
+    annotations = cls.__dict__.get("__annotations__", {})
+    for name in R2_OPTION_NAMES:
+        option = config_fields[name]
+        annotations[f"r2_{name}"] = _CLI_OPTION_TYPES.get(name, hints[name])
+        setattr(cls, f"r2_{name}", field(default=option.default, metadata=dict(option.metadata)))
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass
+@_with_r2_config_options
 class R2TrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the R² range-regularization options (all prefixed `r2_`).
 
     Parsed from the command line by `HfArgumentParser` like any other argument (`--r2_type soft_min_max
     --r2_weight 0.01`), and validated in `__post_init__` also when built in Python.
+
+    The options of the regularizer are those of `R2Config`, each as `r2_<name>` (`--r2_cluster_dim`,
+    `--r2_margin_init_std`, `--r2_alpha_init`, `--r2_scale_free`, `--r2_learning_rate`, `--r2_target_modules`,
+    `--r2_exclude_modules`), declared from `R2Config` itself; `to_r2_config()` builds the `R2Config`.
 
     When R² is on and `ddp_find_unused_parameters` is not set, it defaults to `False`: with `True`, DDP marks the
     weights of layers unused in the forward pass as ready before the range term's backward reaches them, and the first
@@ -300,12 +339,13 @@ class R2TrainingArguments(TrainingArguments):
     regularized weight is expected to get a gradient, which the range term guarantees.
     """
 
-    r2_type: Literal["none", "linf", "margin", "soft_min_max"] = field(
+    r2_type: str = field(
         default="none",
         metadata={
-            "help": "R² range regularizer added to the training loss: 'linf' (max |w|, eq. 1), 'margin' (learnable "
-            "margin per layer, eq. 2), 'soft_min_max' (learnable temperature per layer, eq. 3), or 'none' (plain "
-            "training)."
+            "help": "R² range regularizer added to the training loss, a registered name (hf_r2.regularizer_registry): "
+            "'linf' (max |w|, eq. 1), 'margin' (learnable margin per layer, eq. 2), 'soft_min_max' (learnable "
+            "temperature per layer, eq. 3), or 'none' (plain training).",
+            "choices": R2_TYPE_CHOICES,
         },
     )
     r2_mode: Literal["loss", "decoupled"] = field(
@@ -326,57 +366,6 @@ class R2TrainingArguments(TrainingArguments):
             "help": "r2_mode='loss': weight of the range loss in the training loss (the paper uses 0.01), >= 0. "
             "r2_mode='decoupled': fraction of each layer's range by which its most-pulled weight moves per step "
             "(at the peak of the learning-rate schedule), in [0, 1]."
-        },
-    )
-    r2_cluster_dim: int = field(
-        default=1,
-        metadata={
-            "help": "Vector dimension d of the range regularizer: regularize each coordinate of the d-dimensional "
-            "vectors that vector palettization clusters (d consecutive output channels). 1 = scalar. Must divide "
-            "the output channels of every regularized layer."
-        },
-    )
-    r2_margin_init_std: float = field(
-        default=2.0,
-        metadata={"help": "r2_type='margin': initial margin in multiples of std(W) (the paper uses 2.0)."},
-    )
-    r2_alpha_init: float | None = field(
-        default=None,
-        metadata={
-            "help": "r2_type='soft_min_max': initial temperature alpha, also its floor when scale-free. Default: "
-            f"{DEFAULT_ALPHA_INIT[True]} in units of 1/std(W) with --r2_scale_free (the default), else "
-            f"{DEFAULT_ALPHA_INIT[False]} (the paper's)."
-        },
-    )
-    r2_scale_free: bool = field(
-        default=True,
-        metadata={
-            "help": "Margins in units of each layer's std (M = m std(W)), soft-min-max temperatures in units of "
-            "1/std (penalty std e^-alpha), std detached: one setting fits layers of any scale, and soft-min-max "
-            "penalizes the range instead of settling as a variance penalty. False: the paper's eq. 2 and 3 "
-            "exactly (see docs/regularizers.md)."
-        },
-    )
-    r2_target_modules: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Layers to regularize: module names (suffix match, e.g. 'query value'), or a single regular "
-            "expression matched in full (e.g. '.*attention.*'). Default: the weight of every nn.Linear, "
-            "nn.Conv1d, nn.Conv2d, nn.Embedding and transformers Conv1D, first and last layers included."
-        },
-    )
-    r2_exclude_modules: list[str] | None = field(
-        default=None,
-        metadata={"help": "Layers not to regularize; same syntax as --r2_target_modules."},
-    )
-    r2_learning_rate: float | None = field(
-        default=None,
-        metadata={
-            "help": "Learning rate of the regularizer's own Adam on its margins / temperatures (not in the model's "
-            "optimizer, so any model optimizer and learning rate work: under the paper's SGD at lr 0.1 a margin "
-            "in the model's optimizer jumped above every weight in one step). Each margin moves by about this many "
-            "std(W) per step, each alpha by about this much. Constant (no schedule). Default (None): "
-            f"{DEFAULT_PARAMETER_LEARNING_RATE}."
         },
     )
 
@@ -403,54 +392,39 @@ class R2TrainingArguments(TrainingArguments):
                 f"With r2_mode='decoupled', r2_weight is the fraction of a layer's range its most-pulled weight moves "
                 f"per step and must be in [0, 1], got {self.r2_weight!r} (recommended: 0.05)."
             )
-        if self.r2_mode == "decoupled" and self.r2_type in ("margin", "soft_min_max") and self.r2_weight > 0.005:
+        pulls_bulk = self.r2_type != "none" and get_regularizer(self.r2_type).pulls_bulk
+        if self.r2_mode == "decoupled" and pulls_bulk and self.r2_weight > 0.005:
             logger.warning(
                 f"r2_mode='decoupled' with r2_type={self.r2_type!r} and r2_weight={self.r2_weight}: this type pulls "
                 "the tails of every layer's bulk, not only its outliers, at every step (measured on MiniLM with "
                 "soft_min_max at 0.05: chance accuracy). To remove outliers use r2_type='linf' (see "
                 "docs/regularizers.md)."
             )
-        if not isinstance(self.r2_scale_free, bool):
-            raise ValueError(f"r2_scale_free must be True or False, got {self.r2_scale_free!r}.")
-        if self.r2_alpha_init is None:
-            self.r2_alpha_init = DEFAULT_ALPHA_INIT[self.r2_scale_free]
-        if not isinstance(self.r2_cluster_dim, int) or isinstance(self.r2_cluster_dim, bool) or self.r2_cluster_dim < 1:
-            raise ValueError(f"r2_cluster_dim must be an integer >= 1, got {self.r2_cluster_dim!r}.")
-        if not _is_finite_number(self.r2_margin_init_std) or self.r2_margin_init_std <= 0:
-            raise ValueError(f"r2_margin_init_std must be a finite number > 0, got {self.r2_margin_init_std!r}.")
-        if not (_is_finite_number(self.r2_alpha_init) and self.r2_alpha_init > 0):
-            raise ValueError(f"r2_alpha_init must be a finite number > 0, got {self.r2_alpha_init!r}.")
-        if self.r2_learning_rate is not None and (
-            not _is_finite_number(self.r2_learning_rate) or self.r2_learning_rate < 0
-        ):
-            raise ValueError(f"r2_learning_rate must be None or a finite number >= 0, got {self.r2_learning_rate!r}.")
         self.r2_target_modules = _normalize_module_pattern(self.r2_target_modules, "r2_target_modules")
         self.r2_exclude_modules = _normalize_module_pattern(self.r2_exclude_modules, "r2_exclude_modules")
+        # The options' own checks are R2Config's (also with r2_type='none': a bad flag is an error either way).
+        options = check_r2_options({name: getattr(self, f"r2_{name}") for name in R2_OPTION_NAMES}, prefix="r2_")
+        for name, value in options.items():
+            setattr(self, f"r2_{name}", value)
 
     def resolved_r2_learning_rate(self) -> float:
-        """The learning rate of the regularizer's own Adam: `r2_learning_rate`, or its default."""
+        """The learning rate of the regularizer's own Adam: `r2_learning_rate`, or the regularizer's default."""
         if self.r2_learning_rate is not None:
             return float(self.r2_learning_rate)
-        return DEFAULT_PARAMETER_LEARNING_RATE
+        if self.r2_type == "none":
+            return DEFAULT_PARAMETER_LEARNING_RATE
+        return get_regularizer(self.r2_type).default_learning_rate
 
     def to_r2_config(self) -> R2Config:
-        """The `R2Config` these arguments describe.
+        """The `R2Config` these arguments describe (its options are the `r2_<name>` fields).
 
         Raises:
             ValueError: If `r2_type` is `"none"` (there is nothing to configure).
         """
         if self.r2_type == "none":
-            raise ValueError(f"r2_type='none' has no R2Config; choose one of {list(R2_TYPES)}.")
-        return R2Config(
-            r2_type=self.r2_type,
-            cluster_dim=self.r2_cluster_dim,
-            margin_init_std=self.r2_margin_init_std,
-            alpha_init=self.r2_alpha_init,
-            scale_free=self.r2_scale_free,
-            learning_rate=self.resolved_r2_learning_rate(),
-            target_modules=self.r2_target_modules,
-            exclude_modules=self.r2_exclude_modules,
-        )
+            raise ValueError(f"r2_type='none' has no R2Config; choose one of {regularizer_names()}.")
+        options = {name: getattr(self, f"r2_{name}") for name in R2_OPTION_NAMES}
+        return R2Config(r2_type=self.r2_type, **{**options, "learning_rate": self.resolved_r2_learning_rate()})
 
 
 class R2Trainer(Trainer):

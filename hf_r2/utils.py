@@ -481,3 +481,37 @@ def refuse_multihead_attention(model: nn.Module, selected: Iterable[str], what: 
             "out_proj.weight directly, so a replaced out_proj would never run and in_proj_weight cannot be replaced. "
             f"Leave it in full precision with exclude_modules={attention!r} (together with your other exclusions)."
         )
+
+
+class LiveChoices(Sequence):
+    """A read-only sequence of names read from a registry at every use, after fixed leading entries (`"none"`).
+
+    Used as the argparse `choices` of a flag whose values are registered names (`--r2_type`, `--quant_method`): a
+    method registered after the flags were declared is accepted and listed too.
+
+    Args:
+        names (`Callable[[], Iterable[str]]`): Returns the registered names.
+        *leading (`str`): Entries listed first (e.g. `"none"`).
+    """
+
+    def __init__(self, names: Callable[[], Iterable[str]], *leading: str) -> None:
+        self._source = names
+        self._leading = leading
+
+    def _names(self) -> list[str]:
+        return [*self._leading, *self._source()]
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._names()
+
+    def __repr__(self) -> str:
+        return repr(self._names())

@@ -27,6 +27,7 @@ from hf_r2.quantization.config import (
     QuantizationConfig,
     attach_hf_quantization_config,
     get_quantization_config,
+    quantization_methods,
     register_quantization_method,
 )
 from hf_r2.quantization.hf_quantizer import HfR2Quantizer
@@ -47,6 +48,7 @@ from hf_r2.quantization.model import (
     quantized_layers,
     quantizer_parameter_names,
     register_quantize_handler,
+    trainer_callbacks,
     uncalibrated_input_quantizers,
     validate_quantization,
 )
@@ -87,11 +89,13 @@ __all__ = [
     "estimate_ewgs_deltas",
     "finalize",
     "get_quantization_config",
+    "quantization_methods",
     "quantize",
     "quantized_layers",
     "quantizer_parameter_names",
     "register_quantization_method",
     "register_quantize_handler",
+    "trainer_callbacks",
     "uncalibrated_input_quantizers",
     "validate_quantization",
 ]

@@ -37,6 +37,9 @@ class QuantizationConfig:
     """
 
     method: ClassVar[str] = ""
+    #: Whether the method trains with fake quantization (QAT: applied before training) rather than rounding a trained
+    #: model (post-training: applied after training). The example scripts' flags read it.
+    quantization_aware: ClassVar[bool] = True
 
     w_bits: int = field(default=4, metadata={"help": "Weight bit width, 1..8."})
     a_bits: int | None = field(
@@ -175,6 +178,8 @@ class PTQConfig(QuantizationConfig):
     (`a_bits`): per-tensor ranges from `hf_r2.quantization.calibrate(model, batches)`.
     """
 
+    quantization_aware: ClassVar[bool] = False
+
     per_channel: bool = field(default=True, metadata={"help": "One weight scale per output channel (else per tensor)."})
     symmetric: bool = field(default=True, metadata={"help": "Symmetric (signed, zero point 0) weight grid."})
     a_symmetric: bool = field(default=False, metadata={"help": "Symmetric activation grid (else asymmetric)."})
@@ -191,6 +196,20 @@ class PTQConfig(QuantizationConfig):
             )
         if self.a_symmetric and self.a_bits == 1:
             raise ValueError("A symmetric 1-bit activation grid is degenerate: use a_bits >= 2 or a_symmetric=False.")
+
+
+def quantization_methods(*, quantization_aware: bool | None = None) -> list[str]:
+    """The registered `--quant_method` names, in registration order.
+
+    Args:
+        quantization_aware (`bool`, *optional*): Only the QAT methods (`True`) or only the post-training ones
+            (`False`); all by default.
+    """
+    return [
+        name
+        for name, cls in QUANTIZATION_CONFIGS.items()
+        if quantization_aware is None or cls.quantization_aware == quantization_aware
+    ]
 
 
 def get_quantization_config(method: str, **kwargs) -> QuantizationConfig:

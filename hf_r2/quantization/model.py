@@ -49,16 +49,38 @@ _QUANTIZED = QuantLinear | QuantConv2d | QuantConv1D | QuantizedLinear | Quantiz
 
 QuantizerFactory = Callable[[nn.Module, QuantizationConfig], tuple[WeightQuantizer, "nn.Module | None"]]
 _HANDLERS: dict[type[QuantizationConfig], QuantizerFactory] = {}
+_TRAINER_CALLBACKS: dict[type[QuantizationConfig], Callable[[], list[TrainerCallback]]] = {}
 
 
-def register_quantize_handler(config_cls: type[QuantizationConfig]):
-    """Registers the function that builds `(weight_quantizer, input_quantizer)` for one layer under a config type."""
+def register_quantize_handler(
+    config_cls: type[QuantizationConfig], trainer_callbacks: Callable[[], list[TrainerCallback]] | None = None
+):
+    """Registers the function that builds `(weight_quantizer, input_quantizer)` for one layer under a config type.
+
+    Args:
+        config_cls (`type`): The method's config class (registered with `register_quantization_method`).
+        trainer_callbacks (`Callable`, *optional*): Returns the `TrainerCallback`s a training run of the method needs
+            (see `trainer_callbacks`); none by default.
+    """
 
     def wrap(fn: QuantizerFactory) -> QuantizerFactory:
         _HANDLERS[config_cls] = fn
+        if trainer_callbacks is not None:
+            _TRAINER_CALLBACKS[config_cls] = trainer_callbacks
         return fn
 
     return wrap
+
+
+def trainer_callbacks(config: QuantizationConfig) -> list[TrainerCallback]:
+    """The `TrainerCallback`s a training run of `config`'s method needs (EWGS: `EWGSDeltaCallback`, without which
+    its delta stays at its starting value); an empty list for the others."""
+    for cls in type(config).__mro__:
+        if cls in _TRAINER_CALLBACKS:
+            return list(_TRAINER_CALLBACKS[cls]())
+        if cls in _HANDLERS:  # the nearest registered handler decides (EWGSConfig subclasses LSQConfig)
+            return []
+    return []
 
 
 @register_quantize_handler(LSQConfig)
@@ -72,7 +94,7 @@ def _lsq_quantizers(module: nn.Module, config: LSQConfig):
     return weight_q, input_q
 
 
-register_quantize_handler(EWGSConfig)(_lsq_quantizers)
+register_quantize_handler(EWGSConfig, trainer_callbacks=lambda: [EWGSDeltaCallback()])(_lsq_quantizers)
 
 
 @register_quantize_handler(PACTConfig)
