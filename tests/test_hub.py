@@ -250,7 +250,7 @@ def test_failed_preparation_keeps_the_previous_folder(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("simulated failure")
 
-    monkeypatch.setattr(hub, "verify_publish_folder", broken)
+    monkeypatch.setattr(hub.publish_folder, "verify_publish_folder", broken)  # the module that calls it
     with pytest.raises(ValueError, match="simulated failure"):
         prepare_publish_folder(tiny_bert(1), tmp_path / "pub", histogram_layers=0)
     assert (folder / "model.safetensors").read_bytes() == before
@@ -482,7 +482,7 @@ def test_a_publish_swap_killed_between_its_renames_is_recovered(tmp_path):
     os.replace(folder, tmp_path / f".pub.old-{pid}")
     half = tmp_path / f".pub.tmp-{pid}-0123456789ab"
     half.mkdir()
-    hub._write_marker(half)
+    hub.publish_folder._write_marker(half)
     mine = tmp_path / f".pub.tmp-{pid}-ba9876543210"  # same name shape, not hf_r2's: never touched
     mine.mkdir()
     assert not folder.exists()
