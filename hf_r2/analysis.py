@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hf_r2.range_regularizer import SUPPORTED_LAYER_TYPES
+from hf_r2.sharding import whole_weight
 from hf_r2.utils import ModulePattern, select_modules
 
 __all__ = [
@@ -69,13 +70,12 @@ def _stats(name: str, weight: torch.Tensor) -> LayerWeightStats:
 
 def measured_weight(module: nn.Module) -> torch.Tensor | None:
     """The weight tensor whose range a layer is measured (and regularized) by: `in_proj_weight` for
-    `nn.MultiheadAttention`, `weight` otherwise, gathered whole when FSDP2 shards it; `None` when the module has no
-    such tensor."""
+    `nn.MultiheadAttention`, `weight` otherwise, gathered whole when FSDP2 or FSDP1 shards it (a collective then: call
+    on every rank; an FSDP1 weight comes back flattened); `None` when the module has no such tensor."""
     weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
-    # FSDP2 keeps a DTensor shard outside the forward: measure the whole weight (a collective: call on every rank).
-    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+    return whole_weight(weight)
 
 
 def weight_stats(modules: Mapping[str, nn.Module]) -> dict[str, LayerWeightStats]:

@@ -38,6 +38,7 @@ from hf_r2.regularizer_registry import (
     get_regularizer,
     register_regularizer,
 )
+from hf_r2.sharding import DenseGrad, DTensor, gather_flat_shards, is_flat_shard
 from hf_r2.utils import check_cluster_dim, select_modules
 
 __all__ = [
@@ -62,14 +63,6 @@ def _transposed_layer_types() -> tuple[type[nn.Module], ...]:
 
 
 _TRANSPOSED_LAYER_TYPES = _transposed_layer_types()
-
-try:
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover - torch built without distributed support
-
-    class _DTensor:  # never an instance
-        pass
-
 
 #: Layer types whose weight is regularized by default (`nn.MultiheadAttention`: its packed `in_proj_weight`; its
 #: `out_proj` is an `nn.Linear` of its own).
@@ -608,18 +601,6 @@ def _looped_losses(spec: RegularizerSpec, weights: list[torch.Tensor], param, co
     return torch.stack([loss.to(device=device, dtype=torch.float32).reshape(()) for loss in losses])
 
 
-class _DenseGrad(torch.autograd.Function):
-    """Identity whose backward densifies a sparse gradient (DTensor's gather cannot take the sparse linf/margin one)."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.to_dense() if grad.is_sparse else grad
-
-
 def _densify_grad(param: torch.Tensor) -> None:
     if param.grad is not None and param.grad.is_sparse:
         param.grad = param.grad.to_dense()
@@ -706,7 +687,16 @@ class RangeRegularizer(nn.Module):
         self.layer_names: list[str] = list(modules)
         # A plain list: nn.Module.__setattr__ would register a ModuleList and put the model into our state dict.
         self._layers: list[nn.Module] = list(modules.values())
-        weights = [self._weight(i) for i in range(len(self._layers))]
+        flattened = [name for name, layer in modules.items() if is_flat_shard(_parameter(layer))]
+        if flattened:
+            raise ValueError(
+                f"{flattened[0]!r} (and {len(flattened) - 1} more) hold flattened FSDP1 pieces: build the "
+                "RangeRegularizer before wrapping the model in FullyShardedDataParallel (it records each weight's "
+                "shape to gather the pieces; R2Trainer does)."
+            )
+        # Whole shapes, to put FSDP1 (`use_orig_params=True`) pieces back together (see `hf_r2.sharding`).
+        self._param_shapes: list[tuple[int, ...]] = [tuple(_parameter(layer).shape) for layer in self._layers]
+        weights = self.weights()
         for name, w in zip(self.layer_names, weights, strict=True):
             check_cluster_dim(config.cluster_dim, w.shape, name=f"{name}.weight")
 
@@ -802,10 +792,10 @@ class RangeRegularizer(nn.Module):
         if not (math.isfinite(rate) and rate >= 0):
             raise ValueError(f"rate must be a finite number >= 0, got {rate!r}.")
         weights = [_parameter(layer) for layer in self._layers]
-        if any(isinstance(w, _DTensor) for w in weights):
+        if any(isinstance(w, DTensor) or is_flat_shard(w) for w in weights):
             raise NotImplementedError(
-                "decoupled_step does not support FSDP2-sharded weights (the range of a shard is not the layer's); "
-                "use r2_mode='loss' with FSDP2."
+                "decoupled_step does not support FSDP-sharded weights (the range of a shard is not the layer's); "
+                "use r2_mode='loss' with FSDP."
             )
         trained = [w for w in weights if w.requires_grad]
         own = [p for p in self.parameters() if p.requires_grad]
@@ -829,15 +819,29 @@ class RangeRegularizer(nn.Module):
                     param.grad = grad if param.grad is None else param.grad + grad
         return losses.detach()
 
-    def _weight(self, i: int) -> torch.Tensor:
-        weight = layer_weight(self._layers[i])
-        # FSDP2 keeps each weight as a DTensor shard outside the forward: the range of a shard is not the layer's.
-        # `full_tensor()` gathers it differentiably; its backward hands every rank the gradient of its own shard.
-        return _DenseGrad.apply(weight.full_tensor()) if isinstance(weight, _DTensor) else weight
-
     def weights(self) -> list[torch.Tensor]:
-        """The targeted weights (output channels first), in `layer_names` order."""
-        return [self._weight(i) for i in range(len(self._layers))]
+        """The targeted weights (output channels first), in `layer_names` order, whole even when sharded.
+
+        A sharded weight is gathered differentiably (a collective: every rank calls this with the same model), so the
+        range loss and its gradients are those of one process: FSDP2's DTensor with `full_tensor()`, FSDP1's flat
+        pieces with one all-gather for all of them (`hf_r2.sharding`). The gathered or FSDP-viewed weights get a
+        dense gradient (the L∞ / margin one is sparse, which neither path accepts).
+        """
+        params = [_parameter(layer) for layer in self._layers]
+        pieces = [i for i, param in enumerate(params) if is_flat_shard(param)]
+        wholes = gather_flat_shards([params[i] for i in pieces], [self._param_shapes[i] for i in pieces])
+        weights = list(params)
+        for i, whole in zip(pieces, wholes, strict=True):
+            weights[i] = whole
+        wholes_at = set(pieces)
+        for i, weight in enumerate(weights):
+            if isinstance(weight, DTensor):
+                weights[i] = DenseGrad.apply(weight.full_tensor())
+            elif i not in wholes_at and not isinstance(weight, nn.Parameter) and weight.grad_fn is not None:
+                weights[i] = DenseGrad.apply(weight)  # e.g. FSDP1's whole view of its flat parameter in the forward
+            if isinstance(self._layers[i], _TRANSPOSED_LAYER_TYPES):
+                weights[i] = weights[i].t()
+        return weights
 
     def layer_losses(self) -> torch.Tensor:
         """The differentiable per-layer losses, a `float32` tensor of shape `(n_layers,)`."""

@@ -280,6 +280,12 @@ class _RegularizerStep(TrainerCallback):
     def __init__(self, trainer: R2Trainer) -> None:
         self._trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Here rather than in __init__: another Trainer built in between (`evaluate_model`) resets the shared
+        # gradient-accumulation settings.
+        if self._trainer.r2_regularizer is not None and self._trainer._is_fsdp1():
+            self._trainer._sync_every_micro_batch()
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer
         reg = trainer.r2_regularizer
@@ -484,13 +490,19 @@ class R2Trainer(Trainer):
                 )
         elif args_type != "none" and self.model is not None:
             reg = RangeRegularizer(self.model, self.args.to_r2_config())
-        engine = self._unsupported_sharding_engine()
-        if reg is not None and engine is not None:
+        problem = self._sharding_engine_problem()
+        if reg is not None and problem is not None:
             raise ValueError(
-                f"R² (r2_type={reg.config.r2_type!r}) is not supported under {engine}: it shards parameters outside "
-                "the forward in a layout the range loss cannot gather, so the loss would be silently wrong. Use FSDP2 "
-                "(fsdp_config={'version': 2}), DDP (`accelerate launch --multi_gpu` or torchrun), or r2_type='none'."
+                f"R² (r2_type={reg.config.r2_type!r}) is not supported under {problem}, so the range loss would be "
+                "silently wrong. Use FSDP2 (fsdp_config={'version': 2}), FSDP1 with use_orig_params=True and "
+                "FULL_SHARD / SHARD_GRAD_OP, DDP (`accelerate launch --multi_gpu` or torchrun), or r2_type='none'."
             )
+        if reg is not None and self.is_fsdp_enabled and self._r2_decoupled():
+            raise ValueError(
+                "r2_mode='decoupled' is not supported under FSDP (its step moves the weights in place, and the range "
+                "of a shard is not the layer's); use r2_mode='loss' (the default) with FSDP, or DDP."
+            )
+        self._warn_if_fsdp_requested_but_not_applied()
         if reg is not None:
             param = next(self.model.parameters(), None)
             if param is not None:
@@ -500,15 +512,56 @@ class R2Trainer(Trainer):
         self._r2_count = 0
         self._range_layer_names = self._select_range_layer_names()
 
-    def _unsupported_sharding_engine(self) -> str | None:
-        """The engine R² refuses, if one is on. FSDP2 keeps each weight a DTensor that the regularizer gathers
-        (`RangeRegularizer` reads `full_tensor()`); FSDP1 flattens weights across layers and DeepSpeed ZeRO-3
-        partitions them behind its own API."""
+    def _is_fsdp1(self) -> bool:
+        return self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2
+
+    def _sharding_engine_problem(self) -> str | None:
+        """The engine configuration R² refuses (named, with the reason), if one is on.
+
+        FSDP2 keeps each weight a DTensor, and FSDP1 with `use_orig_params=True` each weight a 1-D piece: the
+        regularizer gathers both whole (`hf_r2.sharding`). FSDP1 without `use_orig_params` flattens the weights of
+        several layers into one FlatParameter, hybrid sharding shards within a subgroup only, and DeepSpeed ZeRO-3
+        partitions weights behind its own API (not implemented: no GPU to test it on).
+        """
         if self.is_deepspeed_enabled:
-            return "DeepSpeed"
-        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-            return "FSDP1"
+            return "DeepSpeed: ZeRO partitions the weights behind its own API, which hf_r2 does not gather"
+        if not self._is_fsdp1():
+            return None
+        plugin = self.accelerator.state.fsdp_plugin
+        if not getattr(plugin, "use_orig_params", False):
+            return (
+                "FSDP1 with use_orig_params=False: its FlatParameters mix the weights of several layers (set "
+                "fsdp_config={'use_orig_params': True})"
+            )
+        strategy = getattr(plugin, "sharding_strategy", None)
+        strategy = getattr(strategy, "name", str(strategy))
+        if "HYBRID" in strategy:
+            return f"FSDP1 with sharding_strategy={strategy}: it shards weights within a subgroup of the processes"
         return None
+
+    def _sync_every_micro_batch(self) -> None:
+        """FSDP1: reduce-scatter after every micro-batch (Accelerate's `sync_each_batch`), also when accumulating.
+
+        Under FSDP1's `no_sync` a weight's gradient is held whole while the weight is a 1-D piece, and R²'s gradient
+        (which arrives on the piece) cannot be added to it. Synchronizing every micro-batch costs one reduce-scatter
+        per micro-batch and keeps the sharded gradient memory; the sum is the same.
+        """
+        kwargs = self.accelerator.gradient_state.plugin_kwargs
+        if self.args.gradient_accumulation_steps > 1 and not kwargs.get("sync_each_batch", False):
+            logger.info("R² under FSDP1 with gradient accumulation: synchronizing gradients after every micro-batch.")
+            kwargs["sync_each_batch"] = True
+
+    def _warn_if_fsdp_requested_but_not_applied(self) -> None:
+        """Accelerate applies FSDP only on accelerators: on CPU it keeps DDP and drops the FSDP plugin silently."""
+        requested = bool(getattr(self.args, "fsdp", None)) or (
+            os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+        )
+        if requested and not self.is_fsdp_enabled:
+            logger.warning(
+                "FSDP was requested (--fsdp / ACCELERATE_USE_FSDP) but is NOT applied: Accelerate runs FSDP on "
+                f"accelerators only and fell back to {self.accelerator.state.distributed_type.value} on this "
+                f"{self.args.device.type} machine. Each process holds the whole model (R² is exact either way)."
+            )
 
     def _select_range_layer_names(self) -> list[str]:
         if self.r2_regularizer is not None:

@@ -46,18 +46,20 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_range_loss_gradients_and_dkm_match_one_process():
-    """FSDP2 (`fully_shard`, DTensor shards at rest): every r2_type, scalar and 2-dim, gives the single-process range
-    loss and gradients; DKM clusters whole weights and a gathered full state dict finalizes like one process."""
-    script = os.path.join(os.path.dirname(SCRIPT), "fsdp2_parity.py")
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+def test_fsdp_range_loss_gradients_and_dkm_match_one_process(engine):
+    """FSDP2 (`fully_shard`, DTensor shards at rest) and FSDP1 (`use_orig_params=True`: 1-D pieces at rest, size 0 on
+    some rank): every r2_type, scalar and 2-dim, with and without accumulation, gives the single-process range loss
+    and gradients; DKM clusters whole weights and a gathered full state dict finalizes like one process."""
+    script = os.path.join(os.path.dirname(SCRIPT), "fsdp_parity.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*command, "--engine", engine], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1] == "ok"
 
 
-@pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("fsdp2", "FSDP")])
+@pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("fsdp2", "FSDP"), ("fsdp1", "FSDP")])
 def test_accelerate_launch_files_parse(name, kind):
     from accelerate.commands.config.config_args import ClusterConfig
 
@@ -66,3 +68,6 @@ def test_accelerate_launch_files_parse(name, kind):
     assert config.distributed_type.name == kind
     if name == "fsdp2":
         assert config.fsdp_config["fsdp_version"] == 2
+    if name == "fsdp1":  # the one FSDP1 set-up R2Trainer accepts
+        assert config.fsdp_config["fsdp_version"] == 1 and config.fsdp_config["fsdp_use_orig_params"] is True
+        assert config.fsdp_config["fsdp_sharding_strategy"] in ("FULL_SHARD", "SHARD_GRAD_OP")

@@ -109,8 +109,8 @@ def test_non_positive_alpha_is_refused(alpha, tmp_path):
         R2TrainingArguments(output_dir=str(tmp_path), r2_type="soft_min_max", r2_alpha_init=alpha)
 
 
-@pytest.mark.parametrize("engine", ["FSDP1", "DeepSpeed", "FSDP2"])
-def test_sharding_engines_r2_cannot_read_are_refused_before_training(engine, tmp_path, monkeypatch):
+def _pretend_engine(monkeypatch, engine: str, **plugin_fields) -> None:
+    """Makes every Trainer built afterwards believe Accelerate runs `engine` ("DeepSpeed", "FSDP1", "FSDP2")."""
     original = Trainer.create_accelerator_and_postprocess
 
     def pretend_sharded(self):
@@ -120,16 +120,77 @@ def test_sharding_engines_r2_cannot_read_are_refused_before_training(engine, tmp
         else:
             self.is_fsdp_enabled = True
             # AcceleratorState keeps its attributes in one shared dict: patch the key, so teardown removes it.
-            plugin = SimpleNamespace(fsdp_version=int(engine[-1]))
+            plugin = SimpleNamespace(fsdp_version=int(engine[-1]), **plugin_fields)
             monkeypatch.setitem(self.accelerator.state.__dict__, "fsdp_plugin", plugin)
 
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", pretend_sharded)
+
+
+@pytest.mark.parametrize(
+    "engine,plugin_fields,refusal",
+    [
+        ("DeepSpeed", {}, "not supported under DeepSpeed"),
+        ("FSDP1", {"use_orig_params": False}, "not supported under FSDP1 with use_orig_params=False"),
+        (
+            "FSDP1",
+            {"use_orig_params": True, "sharding_strategy": SimpleNamespace(name="HYBRID_SHARD")},
+            "not supported under FSDP1 with sharding_strategy=HYBRID_SHARD",
+        ),
+    ],
+)
+def test_sharding_engines_r2_cannot_read_are_refused_before_training(
+    engine, plugin_fields, refusal, tmp_path, monkeypatch
+):
+    _pretend_engine(monkeypatch, engine, **plugin_fields)
     args = R2TrainingArguments(output_dir=str(tmp_path), r2_type="linf", use_cpu=True, report_to=[])
-    if engine == "FSDP2":  # DTensor weights, gathered by the regularizer (parity: tests/test_distributed.py)
-        assert R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=args).r2_regularizer is not None
-        return
-    with pytest.raises(ValueError, match=f"not supported under {engine}"):
+    with pytest.raises(ValueError, match=refusal):
         R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=args)
     # Without R² the same engine is the Trainer's business.
     plain = R2TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     assert R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=plain).r2_regularizer is None
+
+
+@pytest.mark.parametrize(
+    "engine,plugin_fields",
+    [("FSDP2", {}), ("FSDP1", {"use_orig_params": True, "sharding_strategy": SimpleNamespace(name="FULL_SHARD")})],
+)
+def test_sharding_engines_r2_gathers_are_accepted(engine, plugin_fields, tmp_path, monkeypatch):
+    """FSDP2 and FSDP1 (use_orig_params) weights are gathered by the regularizer (parity: tests/test_distributed.py).
+    FSDP1 with accumulation synchronizes every micro-batch (its `no_sync` holds whole gradients on 1-D pieces);
+    the decoupled mode, which moves weights in place, is refused under either."""
+    _pretend_engine(monkeypatch, engine, **plugin_fields)
+    args = R2TrainingArguments(
+        output_dir=str(tmp_path), r2_type="linf", use_cpu=True, report_to=[], gradient_accumulation_steps=2
+    )
+    trainer = R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=args)
+    assert trainer.r2_regularizer is not None
+    kwargs = trainer.accelerator.gradient_state.plugin_kwargs
+    monkeypatch.setitem(kwargs, "sync_each_batch", False)  # shared state: restored after the test
+    trainer.callback_handler.on_train_begin(args, trainer.state, trainer.control)
+    assert kwargs["sync_each_batch"] is (engine == "FSDP1")
+
+    decoupled = R2TrainingArguments(
+        output_dir=str(tmp_path), r2_type="linf", r2_mode="decoupled", r2_weight=0.01, use_cpu=True, report_to=[]
+    )
+    with pytest.raises(ValueError, match="r2_mode='decoupled' is not supported under FSDP"):
+        R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=decoupled)
+
+
+def test_fsdp_requested_but_not_applied_is_said_loudly(tmp_path, caplog, monkeypatch):
+    """Accelerate applies FSDP on accelerators only: on CPU it silently trains with DDP / one process instead.
+    (`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP; the 2-process run with `--fsdp` is in
+    tests/test_distributed.py.)"""
+    args = R2TrainingArguments(output_dir=str(tmp_path), r2_type="linf", use_cpu=True, report_to=[])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with caplog.at_level(logging.WARNING):
+        trainer = R2Trainer(model=nn.Sequential(nn.Linear(4, 2)), args=args)
+    assert not trainer.is_fsdp_enabled
+    assert "FSDP was requested (--fsdp / ACCELERATE_USE_FSDP) but is NOT applied" in caplog.text
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        R2Trainer(
+            model=nn.Sequential(nn.Linear(4, 2)), args=R2TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+        )
+    assert "NOT applied" not in caplog.text
