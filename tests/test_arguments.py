@@ -1,8 +1,9 @@
 """`hf_r2.arguments`: flags -> configs of the compression packages, validation, apply/finalize on a tiny model."""
 
+import helpers
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser
+from transformers import HfArgumentParser
 
 from hf_r2.arguments import CompressionArguments, PublishArguments, parse_module_pattern
 
@@ -12,17 +13,7 @@ def parse(*argv):
 
 
 def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config).eval()
+    return helpers.tiny_bert(seed).eval()
 
 
 def batch(seed=1):

@@ -10,11 +10,11 @@ import json
 import os
 import sys
 
+import helpers
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 from hf_r2.export import (
@@ -47,19 +47,16 @@ SEQ = 16
 
 
 def tiny_bert(seed=0, **overrides):
-    torch.manual_seed(seed)
     settings = dict(
         vocab_size=2000,
         hidden_size=128,
         num_hidden_layers=2,
-        num_attention_heads=2,
         intermediate_size=256,
         max_position_embeddings=SEQ,
         type_vocab_size=2,
         num_labels=3,
     )
-    settings.update(overrides)
-    model = BertForSequenceClassification(BertConfig(**settings)).eval()
+    model = helpers.tiny_bert(seed, **{**settings, **overrides}).eval()
     # Distinct values in the dense parameters too: Core ML stores identical constants (BERT's zero biases, unit
     # LayerNorm weights) once, which would make the dense part of the ideal size below an overestimate.
     with torch.no_grad():

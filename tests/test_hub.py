@@ -10,11 +10,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from hf_r2 import hub
 from hf_r2.analysis import weight_ranges
@@ -36,17 +37,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config)
+    return helpers.tiny_bert(seed, num_hidden_layers=2)
 
 
 def inputs(seed=1):

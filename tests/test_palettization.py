@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_bert, tiny_gpt2_lm, tiny_mobilebert
 from sklearn.cluster import KMeans
 from torch import nn
-from transformers import MobileBertConfig, MobileBertForSequenceClassification
 
 from hf_r2.palettization import (
     DKMConfig,
@@ -57,25 +57,6 @@ class TinyNet(nn.Module):
         x = self.embed(ids)  # (B, L, 8)
         x = self.conv(x.transpose(1, 2)[..., None])[..., 0].mean(-1)
         return self.fc(x)
-
-
-def tiny_mobilebert(seed=0):
-    torch.manual_seed(seed)
-    config = MobileBertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        embedding_size=16,
-        true_hidden_size=16,
-        intra_bottleneck_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_feedforward_networks=1,
-        max_position_embeddings=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return MobileBertForSequenceClassification(config)
 
 
 # ---- numerics ----
@@ -296,28 +277,13 @@ def test_bad_layers_are_clear_errors_and_change_nothing():
 
 
 def _tiny_gpt2_lm(**kwargs):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0, **kwargs
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2_lm(0, **kwargs)
 
 
 def _tiny_bert_mlm():
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        num_hidden_layers=1,
-        hidden_size=16,
-        num_attention_heads=2,
-        intermediate_size=32,
-        vocab_size=64,
-        max_position_embeddings=16,
-    )
-    return BertForMaskedLM(config)
+    return tiny_bert(0, model_class=BertForMaskedLM, max_position_embeddings=16)
 
 
 @pytest.mark.parametrize(

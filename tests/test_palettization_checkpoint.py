@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_mobilebert
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
-    MobileBertConfig,
-    MobileBertForSequenceClassification,
     MobileBertModel,
     ResNetConfig,
     ResNetForImageClassification,
@@ -130,7 +129,9 @@ def ideal_bytes(dense_state, model, layers):
 
 
 def mobilebert(vocab_size=8000, **kwargs):
-    config = MobileBertConfig(
+    """A MobileBERT of 2 layers, 128 wide (MobileBertConfig's default dropout), in eval mode."""
+    return tiny_mobilebert(
+        0,
         num_hidden_layers=2,
         vocab_size=vocab_size,
         hidden_size=128,
@@ -138,14 +139,13 @@ def mobilebert(vocab_size=8000, **kwargs):
         true_hidden_size=64,
         intra_bottleneck_size=64,
         intermediate_size=256,
-        num_attention_heads=2,
         num_feedforward_networks=2,
         max_position_embeddings=128,
         num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.1,
         **kwargs,
-    )
-    torch.manual_seed(0)
-    return MobileBertForSequenceClassification(config).eval()
+    ).eval()
 
 
 def resnet():

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_bert, tiny_gpt2_lm
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 from hf_r2.quantization import (
     HfR2QuantizationConfig,
@@ -23,17 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_bert():
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config)
+    return tiny_bert(0, vocab_size=50, max_position_embeddings=16, num_labels=3)
 
 
 BATCH = {"input_ids": torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(0))}
@@ -123,13 +114,7 @@ def test_without_the_quantization_config_loading_fails_instead_of_random_weights
 
 
 def _tiny_gpt2_lm(**kwargs):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0, **kwargs
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2_lm(0, vocab_size=50, **kwargs)
 
 
 def _save_and_reload(model, tmp_path):

@@ -305,19 +305,9 @@ def test_training_through_r2trainer_updates_quantizer_parameters(tmp_path):
 
 
 def test_transformers_model_keeps_its_keys_and_finalizes_exactly():
-    from transformers import BertConfig, BertForSequenceClassification
+    from helpers import tiny_bert
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    model = BertForSequenceClassification(config)
+    model = tiny_bert(0, vocab_size=50, max_position_embeddings=16, num_labels=3)
     keys = set(model.state_dict())
     quantize(model, get_quantization_config("lsq", w_bits=4, a_bits=8))
     linear_names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import helpers
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer
+from transformers import GPT2LMHeadModel, Trainer
 
 from hf_r2 import R2Trainer, R2TrainingArguments
 from hf_r2 import regularizers as R
@@ -18,9 +19,7 @@ from hf_r2.range_regularizer import R2Config, RangeRegularizer
 
 
 def tiny_gpt2_lm() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=40, n_positions=16, n_embd=8, n_layer=1, n_head=2, tie_word_embeddings=True)
-    return GPT2LMHeadModel(config)
+    return helpers.tiny_gpt2_lm(0, vocab_size=40, n_embd=8, tie_word_embeddings=True)
 
 
 @pytest.mark.parametrize("r2_type", ["linf", "margin", "soft_min_max"])
