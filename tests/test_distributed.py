@@ -89,11 +89,11 @@ def test_fsdp2_r2trainer_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1", "ddp"])
 def test_fsdp_range_loss_gradients_and_dkm_match_one_process(engine):
-    """FSDP2 (`fully_shard`, DTensor shards at rest) and FSDP1 (`use_orig_params=True`: 1-D pieces at rest, size 0 on
-    some rank): every r2_type, scalar and 2-dim, with and without accumulation, gives the single-process range loss
-    and gradients; DKM clusters whole weights and a gathered full state dict finalizes like one process."""
+    """FSDP2 (`fully_shard`, DTensor shards at rest), FSDP1 (`use_orig_params=True`: 1-D pieces at rest, size 0 on
+    some rank) and DDP: every r2_type, scalar and 2-dim, with and without accumulation, gives the single-process range
+    loss and gradients; DKM clusters whole weights and a gathered full state dict finalizes like one process."""
     script = os.path.join(os.path.dirname(SCRIPT), "fsdp_parity.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
@@ -114,3 +114,16 @@ def test_accelerate_launch_files_parse(name, kind):
     if name == "fsdp1":  # the one FSDP1 set-up R2Trainer accepts
         assert config.fsdp_config["fsdp_version"] == 1 and config.fsdp_config["fsdp_use_orig_params"] is True
         assert config.fsdp_config["fsdp_sharding_strategy"] in ("FULL_SHARD", "SHARD_GRAD_OP")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs for minutes")
+def test_distributed_gpu_script_stops_at_once_without_a_gpu(tmp_path):
+    """benchmarks/distributed_gpu.sh needs CUDA GPUs: without one it says so and exits 2 before running anything."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", os.path.join(root, "benchmarks", "distributed_gpu.sh")], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no CUDA GPU visible" in proc.stderr and "DEVICE=cpu" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing ran

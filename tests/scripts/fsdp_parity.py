@@ -1,12 +1,13 @@
-"""R² and DKM under FSDP2 (`fully_shard`) or FSDP1 (`FullyShardedDataParallel(use_orig_params=True)`) against one
+"""R² and DKM under FSDP2 (`fully_shard`), FSDP1 (`FullyShardedDataParallel(use_orig_params=True)`) or DDP against one
 process on the same global batch (run by tests/test_distributed.py under `torchrun --nproc_per_node 2`, gloo on CPU).
 
     torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_parity.py --engine fsdp1
+    torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_parity.py --engine fsdp2 --device cuda  # 2 GPUs
 
 Each rank trains on its half of the batch; the reference is computed by every rank alone on the whole batch. Checked:
 the range loss, the gradients of every weight (gathered) and of the regularizer's own parameters, for every r2_type,
-scalar and multi-dimensional, with 1 and 2 accumulated micro-batches (FSDP2: the second without gradient sync, as
-Accelerate does; FSDP1: synchronized, as R2Trainer configures it); for DKM, the weight gradients after one
+scalar and multi-dimensional, with 1 and 2 accumulated micro-batches (FSDP2 and DDP: the first without gradient
+sync, as Accelerate does; FSDP1: synchronized, as R2Trainer configures it); for DKM, the weight gradients after one
 forward/backward (clustering must see whole weights), then one SGD step, a full state dict gathered from the shards,
 and `finalize` of it on rank 0 against the single-process model. FSDP1 shards the tiny model so that a rank holds a
 size-0 piece of some weights and half of others (asserted). Prints "ok" on rank 0 when everything matches; any
@@ -17,6 +18,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -29,10 +31,13 @@ from torch.distributed.fsdp import (
     StateDictType,
     fully_shard,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from hf_r2.palettization import DKMConfig, dkm_layers, finalize, palettize
 from hf_r2.range_regularizer import R2Config, RangeRegularizer
 
+#: Where the models live: the CPU (gloo) by default, `cuda:<local rank>` (NCCL) with --device cuda.
+DEVICE = torch.device("cpu")
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 # DKM's soft assignment (temperature 1e-4) amplifies the rounding of the gradient all-reduce: measured 2e-6 absolute
 # on gradients of size 0.08.
@@ -54,6 +59,10 @@ class Net(nn.Module):
 
 
 def build() -> Net:
+    return _build().to(DEVICE)
+
+
+def _build() -> Net:
     torch.manual_seed(0)
     net = Net()
     with torch.no_grad():
@@ -63,12 +72,14 @@ def build() -> Net:
 
 
 def shard(net: Net, engine: str, strategy: str = "FULL_SHARD") -> nn.Module:
-    """Each block, then the root, as its own FSDP unit (what a transformer auto-wrap policy does)."""
+    """FSDP: each block, then the root, as its own unit (as a transformer auto-wrap policy does); DDP: the root."""
+    if engine == "ddp":
+        return DistributedDataParallel(net)
     if engine == "fsdp2":
         for block in net.blocks:
             fully_shard(block, reshard_after_forward=strategy == "FULL_SHARD")
         return fully_shard(net, reshard_after_forward=strategy == "FULL_SHARD")
-    kwargs = dict(use_orig_params=True, device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy[strategy])
+    kwargs = dict(use_orig_params=True, device_id=DEVICE, sharding_strategy=ShardingStrategy[strategy])
     for i, block in enumerate(net.blocks):
         net.blocks[i] = FullyShardedDataParallel(block, **kwargs)
     return FullyShardedDataParallel(net, **kwargs)
@@ -83,6 +94,8 @@ def full_grads(net: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(net, FullyShardedDataParallel):
         with FullyShardedDataParallel.summon_full_params(net, with_grads=True):
             return {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in net.named_parameters()}
+    if isinstance(net, DistributedDataParallel):
+        net = net.module
     return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in net.named_parameters()}
 
 
@@ -94,12 +107,16 @@ def full_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
         config = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
         with FullyShardedDataParallel.state_dict_type(net, StateDictType.FULL_STATE_DICT, config):
             return net.state_dict()
+    if isinstance(net, DistributedDataParallel):
+        return net.module.state_dict()
     return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def check_pieces(net: Net, world: int) -> None:
     """FSDP1 at rest: every regularized weight is a 1-D piece; some rank holds none of one, and one is split."""
-    sizes = torch.tensor([[m.weight.numel(), m.weight.dim()] for m in layers(net)])
+    if world < 2:  # one process (one GPU): nothing is split
+        return
+    sizes = torch.tensor([[m.weight.numel(), m.weight.dim()] for m in layers(net)], device=DEVICE)
     everyone = [torch.empty_like(sizes) for _ in range(world)]
     dist.all_gather(everyone, sizes)
     numels = torch.stack(everyone)[:, :, 0]  # (rank, layer)
@@ -118,6 +135,8 @@ def no_sync(net: nn.Module, engine: str, last: bool):
     on pieces that R²'s gradient cannot be added to."""
     if last or engine == "fsdp1":
         return contextlib.nullcontext()
+    if engine == "ddp":
+        return net.no_sync()
     net.set_requires_gradient_sync(False)
     return _resync(net)
 
@@ -133,7 +152,8 @@ def _resync(net: nn.Module):
 def check_r2(engine: str, rank: int, world: int, ids: torch.Tensor, y: torch.Tensor) -> None:
     cases = [(t, d, ga, "FULL_SHARD") for t in ("linf", "margin", "soft_min_max") for d in (1, 2) for ga in (1, 2)]
     # Without resharding after the forward the range loss reads whole weights: FSDP1's views, FSDP2's DTensors.
-    cases += [(t, 1, 1, "SHARD_GRAD_OP") for t in ("linf", "margin", "soft_min_max")]
+    if engine != "ddp":
+        cases += [(t, 1, 1, "SHARD_GRAD_OP") for t in ("linf", "margin", "soft_min_max")]
     for r2_type, d, ga, strategy in cases:
         case = f"{engine} {strategy} {r2_type} d={d} ga={ga}"
         ref = build()
@@ -146,7 +166,7 @@ def check_r2(engine: str, rank: int, world: int, ids: torch.Tensor, y: torch.Ten
         wrapped = shard(net, engine, strategy)
         if engine == "fsdp2":
             assert type(net.head.weight).__name__ == "DTensor"
-        elif strategy == "FULL_SHARD":
+        elif engine == "fsdp1" and strategy == "FULL_SHARD":
             check_pieces(net, world)
         per_rank = len(ids) // world
         for k in range(ga):
@@ -202,13 +222,23 @@ def check_dkm(engine: str, rank: int, world: int, ids: torch.Tensor, y: torch.Te
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--engine", choices=["fsdp1", "fsdp2"], default="fsdp2")
-    engine = parser.parse_args().engine
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    parser.add_argument("--engine", choices=["fsdp1", "fsdp2", "ddp"], default="fsdp2")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per process, NCCL")
+    cli = parser.parse_args()
+    engine = cli.engine
+    global DEVICE, TOL, DKM_TOL
+    if cli.device == "cuda":
+        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(DEVICE)
+        # NCCL sums in another order than one process does (fp32, TF32 off by default for matmuls).
+        TOL = {key: 10 * value for key, value in TOL.items()}
+        DKM_TOL = {key: 10 * value for key, value in DKM_TOL.items()}
+    dist.init_process_group("nccl" if cli.device == "cuda" else "gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 12, (4, 5), generator=generator)
-    y = torch.randn(4, 4, generator=generator)
+    batch = max(4, 2 * world)  # every rank gets 2 or more samples, so 2 micro-batches of 1 or more
+    ids = torch.randint(0, 12, (batch, 5), generator=generator).to(DEVICE)
+    y = torch.randn(batch, 4, generator=generator).to(DEVICE)
     try:
         check_r2(engine, rank, world, ids, y)
         check_dkm(engine, rank, world, ids, y)

@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--r2_type", default="soft_min_max")
     parser.add_argument("--fsdp2", action="store_true", help="train under FSDP2 (fully_shard each BertLayer, then all)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per process, NCCL")
     parser.add_argument(
         "--resume_check",
         action="store_true",
@@ -172,10 +173,10 @@ def main() -> None:
     )
     cli = parser.parse_args()
     torch.set_num_threads(1)
-    overrides = {}
+    overrides = {} if cli.device == "cpu" else {"use_cpu": False}
     if cli.fsdp2:
-        apply_fsdp_on_cpu()
-        overrides = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
+        apply_fsdp_on_cpu()  # a no-op on GPUs, where Accelerate applies FSDP itself
+        overrides |= {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
     results = {}
     for layout in cli.layouts:
         per_device, ga = (int(x) for x in layout.split("x"))
