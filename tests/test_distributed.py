@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_trainer import assert_logs_equal, assert_tensors_close
 from train_parity import GLOBAL_BATCH, run
+from transformers import BertForSequenceClassification
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "train_parity.py")
 STEPS = 3
@@ -43,6 +44,48 @@ def test_two_processes_match_one_process(tmp_path):
         # The regularizer's parameters are not in DDP: the ranks agree because they compute the same gradient.
         assert_tensors_close(ddp["r2_state"], rank1[layout]["r2_state"], atol=0)
         assert_tensors_close(ddp["weights"], rank1[layout]["weights"], atol=0)
+
+
+@pytest.mark.slow
+def test_fsdp2_r2trainer_matches_one_process(tmp_path):
+    """R2Trainer end to end under FSDP2 through Accelerate (`fsdp=True`, `fsdp_config={"version": 2}`, every
+    BertLayer and the model `fully_shard`ed), 2 processes x {4 x GA 1, 2 x GA 2}: logs, whole weights and regularizer
+    state equal one process. Accelerate keeps FSDP for accelerators, so the script applies it on CPU the way Accelerate
+    does on GPUs (`train_parity.apply_fsdp_on_cpu`); without that R2Trainer warns and trains with DDP (unit test in
+    test_range_regularizer_layers.py)."""
+    out = tmp_path / "fsdp2.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, "--fsdp2",
+        "--out", str(out), "--layouts", "4x1", "2x2", "--steps", str(STEPS), "--r2_type", "soft_min_max",
+        "--resume_check",
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    rank0 = torch.load(out, weights_only=False)
+    rank1 = torch.load(f"{out}.rank1", weights_only=False)
+    torch.set_num_threads(1)
+    single = run(str(tmp_path / "single"), per_device=GLOBAL_BATCH, ga=1, steps=STEPS, r2_type="soft_min_max")
+    for layout in ("4x1", "2x2"):
+        fsdp = rank0[layout]
+        assert fsdp["world_size"] == 2 and fsdp["fsdp"] and fsdp["sharded"], "FSDP2 was not applied"
+        assert len(fsdp["logs"]) == STEPS
+        assert_logs_equal(single["logs"], fsdp["logs"])
+        assert_tensors_close(single["weights"], fsdp["weights"])
+        assert_tensors_close(single["r2_state"], fsdp["r2_state"])
+        assert_tensors_close(fsdp["r2_state"], rank1[layout]["r2_state"], atol=0)
+
+    # Checkpoint / resume and save_model under FSDP2: a resume continues exactly (weights, margins and their Adam
+    # state), and the saved model is the whole model, which from_pretrained loads with no missing or unexpected key.
+    straight, resumed = rank0["resume"]["straight"], rank0["resume"]["resumed"]
+    assert straight["sharded"] and resumed["sharded"]
+    assert_tensors_close(straight["weights"], resumed["weights"])
+    assert_tensors_close(straight["r2_state"], resumed["r2_state"])
+    assert_logs_equal(straight["logs"][2:], resumed["logs"][2:])
+    loaded, info = BertForSequenceClassification.from_pretrained(tmp_path / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert_tensors_close(straight["weights"], loaded.state_dict(), atol=0)
 
 
 @pytest.mark.slow

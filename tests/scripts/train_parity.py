@@ -6,6 +6,7 @@ Dropout is off so that the per-process random streams cannot matter.
 
 Usage (as a script, one or several processes):
     torchrun --standalone --nproc_per_node 2 tests/scripts/train_parity.py --out result.pt --layouts 4x1 2x2
+    torchrun --standalone --nproc_per_node 2 tests/scripts/train_parity.py --out result.pt --fsdp2   # FSDP2
 """
 
 from __future__ import annotations
@@ -59,6 +60,28 @@ class TokenDataset(torch.utils.data.Dataset):
         }
 
 
+def apply_fsdp_on_cpu() -> None:
+    """Makes Accelerate apply the FSDP plugin on CPU processes too (test only).
+
+    Accelerate switches to FSDP only when its distributed type is one of the accelerator types (`MULTI_GPU`, ...,
+    in `AcceleratorState.__init__`); a CPU run stays `MULTI_CPU` and silently drops the plugin, so `R2Trainer` would
+    train with DDP. This shim does on CPU what Accelerate does on GPUs: keep the plugin and switch the type to FSDP.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+
+    AcceleratorState.__init__ = init
+
+
 def make_args(output_dir: str, *, per_device: int, ga: int, steps: int, r2_type: str, **overrides):
     """Training arguments of the parity runs: `steps` optimizer steps of one global batch each, logged every step."""
     kwargs = dict(
@@ -94,9 +117,16 @@ def snapshot(trainer: R2Trainer) -> dict:
     return {
         "world_size": trainer.args.world_size,
         "logs": train_logs(trainer),
-        "weights": {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()},
+        # FSDP2 keeps DTensor shards: gather each whole (a collective, on every rank).
+        "weights": {k: _whole(v).detach().cpu().clone() for k, v in trainer.model.state_dict().items()},
+        "fsdp": trainer.is_fsdp_enabled,
+        "sharded": any(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
         "r2_state": {} if reg is None else {k: v.detach().cpu().clone() for k, v in reg.state_dict().items()},
     }
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def run(output_dir: str, *, per_device: int, ga: int, steps: int, r2_type: str, **overrides) -> dict:
@@ -105,6 +135,22 @@ def run(output_dir: str, *, per_device: int, ga: int, steps: int, r2_type: str, 
     trainer = R2Trainer(model=tiny_bert(), args=args, train_dataset=TokenDataset())
     trainer.train()
     return snapshot(trainer)
+
+
+def resume_check(folder: str, **overrides) -> dict:
+    """4 steps straight (checkpoint at step 2, then `save_model` into `folder/final`) and 2 steps resumed from the
+    checkpoint into a model built with another seed: the snapshots of both runs."""
+    output_dir = os.path.join(folder, "resume")
+    common = dict(per_device=GLOBAL_BATCH // max(1, int(os.environ.get("WORLD_SIZE", "1"))), ga=1, steps=4)
+    args = make_args(output_dir, **common, r2_type="margin", save_strategy="steps", save_steps=2, **overrides)
+    trainer = R2Trainer(model=tiny_bert(), args=args, train_dataset=TokenDataset())
+    trainer.train()
+    trainer.save_model(os.path.join(folder, "final"))
+    straight = snapshot(trainer)
+    args = make_args(output_dir, **common, r2_type="margin", save_strategy="no", **overrides)
+    trainer = R2Trainer(model=tiny_bert(seed=5), args=args, train_dataset=TokenDataset())
+    trainer.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2"))
+    return {"straight": straight, "resumed": snapshot(trainer)}
 
 
 def main() -> None:
@@ -118,8 +164,18 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--r2_type", default="soft_min_max")
+    parser.add_argument("--fsdp2", action="store_true", help="train under FSDP2 (fully_shard each BertLayer, then all)")
+    parser.add_argument(
+        "--resume_check",
+        action="store_true",
+        help="also: 4 steps (margin) with a checkpoint at 2 and save_model, then a resume from the checkpoint",
+    )
     cli = parser.parse_args()
     torch.set_num_threads(1)
+    overrides = {}
+    if cli.fsdp2:
+        apply_fsdp_on_cpu()
+        overrides = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
     results = {}
     for layout in cli.layouts:
         per_device, ga = (int(x) for x in layout.split("x"))
@@ -129,10 +185,16 @@ def main() -> None:
             ga=ga,
             steps=cli.steps,
             r2_type=cli.r2_type,
+            **overrides,
         )
+    if cli.resume_check:
+        results["resume"] = resume_check(os.path.dirname(os.path.abspath(cli.out)), **overrides)
     rank = int(os.environ.get("RANK", "0"))
     # Every rank writes its own snapshot, to check that the ranks agree without communicating.
     torch.save(results, cli.out if rank == 0 else f"{cli.out}.rank{rank}")
+    if torch.distributed.is_initialized():  # leave together: a rank that exits first aborts its peer's gloo threads
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
