@@ -551,7 +551,7 @@ register_regularizer(
     RegularizerSpec(
         name="linf",
         loss=R.linf,
-        description="max |w| (eq. 1)",
+        description="max |w|, eq. 1",
         fused=lambda weights, param, config: _LinfLosses.apply(config.cluster_dim, *weights),
         sparse_gradient=True,
     )
@@ -560,7 +560,7 @@ register_regularizer(
     RegularizerSpec(
         name="margin",
         loss=R.margin,
-        description="learnable margin per layer (eq. 2)",
+        description="learnable margin per layer, eq. 2",
         fused=lambda weights, param, config: _MarginLosses.apply(
             config.cluster_dim, torch.is_grad_enabled(), config.scale_free, param, *weights
         ),
@@ -574,7 +574,7 @@ register_regularizer(
     RegularizerSpec(
         name="soft_min_max",
         loss=R.soft_min_max,
-        description="learnable temperature per layer (eq. 3)",
+        description="learnable temperature per layer, eq. 3",
         fused=lambda weights, param, config: _SoftMinMaxLosses.apply(
             config.cluster_dim, torch.is_grad_enabled(), config.scale_free, param, *weights
         ),

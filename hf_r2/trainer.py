@@ -343,8 +343,8 @@ class R2TrainingArguments(TrainingArguments):
         default="none",
         metadata={
             "help": "R² range regularizer added to the training loss, a registered name (hf_r2.regularizer_registry): "
-            "'linf' (max |w|, eq. 1), 'margin' (learnable margin per layer, eq. 2), 'soft_min_max' (learnable "
-            "temperature per layer, eq. 3), or 'none' (plain training).",
+            + ", ".join(f"'{name}' ({get_regularizer(name).description})" for name in regularizer_names())
+            + ", or 'none' (plain training).",
             "choices": R2_TYPE_CHOICES,
         },
     )

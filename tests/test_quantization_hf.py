@@ -78,15 +78,19 @@ def test_a_checkpoint_missing_a_quantized_tensor_refuses_to_load(tmp_path):
     "corrupt, message",
     [
         (
-            lambda t: t["classifier.weight_int"].view(-1)[0].fill_(100),
+            lambda t: t["classifier.weight"].view(-1)[0].fill_(100),  # the codes (format 2; format 1: weight_int)
             r"codes in \[-?\d+, 100\], outside the 4-bit grid",
         ),
         (
-            lambda t: t.update({"classifier.weight_int": t["classifier.weight_int"].to(torch.int32)}),
+            lambda t: t.update({"classifier.weight": t["classifier.weight"].to(torch.int32)}),
             "dtype torch.int32; this 4-bit grid stores torch.int8",
         ),
         (lambda t: t["classifier.weight_scale"].view(-1)[0].fill_(float("nan")), "weight_scale must be finite"),
         (lambda t: t["classifier.weight_scale"].view(-1)[0].fill_(-1.0), "weight_scale must be finite and >= 0"),
+        (
+            lambda t: t.update({"classifier.weight": t["classifier.weight"][:-1].clone()}),
+            r"classifier.weight holds a torch.int8 tensor of shape \(47,\); this layer stores its 48 integer",
+        ),
     ],
 )
 def test_a_checkpoint_with_corrupt_codes_or_scales_refuses_to_load(tmp_path, corrupt, message):
@@ -348,6 +352,52 @@ def test_checkpoints_written_by_earlier_hf_r2_still_load(tmp_path):
     stored, again = load_file(directory / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert sorted(again) == sorted(stored)
     assert all(torch.equal(again[k], v) for k, v in stored.items())
+
+
+def test_quantized_and_palettized_checkpoints_share_one_key_convention(tmp_path):
+    """Issue 14: `L.weight` is the 1-D integer payload of a compressed layer `L`, `L.weight_*` what decodes it."""
+    from hf_r2.palettization import DKMConfig, palettize
+    from hf_r2.palettization import finalize as finalize_palettized
+
+    _saved(tmp_path / "quantized", "ptq", w_bits=4, a_bits=8)
+    palettized = palettize(_tiny_bert(), DKMConfig(n_bits=2, exclude_modules=["pooler.dense"]))
+    finalize_palettized(palettized).save_pretrained(tmp_path / "palettized")
+    expected_sidecars = {"quantized": {"weight_scale", "weight_zero_point"}, "palettized": {"weight_lut"}}
+    for kind, sidecars in expected_sidecars.items():
+        tensors = load_file(tmp_path / kind / "model.safetensors")
+        layers = json.loads((tmp_path / kind / "config.json").read_text())["quantization_config"]["layers"]
+        assert "classifier" in layers and len(layers) >= 7, kind
+        for layer in layers:
+            payload = tensors[f"{layer}.weight"]
+            assert payload.dim() == 1 and payload.dtype in (torch.int8, torch.uint8), (kind, layer, payload.shape)
+            own = {k[len(layer) + 1 :] for k in tensors if k.startswith(f"{layer}.weight")}
+            assert sidecars <= own <= sidecars | {"weight", "weight_checksum"}, (kind, layer, own)
+        assert not any(k.endswith("weight_int") for k in tensors), kind
+
+
+def test_load_state_dict_reads_the_format_1_keys_of_a_legacy_checkpoint(tmp_path):
+    """A format-1 state dict (codes under `weight_int`, empty `weight`) loads into layers that save format 2."""
+    legacy = Path(__file__).resolve().parent / "fixtures" / "legacy" / "quantized_lsq"
+    stored = load_file(legacy / "model.safetensors")
+    model = BertForSequenceClassification.from_pretrained(legacy).eval()
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.checkpoint_format = 2
+            module.weight_int.zero_()  # so that only the load below can restore the codes
+    model.load_state_dict(stored)
+    query = model.bert.encoder.layer[0].attention.self.query
+    assert torch.equal(query.weight_int, stored["bert.encoder.layer.0.attention.self.query.weight_int"])
+    expected = json.loads((legacy / "expected.json").read_text())
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(expected["input_ids"])).logits
+    torch.testing.assert_close(logits, torch.tensor(expected["logits"]), rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path / "upgraded")  # now format 2 keys: the codes under `weight`, 1-D
+    upgraded = load_file(tmp_path / "upgraded" / "model.safetensors")
+    key = "bert.encoder.layer.0.attention.self.query"
+    assert torch.equal(upgraded[f"{key}.weight"], stored[f"{key}.weight_int"].reshape(-1))
+    assert f"{key}.weight_int" not in upgraded
+    reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "upgraded").eval()  # its config still says 1
+    assert torch.equal(reloaded.bert.encoder.layer[0].attention.self.query.weight_int, query.weight_int)
 
 
 def test_import_paths_from_before_issue_14_still_work():

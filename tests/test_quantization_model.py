@@ -93,9 +93,11 @@ def test_quantize_train_then_finalize_is_exact(config):
     torch.testing.assert_close(final, fake, rtol=1e-5, atol=1e-6)
     sd = model.state_dict()
     for layer in ("conv1", "conv2", "fc"):
-        codes = sd[f"{layer}.weight_int"]
+        # Issue 14's key convention: the codes are the 1-D `weight` entry (format 1: `weight_int` next to an empty
+        # `weight` placeholder); either way no dense shape, so unaware loaders fail on it (checked below).
+        codes = sd[f"{layer}.weight"]
         assert codes.dtype in (torch.int8, torch.uint8)
-        assert sd[f"{layer}.weight"].numel() == 0  # placeholder: unaware loaders fail on its shape
+        assert codes.dim() == 1 and f"{layer}.weight_int" not in sd
         assert torch.unique(codes).numel() <= 2**config.w_bits
     # Integer codes must never load silently into a float model, nor float weights into a finalized one.
     with pytest.raises(RuntimeError, match="size mismatch for conv1.weight"):

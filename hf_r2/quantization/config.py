@@ -236,7 +236,9 @@ def get_quantization_config(method: str, **kwargs) -> QuantizationConfig:
 
 
 HF_QUANT_METHOD = "hf_r2_quantization"
-FORMAT_VERSION = 1
+#: On-disk layout of finalized quantized checkpoints. 2: each layer's integer codes are its 1-D `weight` entry (the key
+#: convention of palettized checkpoints too); 1: codes under `weight_int` next to an empty `weight` placeholder.
+FORMAT_VERSION = 2
 
 
 @dataclass

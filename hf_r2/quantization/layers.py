@@ -5,6 +5,12 @@
   the quantizers of `hf_r2.quantization.quantizers` in every forward.
 * `QuantizedLinear` / `QuantizedConv2d` / `QuantizedConv1D` are the finalized layers: integer weight codes plus scale
   and zero point; `weight` is a read-only property giving the dequantized weight.
+
+Checkpoint keys follow the convention of every compressed hf_r2 layer (palettized ones too): `<layer>.weight` holds the
+compressed integer payload as a 1-D tensor, here the codes in output-channels-first order (a shape no dense weight
+has, so a loader that does not know the format fails on a size mismatch instead of casting codes to floats), and
+`<layer>.weight_<name>` the tensors that decode it (`weight_scale`, `weight_zero_point`). Checkpoints of format
+version 1 stored the codes under `weight_int` next to an empty `weight` placeholder; they still load.
 """
 
 from __future__ import annotations
@@ -96,12 +102,16 @@ class QuantConv1D(_QuantLayerMixin, Conv1D):
 class _QuantizedLayerMixin:
     """Finalized layer: `weight_int` codes, `weight_scale`, `weight_zero_point` buffers; `weight` dequantizes them.
 
-    The codes are stored under `weight_int`, and the state dict's `weight` entry is an empty placeholder: a loader
-    that does not know this format (a float `nn.Linear`, or `from_pretrained` without hf_r2 imported) then fails on a
-    size mismatch instead of silently casting codes to floats or initializing random weights.
+    In the state dict the codes are the 1-D `weight` entry (see the module docstring), not `weight_int`: a loader that
+    does not know this format (a float `nn.Linear`, or `from_pretrained` without hf_r2 imported) then fails on a size
+    mismatch instead of silently casting codes to floats or initializing random weights. Loading also accepts the
+    format-1 keys (`weight_int` plus an empty `weight` placeholder).
     """
 
     input_quantizer: nn.Module | None
+    #: The on-disk key layout `state_dict` writes: 2 (codes under `weight`) unless the layer was loaded from a
+    #: format-1 checkpoint, which then saves back as it was (its config.json still says format version 1).
+    checkpoint_format: int = 2
 
     @classmethod
     def from_quant(cls, module: _QuantLayerMixin):
@@ -127,6 +137,8 @@ class _QuantizedLayerMixin:
     def weight(self) -> torch.Tensor:
         # `weight_int` is stored output channels first (per-channel scales broadcast along dim 0): transposed back for
         # `Conv1D`, whose weight is `(in, out)`.
+        if self.weight_int.is_meta:  # a placeholder `from_pretrained` has not filled (yet): no values to compute
+            return output_channels_first(self, torch.empty(self.weight_int.shape, device="meta"))
         return output_channels_first(self, dequantize(self.weight_int, self.weight_scale, self.weight_zero_point))
 
     @torch.no_grad()
@@ -141,13 +153,13 @@ class _QuantizedLayerMixin:
         codes = self.weight_int
         if codes.dtype != dtype:
             raise ValueError(
-                f"{name}.weight_int has dtype {codes.dtype}; this {self.weight_bits}-bit grid stores {dtype}."
+                f"{name}: the weight codes have dtype {codes.dtype}; this {self.weight_bits}-bit grid stores {dtype}."
             )
         if codes.numel():
             lo, hi = int(codes.min()), int(codes.max())
             if lo < q_min or hi > q_max:
                 raise ValueError(
-                    f"{name}.weight_int holds codes in [{lo}, {hi}], outside the {self.weight_bits}-bit grid "
+                    f"{name}: the weight holds codes in [{lo}, {hi}], outside the {self.weight_bits}-bit grid "
                     f"[{q_min}, {q_max}]: corrupt checkpoint."
                 )
         scale, zero_point = self.weight_scale, self.weight_zero_point
@@ -158,8 +170,15 @@ class _QuantizedLayerMixin:
 
     def __setattr__(self, name, value):
         if name == "weight":
-            # transformers' loader assigns every checkpoint entry, the placeholder included: accept only that.
-            if isinstance(value, torch.Tensor) and value.numel() == 0:
+            # transformers' loader assigns every checkpoint entry with setattr: the 1-D codes (kept for
+            # `HfR2Quantizer` to check and install once loading is done) or a format-1 empty placeholder (ignored).
+            if isinstance(value, torch.Tensor) and value.dim() == 1:
+                if value.numel():
+                    super().__setattr__("_loaded_codes", value.detach())
+                    try:  # installed now: transformers may read `weight` (its `_init_weights`) before `HfR2Quantizer`
+                        self.install_codes(value.detach(), "layer")
+                    except ValueError:
+                        pass  # reported, naming the layer, by `HfR2Quantizer` once loading is done
                 return
             raise AttributeError(
                 f"{type(self).__name__}.weight is derived from weight_int, weight_scale and weight_zero_point; "
@@ -167,18 +186,46 @@ class _QuantizedLayerMixin:
             )
         super().__setattr__(name, value)
 
+    def install_codes(self, codes: torch.Tensor, name: str = "layer") -> None:
+        """Installs checkpoint codes (the 1-D `weight` entry) as `weight_int`, keeping their dtype for `check_codes`.
+
+        Raises:
+            ValueError: If `codes` is not a 1-D tensor of as many codes as the layer has weights, naming `name`.
+        """
+        expected = self.weight_int.numel()
+        if codes.dim() != 1 or codes.numel() != expected or codes.is_floating_point():
+            raise ValueError(
+                f"{name}.weight holds a {codes.dtype} tensor of shape {tuple(codes.shape)}; this layer stores its "
+                f"{expected} integer weight codes as a 1-D tensor: corrupt checkpoint, or a config.json that does not "
+                "belong to these weights."
+            )
+        self._buffers["weight_int"] = codes.reshape(self.weight_int.shape)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = torch.zeros(0, dtype=torch.uint8, device=self.weight_int.device)
+        if self.checkpoint_format == 1:  # codes under `weight_int`, an empty `weight` placeholder
+            destination[prefix + "weight"] = torch.zeros(0, dtype=torch.uint8, device=self.weight_int.device)
+            return
+        codes = destination.pop(prefix + "weight_int")
+        destination[prefix + "weight"] = codes.reshape(-1)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        placeholder = state_dict.get(prefix + "weight")
-        if placeholder is not None and placeholder.numel() == 0:
+        stored = state_dict.get(prefix + "weight")
+        if stored is not None and stored.numel() == 0:  # format 1: codes under `weight_int`, `weight` a placeholder
             state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
-        elif placeholder is not None:
+        elif stored is not None and stored.dim() == 1 and not stored.is_floating_point():
+            if stored.numel() != self.weight_int.numel():
+                errors.append(
+                    f"{prefix}weight holds {stored.numel()} integer codes, but {type(self).__name__} has "
+                    f"{self.weight_int.numel()} weights: the checkpoint belongs to another layer shape."
+                )
+                return
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+            state_dict[prefix + "weight_int"] = stored.reshape(self.weight_int.shape)
+        elif stored is not None:
             errors.append(
-                f"{prefix}weight holds a dense weight of shape {tuple(placeholder.shape)}, but {type(self).__name__} "
-                "loads integer codes (weight_int) and scales: this is a float checkpoint, not a finalized one."
+                f"{prefix}weight holds a dense weight of shape {tuple(stored.shape)}, but {type(self).__name__} "
+                "loads integer codes and scales: this is a float checkpoint, not a finalized one."
             )
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
