@@ -1,7 +1,7 @@
 """The Python half of `benchmarks/distributed_gpu.sh` (issue 11): parity of multi-process runs, and step time / peak
 memory of `R2Trainer` under each engine.
 
-    python benchmarks/distributed_gpu.py compare --ref ref.pt --run ddp.pt --name ddp
+    python benchmarks/distributed_gpu.py compare --ref ref.pt --run ddp=ddp.pt fsdp2=fsdp2.pt
     torchrun --standalone --nproc_per_node N benchmarks/distributed_gpu.py step --engine fsdp2 --steps 10
 
 `compare` checks a `tests/scripts/train_parity.py` run of N processes against the one-process run at the same global
@@ -42,9 +42,19 @@ def _largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 
 
 def compare(cli: argparse.Namespace) -> int:
-    """Parity of every layout of `--run` with the single layout of `--ref`; returns the exit status."""
+    """Parity of every layout of every `--run NAME=PATH` with the single layout of `--ref`; returns the exit status."""
     ref = next(iter(torch.load(cli.ref, weights_only=False).values()))
-    runs = torch.load(cli.run, weights_only=False)
+    status = 0
+    for name, path in (entry.split("=", 1) for entry in cli.run):
+        if not os.path.exists(path):
+            print(f"parity {name}: FAILED: {path} was not written (its run failed)")
+            status = 1
+            continue
+        status |= _compare_run(cli, ref, name, torch.load(path, weights_only=False))
+    return status
+
+
+def _compare_run(cli: argparse.Namespace, ref: dict, name: str, runs: dict) -> int:
     status = 0
     for layout, run in runs.items():
         if not isinstance(run, dict) or "logs" not in run:
@@ -65,10 +75,10 @@ def compare(cli: argparse.Namespace) -> int:
         state_diff, _, close = _largest_difference(run["r2_state"], ref["r2_state"], cli.rtol, cli.atol)
         if not close:
             problems.append(f"regularizer state not within rtol {cli.rtol:.0e} + atol {cli.atol:.0e}")
-        engine = "FSDP2 (DTensor weights)" if run.get("sharded") else ("FSDP" if run.get("fsdp") else "DDP / plain")
+        engine = "FSDP, sharded weights" if run.get("sharded") else ("FSDP" if run.get("fsdp") else "DDP / plain")
         verdict = "ok" if not problems else "FAILED: " + "; ".join(problems)
         print(
-            f"parity {cli.name} {layout} ({run['world_size']} processes, {engine}): logs {log_diff:.1e} relative, "
+            f"parity {name} {layout} ({run['world_size']} processes, {engine}): logs {log_diff:.1e} relative, "
             f"weights {weight_diff:.1e} absolute ({weight_key}), r2 state {state_diff:.1e} absolute -> {verdict}"
         )
         status |= bool(problems)
@@ -102,11 +112,13 @@ class _StepTimer:
             torch.cuda.synchronize()
 
 
-def _engine_arguments(engine: str) -> dict:
+def _engine_arguments(engine: str, on_gpu: bool) -> dict:
     if engine == "fsdp2":
         return {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
     if engine == "fsdp1":
         config = {"version": 1, "use_orig_params": True, "transformer_layer_cls_to_wrap": ["BertLayer"]}
+        if not on_gpu:
+            config["sync_module_states"] = False  # Accelerate's plugin refuses it on CPU
         return {"fsdp": True, "fsdp_config": config}
     if engine == "zero3":
         config = {
@@ -131,14 +143,14 @@ def step(cli: argparse.Namespace) -> int:
     on_gpu = cli.device == "cuda"
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    elif cli.engine == "fsdp2":
+    elif cli.engine in ("fsdp2", "fsdp1"):
         sys.path.insert(0, os.path.join(ROOT, "tests", "scripts"))
         from train_parity import apply_fsdp_on_cpu  # Accelerate keeps FSDP for GPUs (docs/trainer.md)
 
         apply_fsdp_on_cpu()
-    elif cli.engine in ("fsdp1", "zero3"):
+    elif cli.engine == "zero3":
         if rank == 0:
-            print(f"step {cli.engine}: needs GPUs (Accelerate does not start it on CPU processes); skipped")
+            print("step zero3: needs GPUs (DeepSpeed); skipped")
         return 0
     if cli.model == "base":
         config = BertConfig(num_labels=2)
@@ -168,7 +180,7 @@ def step(cli: argparse.Namespace) -> int:
                 disable_tqdm=True,
                 dataloader_num_workers=0,
                 r2_type=r2_type,
-                **_engine_arguments(cli.engine),
+                **_engine_arguments(cli.engine, on_gpu),
             )
             try:
                 trainer = R2Trainer(model=model, args=args, train_dataset=dataset)
@@ -182,13 +194,16 @@ def step(cli: argparse.Namespace) -> int:
                 torch.cuda.reset_peak_memory_stats()
             trainer.train()
             peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if on_gpu else "n/a (CPU)"
-            sharded = any(type(p).__name__ == "DTensor" for p in trainer.model.parameters())
+            sharded = any(
+                type(p).__name__ == "DTensor" or (getattr(p, "_fsdp_flattened", False) and p.dim() == 1)
+                for p in trainer.model.parameters()
+            )
             logs = [entry for entry in trainer.state.log_history if "loss" in entry]
             if rank == 0:
                 measured = timer.times[cli.warmup :] or timer.times
                 print(
                     f"step {cli.engine:6s} {r2_type:13s} {world} processes, fsdp applied {trainer.is_fsdp_enabled}, "
-                    f"DTensor weights {sharded}: {1000 * statistics.median(measured):8.1f} ms/step (median of "
+                    f"sharded weights {sharded}: {1000 * statistics.median(measured):8.1f} ms/step (median of "
                     f"{len(measured)}), peak {peak}, loss {logs[-1]['loss']:.4f}, "
                     f"r2_loss {logs[-1].get('r2_loss', float('nan')):.4f}"
                 )
@@ -206,8 +221,9 @@ def main() -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     parity = commands.add_parser("compare", help="parity of a multi-process train_parity run with one process")
     parity.add_argument("--ref", required=True, help="train_parity.py output of the one-process run")
-    parity.add_argument("--run", required=True, help="train_parity.py output (rank 0) of the multi-process run")
-    parity.add_argument("--name", default="run")
+    parity.add_argument(
+        "--run", nargs="+", required=True, help="NAME=PATH: train_parity.py outputs (rank 0) of multi-process runs"
+    )
     parity.add_argument("--rtol", type=float, default=1e-4)
     parity.add_argument("--atol", type=float, default=1e-5)
     timing = commands.add_parser("step", help="R2Trainer step time and peak memory under one engine")

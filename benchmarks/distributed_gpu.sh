@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Multi-process engines on GPUs (issue 11), one command, under 5 minutes: with NCCL on every visible GPU (NPROC=...),
 #   1. parity of R2Trainer against one process at the same global batch (3 steps, tiny BERT, soft-min-max R²,
-#      GA 1 and 2): DDP, and FSDP2 through Accelerate (tests/scripts/train_parity.py + distributed_gpu.py compare);
+#      GA 1 and 2): DDP, FSDP2 and FSDP1 (use_orig_params) through Accelerate (tests/scripts/train_parity.py +
+#      distributed_gpu.py compare);
 #   2. range loss and gradients of every r2_type (scalar and 2-dim, GA 1 and 2) and DKM against one process under DDP,
 #      FSDP2 and FSDP1 with use_orig_params (tests/scripts/fsdp_parity.py);
 #   3. R2Trainer step time and peak CUDA memory per engine (DDP, FSDP2, FSDP1, and DeepSpeed ZeRO-3 when deepspeed
@@ -80,19 +81,20 @@ part() {  # part NAME TIMEOUT COMMAND...: runs, logs into $RESULTS/NAME.txt, not
     [ "$NPROC" -eq 1 ] && echo "ONE PROCESS: NCCL allows one rank per GPU, so the cross-rank parity below is not checked"
 } 2>&1 | tee "$RESULTS/env.txt"
 
-# 1. R2Trainer parity (tiny BERT, 3 steps): one process, then DDP and FSDP2 with $NPROC processes
+# 1. R2Trainer parity (tiny BERT, 3 steps): one process, then DDP, FSDP2 and FSDP1 with $NPROC processes
 part ref 120 "$PY" tests/scripts/train_parity.py --out "$RESULTS/ref.pt" --layouts 8x1 --steps 3 --device "$DEVICE"
-# shellcheck disable=SC2086  # LAYOUTS is a list of words
-part ddp 120 "${LAUNCH[@]}" tests/scripts/train_parity.py --out "$RESULTS/ddp.pt" --layouts $LAYOUTS --steps 3 --device "$DEVICE"
-part ddp_parity 60 "$PY" benchmarks/distributed_gpu.py compare --ref "$RESULTS/ref.pt" --run "$RESULTS/ddp.pt" --name ddp
-# shellcheck disable=SC2086
-part fsdp2 120 "${LAUNCH[@]}" tests/scripts/train_parity.py --out "$RESULTS/fsdp2.pt" --layouts $LAYOUTS --steps 3 --device "$DEVICE" --fsdp2
-part fsdp2_parity 60 "$PY" benchmarks/distributed_gpu.py compare --ref "$RESULTS/ref.pt" --run "$RESULTS/fsdp2.pt" --name fsdp2
+for engine in ddp fsdp2 fsdp1; do
+    flag=()
+    [ "$engine" = ddp ] || flag=("--$engine")
+    # shellcheck disable=SC2086  # LAYOUTS is a list of words
+    part "$engine" 120 "${LAUNCH[@]}" tests/scripts/train_parity.py --out "$RESULTS/$engine.pt" --layouts $LAYOUTS \
+        --steps 3 --device "$DEVICE" "${flag[@]}"
+done
+part parity 60 "$PY" benchmarks/distributed_gpu.py compare --ref "$RESULTS/ref.pt" \
+    --run "ddp=$RESULTS/ddp.pt" "fsdp2=$RESULTS/fsdp2.pt" "fsdp1=$RESULTS/fsdp1.pt"
 
 # 2. Range loss, gradients and DKM against one process, inside each process (prints "ok")
-part ddp_grads 120 "${LAUNCH[@]}" tests/scripts/fsdp_parity.py --engine ddp --device "$DEVICE"
-part fsdp2_grads 120 "${LAUNCH[@]}" tests/scripts/fsdp_parity.py --engine fsdp2 --device "$DEVICE"
-part fsdp1_grads 120 "${LAUNCH[@]}" tests/scripts/fsdp_parity.py --engine fsdp1 --device "$DEVICE"
+part grads 180 "${LAUNCH[@]}" tests/scripts/fsdp_parity.py --engine ddp fsdp2 fsdp1 --device "$DEVICE"
 
 # 3. Step time and peak memory per engine (timings are not parity: a failure here is reported, not counted)
 PARITY_FAILED=$FAILED
@@ -108,7 +110,5 @@ echo
 echo "== summary ($RESULTS, $((SECONDS - START)) s)"
 cat "$RESULTS/env.txt"
 grep -hE "^(parity|step)|SKIPPED|FAILED" "$RESULTS"/*.txt
-for name in ddp_grads fsdp2_grads fsdp1_grads; do
-    if grep -qx ok "$RESULTS/$name.txt" 2>/dev/null; then echo "$name: ok"; else echo "$name: NOT ok"; fi
-done
+if grep -qx ok "$RESULTS/grads.txt" 2>/dev/null; then echo "grads (ddp fsdp2 fsdp1): ok"; else echo "grads: NOT ok"; fi
 exit "$PARITY_FAILED"

@@ -268,6 +268,20 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+#: Module-name components that wrappers insert (FSDP1 units, activation checkpointing).
+_WRAPPER_NAME_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def _modules_by_unwrapped_name(model: nn.Module) -> dict[str, nn.Module]:
+    """`model.named_modules()` under the names of the unwrapped model: FSDP1 wraps submodules in place, so a layer
+    `a.b` becomes `_fsdp_wrapped_module.a._fsdp_wrapped_module.b`. A wrapper and the module it wraps get the same
+    name; the wrapped one (listed after it) is kept."""
+    modules = {}
+    for name, module in model.named_modules():
+        modules[".".join(part for part in name.split(".") if part not in _WRAPPER_NAME_PARTS)] = module
+    return modules
+
+
 class _RegularizerStep(TrainerCallback):
     """After every optimizer step: the decoupled range step (`r2_mode="decoupled"`), then one step of the
     regularizer's own Adam on its margins / temperatures, then their gradients are cleared.
@@ -679,7 +693,7 @@ class R2Trainer(Trainer):
                     in_loss = 0.0 if self._r2_decoupled() else self.r2_weight
                     logs["task_loss"] = logs["loss"] - in_loss * r2_loss
             if self._range_layer_names:
-                modules = dict(self.model.named_modules())
+                modules = _modules_by_unwrapped_name(self.model)
                 logs["max_weight_range"] = max_weight_range({n: modules[n] for n in self._range_layer_names})
         super().log(logs, start_time)
 

@@ -47,18 +47,20 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_r2trainer_matches_one_process(tmp_path):
-    """R2Trainer end to end under FSDP2 through Accelerate (`fsdp=True`, `fsdp_config={"version": 2}`, every
-    BertLayer and the model `fully_shard`ed), 2 processes x {4 x GA 1, 2 x GA 2}: logs, whole weights and regularizer
-    state equal one process. Accelerate keeps FSDP for accelerators, so the script applies it on CPU the way Accelerate
-    does on GPUs (`train_parity.apply_fsdp_on_cpu`); without that R2Trainer warns and trains with DDP (unit test in
-    test_range_regularizer_layers.py)."""
-    out = tmp_path / "fsdp2.pt"
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+def test_fsdp_r2trainer_matches_one_process(engine, tmp_path):
+    """R2Trainer end to end under FSDP through Accelerate (`fsdp=True`; FSDP2: every BertLayer and the model
+    `fully_shard`ed; FSDP1: BertLayer units, `use_orig_params=True`, a sync per micro-batch under GA), 2 processes x
+    {4 x GA 1, 2 x GA 2}: logs, whole weights and regularizer state equal one process. Accelerate keeps FSDP for
+    accelerators, so the script applies it on CPU the way Accelerate does on GPUs (`train_parity.apply_fsdp_on_cpu`);
+    without that R2Trainer warns and trains with DDP (unit test in test_range_regularizer_layers.py)."""
+    out = tmp_path / f"{engine}.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # FSDP1 checkpoints go through Accelerate's FULL_STATE_DICT with offload_to_cpu, which segfaults on CPU (torch 2.13)
+    resume = ["--resume_check"] if engine == "fsdp2" else []
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, "--fsdp2",
-        "--out", str(out), "--layouts", "4x1", "2x2", "--steps", str(STEPS), "--r2_type", "soft_min_max",
-        "--resume_check",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, f"--{engine}",
+        "--out", str(out), "--layouts", "4x1", "2x2", "--steps", str(STEPS), "--r2_type", "soft_min_max", *resume,
     ]  # fmt: skip
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -69,12 +71,14 @@ def test_fsdp2_r2trainer_matches_one_process(tmp_path):
     single = run(str(tmp_path / "single"), per_device=GLOBAL_BATCH, ga=1, steps=STEPS, r2_type="soft_min_max")
     for layout in ("4x1", "2x2"):
         fsdp = rank0[layout]
-        assert fsdp["world_size"] == 2 and fsdp["fsdp"] and fsdp["sharded"], "FSDP2 was not applied"
+        assert fsdp["world_size"] == 2 and fsdp["fsdp"] and fsdp["sharded"], f"{engine} was not applied"
         assert len(fsdp["logs"]) == STEPS
         assert_logs_equal(single["logs"], fsdp["logs"])
         assert_tensors_close(single["weights"], fsdp["weights"])
         assert_tensors_close(single["r2_state"], fsdp["r2_state"])
         assert_tensors_close(fsdp["r2_state"], rank1[layout]["r2_state"], atol=0)
+    if engine == "fsdp1":
+        return
 
     # Checkpoint / resume and save_model under FSDP2: a resume continues exactly (weights, margins and their Adam
     # state), and the saved model is the whole model, which from_pretrained loads with no missing or unexpected key.

@@ -194,3 +194,20 @@ def test_fsdp_requested_but_not_applied_is_said_loudly(tmp_path, caplog, monkeyp
             model=nn.Sequential(nn.Linear(4, 2)), args=R2TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
         )
     assert "NOT applied" not in caplog.text
+
+
+def test_logging_finds_layers_under_fsdp1_wrapper_names():
+    """FSDP1 wraps submodules in place (`a.b` -> `_fsdp_wrapped_module.a._fsdp_wrapped_module.b`): max_weight_range
+    logging looks layers up under their unwrapped names and gets the wrapped module, not its wrapper."""
+    from hf_r2.trainer import _modules_by_unwrapped_name
+
+    class Wrapper(nn.Module):  # stands for FullyShardedDataParallel
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self._fsdp_wrapped_module = module
+
+    inner = nn.Linear(3, 2)
+    model = Wrapper(nn.Sequential(nn.Linear(2, 3), Wrapper(inner)))
+    modules = _modules_by_unwrapped_name(model)
+    assert modules["1"] is inner and isinstance(modules["0"], nn.Linear)
+    assert not any("_fsdp_wrapped_module" in name for name in modules)

@@ -7,6 +7,7 @@ Dropout is off so that the per-process random streams cannot matter.
 Usage (as a script, one or several processes):
     torchrun --standalone --nproc_per_node 2 tests/scripts/train_parity.py --out result.pt --layouts 4x1 2x2
     torchrun --standalone --nproc_per_node 2 tests/scripts/train_parity.py --out result.pt --fsdp2   # FSDP2
+    torchrun --standalone --nproc_per_node 2 tests/scripts/train_parity.py --out result.pt --fsdp1   # FSDP1
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def apply_fsdp_on_cpu() -> None:
     Accelerate switches to FSDP only when its distributed type is one of the accelerator types (`MULTI_GPU`, ...,
     in `AcceleratorState.__init__`); a CPU run stays `MULTI_CPU` and silently drops the plugin, so `R2Trainer` would
     train with DDP. This shim does on CPU what Accelerate does on GPUs: keep the plugin and switch the type to FSDP.
+    It also gives the processes the device `cpu` instead of `cpu:<local rank>`, which FSDP1 refuses as its
+    `device_id` ("Inconsistent compute device and `device_id`").
     """
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
@@ -78,6 +81,7 @@ def apply_fsdp_on_cpu() -> None:
         if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             self.fsdp_plugin = plugin
+            self.device = PartialState._shared_state["device"] = torch.device("cpu")
 
     AcceleratorState.__init__ = init
 
@@ -117,16 +121,29 @@ def snapshot(trainer: R2Trainer) -> dict:
     return {
         "world_size": trainer.args.world_size,
         "logs": train_logs(trainer),
-        # FSDP2 keeps DTensor shards: gather each whole (a collective, on every rank).
-        "weights": {k: _whole(v).detach().cpu().clone() for k, v in trainer.model.state_dict().items()},
+        "weights": whole_state_dict(trainer.model),
         "fsdp": trainer.is_fsdp_enabled,
-        "sharded": any(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
+        # FSDP2: DTensor weights; FSDP1 (use_orig_params): 1-D pieces of the flat parameters.
+        "sharded": any(
+            type(p).__name__ == "DTensor" or (getattr(p, "_fsdp_flattened", False) and p.dim() == 1)
+            for p in trainer.model.parameters()
+        ),
         "r2_state": {} if reg is None else {k: v.detach().cpu().clone() for k, v in reg.state_dict().items()},
     }
 
 
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict on CPU, gathered from FSDP shards (a collective then: call on every rank)."""
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+
+    if isinstance(model, FullyShardedDataParallel):
+        # Not Accelerate's offload_to_cpu=True, which segfaults when the parameters already live on the CPU.
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+            state = model.state_dict()
+    else:
+        state = model.state_dict()
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone() for k, v in state.items()}
 
 
 def run(output_dir: str, *, per_device: int, ga: int, steps: int, r2_type: str, **overrides) -> dict:
@@ -165,6 +182,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--r2_type", default="soft_min_max")
     parser.add_argument("--fsdp2", action="store_true", help="train under FSDP2 (fully_shard each BertLayer, then all)")
+    parser.add_argument("--fsdp1", action="store_true", help="train under FSDP1, use_orig_params (BertLayer units)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per process, NCCL")
     parser.add_argument(
         "--resume_check",
@@ -177,6 +195,12 @@ def main() -> None:
     if cli.fsdp2:
         apply_fsdp_on_cpu()  # a no-op on GPUs, where Accelerate applies FSDP itself
         overrides |= {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
+    if cli.fsdp1:
+        apply_fsdp_on_cpu()
+        fsdp_config = {"version": 1, "use_orig_params": True, "transformer_layer_cls_to_wrap": ["BertLayer"]}
+        if cli.device == "cpu":
+            fsdp_config["sync_module_states"] = False  # Accelerate's plugin refuses it on CPU
+        overrides |= {"fsdp": True, "fsdp_config": fsdp_config}
     results = {}
     for layout in cli.layouts:
         per_device, ga = (int(x) for x in layout.split("x"))
