@@ -27,6 +27,7 @@ import dataclasses
 import importlib
 import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +163,15 @@ def _build_config(config_cls: type, what: str, **kwargs: Any) -> Any:
                 f"{what} ({config_cls.__name__}) has no option {unsupported}; its options are {sorted(known)}."
             )
     return config_cls(**given)
+
+
+def _sharding_engine_requested(training_args: Any) -> str | None:
+    """`"FSDP"` or `"DeepSpeed"` when the training arguments or `accelerate launch` (its environment) ask for one."""
+    flags = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED"}
+    for engine, variable in flags.items():
+        if getattr(training_args, engine.lower(), None) or os.environ.get(variable, "").lower() in ("1", "true"):
+            return engine
+    return None
 
 
 @dataclass
@@ -454,10 +464,20 @@ class CompressionArguments:
           compression, so this needs `--r2_during_compression` (PTQ comes after training: R² then PTQ is the paper's
           own recipe and is accepted).
         * `--r2_cluster_dim` other than `--dkm_cluster_dim`: the regularizer would shape vectors DKM does not cluster.
+        * A compression under FSDP or DeepSpeed: the scripts finalize it on the trained model, whose weights those
+          engines leave sharded (finalize needs whole weights, and refuses sharded ones).
 
         Args:
             training_args (`R2TrainingArguments`): The parsed training flags.
         """
+        engine = _sharding_engine_requested(training_args)
+        if self.method is not None and engine is not None:
+            raise ValueError(
+                f"--{'dkm_bits' if self.method == 'dkm' else 'quant_method'} under {engine}: the script finalizes the "
+                "compression on the trained model, which that engine leaves sharded, and finalize needs whole weights. "
+                "Compress under DDP (torchrun, or accelerate launch --multi_gpu), or train under FSDP in your own "
+                "script and finalize a gathered full state dict (docs/trainer.md, Engines)."
+            )
         r2_type = getattr(training_args, "r2_type", "none")
         compresses_in_training = self.trains_compressed and getattr(training_args, "do_train", False)
         if r2_type != "none" and compresses_in_training and not self.r2_during_compression:

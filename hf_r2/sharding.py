@@ -17,9 +17,10 @@ on the same whole weight (as under DDP), and the backward hands each rank the gr
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
 
 try:
     from torch.distributed.tensor import DTensor
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover - torch built without distributed suppor
         pass
 
 
-__all__ = ["DTensor", "DenseGrad", "gather_flat_shards", "is_flat_shard", "whole_weight"]
+__all__ = ["DTensor", "DenseGrad", "gather_flat_shards", "is_flat_shard", "refuse_sharded_layers", "whole_weight"]
 
 #: The attribute FSDP1 sets on every original parameter it flattened into a `FlatParameter`.
 FSDP_FLATTENED = "_fsdp_flattened"
@@ -137,3 +138,27 @@ def whole_weight(weight: torch.Tensor) -> torch.Tensor:
     if is_flat_shard(weight):
         return gather_flat_shards([weight], [None])[0]
     return weight
+
+
+def refuse_sharded_layers(layers: Mapping[str, nn.Module], what: str) -> None:
+    """Raises before `what` changes anything if FSDP shards a parameter of one of `layers`.
+
+    Finalizing a compression (DKM's hard assignment, integer weight codes) needs each layer's whole weight, and swaps
+    layers in a way a sharded model cannot follow.
+
+    Raises:
+        ValueError: Naming the first sharded layer and the way out.
+    """
+    sharded = [
+        name
+        for name, layer in layers.items()
+        if any(isinstance(p, DTensor) or is_flat_shard(p) for p in layer.parameters(recurse=False))
+    ]
+    if sharded:
+        more = f" and {len(sharded) - 1} more" if len(sharded) > 1 else ""
+        raise ValueError(
+            f"{what} needs whole weights, but FSDP shards {sharded[0]!r}{more}. Gather a full state dict "
+            "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+            f"full_state_dict=True))), load it into an unsharded copy of the model and {what} that copy "
+            "(tests/scripts/fsdp_parity.py does), or train the compression under DDP."
+        )

@@ -334,3 +334,41 @@ def test_r2_with_a_compression_that_trains_needs_an_explicit_flag_and_matching_d
     assert [type(c) for c in compression.trainer_callbacks()] == [EWGSDeltaCallback]
     *_, compression, _ = script("--do_train", "--quant_method", "lsq")
     assert compression.trainer_callbacks() == []
+
+
+@pytest.mark.parametrize("compression", [{"dkm_bits": 2}, {"quant_method": "lsq"}, {"quant_method": "ptq"}])
+def test_compression_under_a_sharding_engine_is_refused_before_training(compression, monkeypatch):
+    """The scripts finalize the compression on the trained model, which FSDP / DeepSpeed leave sharded: refused before
+    anything is loaded (finalize itself also refuses sharded weights: tests/scripts/fsdp_parity.py)."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    args = CompressionArguments(**compression)
+    plain = SimpleNamespace(r2_type="none", do_train=True, fsdp=[], deepspeed=None)
+    args.check_training_args(plain)  # no engine: accepted
+    for engine, training_args in (
+        ("FSDP", SimpleNamespace(**{**vars(plain), "fsdp": ["full_shard"]})),
+        ("DeepSpeed", SimpleNamespace(**{**vars(plain), "deepspeed": "ds_config.json"})),
+    ):
+        with pytest.raises(ValueError, match=f"under {engine}: the script finalizes the compression"):
+            args.check_training_args(training_args)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(ValueError, match="under FSDP"):
+        args.check_training_args(plain)
+    CompressionArguments().check_training_args(plain)  # no compression: the engine is the Trainer's business
+
+
+def test_finalize_refuses_fsdp_sharded_weights():
+    """A layer whose weight is an FSDP1 flat piece (or a DTensor) cannot be finalized: named, nothing changed."""
+    from torch import nn
+
+    from hf_r2.sharding import refuse_sharded_layers
+
+    layer = nn.Linear(2, 2)
+    refuse_sharded_layers({"whole": layer}, "finalize")
+    piece = nn.Module()
+    piece.weight = nn.Parameter(torch.zeros(3))
+    piece.weight._fsdp_flattened = True  # what FSDP1 marks its original parameters with
+    with pytest.raises(ValueError, match="finalize needs whole weights, but FSDP shards 'encoder.0'"):
+        refuse_sharded_layers({"whole": layer, "encoder.0": piece}, "finalize")

@@ -7,6 +7,7 @@ import logging
 import torch
 from torch import nn
 
+from ..sharding import refuse_sharded_layers
 from ..utils import (
     check_cluster_dim,
     refuse_multihead_attention,
@@ -196,6 +197,7 @@ def finalize(model: nn.Module, compress: bool | None = None) -> nn.Module:
     # Everything that can fail is checked, and every hard assignment computed, before the first layer changes: a
     # refusal leaves the trained DKM model (centroids included) intact, ready for another finalize.
     _refuse_tied_weights(model, layers, "finalize")
+    refuse_sharded_layers(layers, "finalize")
     if compress:
         existing = getattr(model.config, "quantization_config", None)
         if existing is not None and not (

@@ -39,6 +39,7 @@ from hf_r2.quantization.quantizers import (
     WeightQuantizer,
     _all_reduce_mean,
 )
+from hf_r2.sharding import refuse_sharded_layers
 from hf_r2.utils import refuse_multihead_attention, replace_submodule, select_modules, tied_weight_groups
 
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, Conv1D)
@@ -331,6 +332,7 @@ def finalize(model: nn.Module, *, rebuild_only: bool = False) -> nn.Module:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(f"finalize found no fake-quantized layer in {type(model).__name__}; call quantize first.")
+    refuse_sharded_layers(layers, "finalize")
     waiting = [] if rebuild_only else [n for n in uncalibrated_input_quantizers(model) if n in layers]
     if waiting:
         raise ValueError(

@@ -202,6 +202,13 @@ def check_dkm(engine: str, rank: int, world: int, ids: torch.Tensor, y: torch.Te
     ref_opt.step()
     opt.step()
 
+    if engine != "ddp":  # finalize refuses sharded weights (it needs whole ones): gather a full state dict instead
+        try:
+            finalize(net, compress=False)
+        except ValueError as error:
+            assert "finalize needs whole weights, but FSDP shards" in str(error), error
+        else:
+            raise AssertionError(f"{engine}: finalize accepted sharded weights")
     state = full_state_dict(net)
     if rank == 0:
         gathered = palettize(build(), config)
