@@ -50,6 +50,7 @@ from transformers import (
     set_seed,
 )
 
+from hf_r2.analysis import weight_ranges
 from hf_r2.arguments import config_with_overrides, load_metric, parse_script_args
 from hf_r2.export import check_coreml_export_request, export_coreml_to_dir
 from hf_r2.hub import (
@@ -599,6 +600,8 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         logger.info(coreml_report.summary())
 
     data_source = data_args.train_file or data_args.validation_file
+    # Measured on every process: under FSDP it gathers each sharded weight (a collective); the card is written by one.
+    final_ranges = weight_ranges(trainer.model) if writes_card else None
     if writes_card and trainer.is_world_process_zero():
         # The model card next to the saved model, as transformers' script writes it, with what hf_r2 did.
         card_kwargs = {"tasks": "text-classification", "language": "en"}
@@ -623,6 +626,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
                 size_report=dkm_size_report(compression_args),
                 reference_ranges=reference_ranges,
                 reference_label=reference_label,
+                ranges=final_ranges,
             ),
         )
 

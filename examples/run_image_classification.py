@@ -50,6 +50,7 @@ from transformers import (
     set_seed,
 )
 
+from hf_r2.analysis import weight_ranges
 from hf_r2.arguments import config_with_overrides, load_metric, parse_script_args
 from hf_r2.export import check_coreml_export_request, export_coreml_to_dir
 from hf_r2.hub import (
@@ -494,6 +495,8 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
         logger.info(coreml_report.summary())
 
     data_source = data_args.dataset_name or data_args.train_dir or data_args.validation_dir
+    # Measured on every process: under FSDP it gathers each sharded weight (a collective); the card is written by one.
+    final_ranges = weight_ranges(trainer.model) if writes_card else None
     if writes_card and trainer.is_world_process_zero():
         # The model card next to the saved model, as transformers' script writes it, with what hf_r2 did.
         compression = compression_args.card_info(trainer.model)
@@ -514,6 +517,7 @@ def main(args_list: list[str] | None = None) -> dict[str, float]:
                 size_report=dkm_size_report(compression_args),
                 reference_ranges=reference_ranges,
                 reference_label=reference_label,
+                ranges=final_ranges,
             ),
         )
 

@@ -644,8 +644,21 @@ def parse_script_args(model_args_cls: type, data_args_cls: type, args_list: list
         parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     else:
         parsed = parser.parse_args_into_dataclasses(args=argv)
-    _, _, training_args, compression_args, _ = parsed
+    _, _, training_args, compression_args, publish_args = parsed
     compression_args.check_training_args(training_args)  # flag combinations, before any data or model is loaded
+    engine = _sharding_engine_requested(training_args)
+    publishing = [
+        flag
+        for flag, on in (("--publish_dir", publish_args.publish_dir), ("--push_to_hub", training_args.push_to_hub))
+        if on
+    ]
+    if engine is not None and publishing:
+        raise ValueError(
+            f"{' / '.join(publishing)} under {engine}: publishing runs on the main process alone and reads the model's "
+            "weights, which that engine keeps sharded over all processes. Train under it (the model saved to "
+            "--output_dir is whole), then publish in one process: the same script with --model_name_or_path "
+            "OUTPUT_DIR --do_eval and the publish flags."
+        )
     return parsed
 
 

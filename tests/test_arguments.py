@@ -372,3 +372,26 @@ def test_finalize_refuses_fsdp_sharded_weights():
     piece.weight._fsdp_flattened = True  # what FSDP1 marks its original parameters with
     with pytest.raises(ValueError, match="finalize needs whole weights, but FSDP shards 'encoder.0'"):
         refuse_sharded_layers({"whole": layer, "encoder.0": piece}, "finalize")
+
+
+def test_publishing_under_a_sharding_engine_is_refused_before_loading(tmp_path, monkeypatch):
+    """--publish_dir / --push_to_hub run on the main process alone and read every weight, which FSDP keeps sharded:
+    refused at parse time, with the way to publish afterwards."""
+    from dataclasses import dataclass
+
+    from hf_r2.arguments import parse_script_args
+
+    @dataclass
+    class ModelArgs:
+        model_name_or_path: str = "m"
+
+    @dataclass
+    class DataArgs:
+        task_name: str = "qnli"
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    flags = ["--output_dir", str(tmp_path), "--do_train", "--publish_dir", str(tmp_path / "pub")]
+    with pytest.raises(ValueError, match="--publish_dir under FSDP: publishing runs on the main process alone"):
+        parse_script_args(ModelArgs, DataArgs, flags)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    parse_script_args(ModelArgs, DataArgs, flags)  # without FSDP: accepted

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, BertConfig
 
 import hf_r2  # noqa: F401  (registers the palettized checkpoint loader)
@@ -846,6 +847,38 @@ def test_run_glue_two_processes_match_one(tmp_path):
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
     for key in ("r2_loss", "task_loss"):
         assert log_values(tmp_path / "two", key) == pytest.approx(log_values(tmp_path / "one", key), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_run_glue_under_fsdp2_matches_one_process(tmp_path):
+    """run_glue.py with R² under FSDP2 through Accelerate (2 processes, applied on CPU by tests/scripts/fsdp_on_cpu.py
+    as Accelerate does on GPUs): same metrics, logged range loss and saved (whole) weights as one process; the model
+    card, written by the main process, gets the weight ranges measured on every process (a rank-0-only gather
+    deadlocked before)."""
+    steps = ["--do_train", "--do_eval", "--max_steps", "3", "--r2_type", "soft_min_max", "--r2_weight", "0.05"]
+    run_glue.main(glue_args(tmp_path / "one", *steps, "--per_device_train_batch_size", "8"))
+    wrap = '{"version": 2, "transformer_layer_cls_to_wrap": ["MobileBertLayer"]}'
+    fsdp = ["--fsdp", "full_shard", "--fsdp_config", wrap]
+    double = glue_args(tmp_path / "two", *steps, "--per_device_train_batch_size", "4", *fsdp)
+    launcher = Path(__file__).parent / "scripts" / "fsdp_on_cpu.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher)]
+    result = subprocess.run(
+        [*command, str(EXAMPLES / "run_glue.py"), *double], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    one = json.loads((tmp_path / "one" / "all_results.json").read_text())
+    two = json.loads((tmp_path / "two" / "all_results.json").read_text())
+    assert two["eval_accuracy"] == one["eval_accuracy"]
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+    for key in ("r2_loss", "task_loss", "max_weight_range"):
+        assert log_values(tmp_path / "two", key) == pytest.approx(log_values(tmp_path / "one", key), rel=1e-5)
+    saved_one = load_file(tmp_path / "one" / "model.safetensors")
+    saved_two = load_file(tmp_path / "two" / "model.safetensors")
+    assert saved_one.keys() == saved_two.keys()
+    for key, value in saved_one.items():
+        torch.testing.assert_close(saved_two[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert "## Weight ranges" in card_text(tmp_path / "two")
 
 
 def test_run_glue_ewgs_updates_its_delta_and_r2_during_compression_is_explicit(tmp_path):

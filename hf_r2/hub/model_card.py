@@ -284,6 +284,7 @@ def run_card_sections(
     size_report: str | Callable[[Path], str] | None = None,
     reference_ranges: Mapping[str, LayerWeightStats] | None = None,
     reference_label: str = "start of this run",
+    ranges: Mapping[str, LayerWeightStats] | None = None,
 ) -> list[str]:
     """The hf_r2 sections of the card the example scripts write into `--output_dir` next to the model.
 
@@ -301,6 +302,9 @@ def run_card_sections(
         coreml_bytes (`int`, *optional*): Weight-file size of the Core ML export, shown next to the safetensors size.
         size_report (`str` or `Callable[[Path], str]`, *optional*): As for `prepare_publish_folder`.
         reference_ranges, reference_label: See `build_model_card`.
+        ranges (`Mapping[str, LayerWeightStats]`, *optional*): `hf_r2.analysis.weight_ranges(model)`, measured by the
+            caller; under FSDP measuring gathers every weight (a collective), so the scripts measure on every process
+            and write the card on the main one.
 
     Returns:
         `list[str]`: Markdown blocks.
@@ -322,7 +326,7 @@ def run_card_sections(
     parts = compression_section(compression, size=size, size_report=size_report)
     if float_metrics:
         parts += metrics_section(metrics, float_metrics, float_label=float_label, compressed=bool(compression))
-    parts += ranges_section(weight_ranges(model), reference_ranges, reference_label)
+    parts += ranges_section(weight_ranges(model) if ranges is None else ranges, reference_ranges, reference_label)
     if compression:
         parts += usage_section(_auto_class_name(model), compressed=True)
     return parts
