@@ -198,7 +198,7 @@ def check_dkm(engine: str, rank: int, world: int, ids: torch.Tensor, y: torch.Te
     task_loss(net, ids[half], y[half]).backward()
     expected = full_grads(ref)
     for name, grad in full_grads(net).items():
-        torch.testing.assert_close(grad, expected[name], **DKM_TOL, msg=f"dkm {name}")
+        torch.testing.assert_close(grad, expected[name], **DKM_TOL, msg=f"{engine} dkm {name}")
     ref_opt.step()
     opt.step()
 
@@ -222,9 +222,9 @@ def check_dkm(engine: str, rank: int, world: int, ids: torch.Tensor, y: torch.Te
         gathered.eval()
         ref.eval()
         with torch.no_grad():
-            torch.testing.assert_close(gathered(ids), ref(ids), **DKM_TOL)
+            torch.testing.assert_close(gathered(ids), ref(ids), **DKM_TOL, msg=f"{engine} finalized outputs")
             for (name, a), b in zip(gathered.state_dict().items(), ref.state_dict().values(), strict=True):
-                torch.testing.assert_close(a, b, **DKM_TOL, msg=f"finalized {name}")
+                torch.testing.assert_close(a, b, **DKM_TOL, msg=f"{engine} finalized {name}")
 
 
 def main() -> None:
