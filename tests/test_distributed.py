@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ def test_two_processes_match_one_process(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         SCRIPT, "--out", str(out), "--layouts", "4x1", "2x2", "--steps", str(STEPS), "--r2_type", "soft_min_max",
+        "--resume_check",
     ]  # fmt: skip
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -33,6 +35,7 @@ def test_two_processes_match_one_process(tmp_path):
     torch.set_num_threads(1)
     single = run(str(tmp_path / "single"), per_device=GLOBAL_BATCH, ga=1, steps=STEPS, r2_type="soft_min_max")
     assert single["world_size"] == 1
+    assert_resume_continues_exactly(rank0["resume"], tmp_path / "final")
 
     for layout in ("4x1", "2x2"):
         ddp = rank0[layout]
@@ -80,14 +83,20 @@ def test_fsdp_r2trainer_matches_one_process(engine, tmp_path):
     if engine == "fsdp1":
         return
 
-    # Checkpoint / resume and save_model under FSDP2: a resume continues exactly (weights, margins and their Adam
-    # state), and the saved model is the whole model, which from_pretrained loads with no missing or unexpected key.
-    straight, resumed = rank0["resume"]["straight"], rank0["resume"]["resumed"]
-    assert straight["sharded"] and resumed["sharded"]
+    assert rank0["resume"]["straight"]["sharded"] and rank0["resume"]["resumed"]["sharded"]
+    assert_resume_continues_exactly(rank0["resume"], tmp_path / "final")
+
+
+def assert_resume_continues_exactly(resume: dict, final: Path) -> None:
+    """`train_parity.resume_check`: a resume from the step-2 checkpoint of 2 processes continues exactly (weights,
+    margins and their Adam state, logs), and `save_model` wrote the whole model, which from_pretrained loads with no
+    missing or unexpected key."""
+    straight, resumed = resume["straight"], resume["resumed"]
+    assert straight["world_size"] == resumed["world_size"] == 2
     assert_tensors_close(straight["weights"], resumed["weights"])
     assert_tensors_close(straight["r2_state"], resumed["r2_state"])
     assert_logs_equal(straight["logs"][2:], resumed["logs"][2:])
-    loaded, info = BertForSequenceClassification.from_pretrained(tmp_path / "final", output_loading_info=True)
+    loaded, info = BertForSequenceClassification.from_pretrained(final, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert_tensors_close(straight["weights"], loaded.state_dict(), atol=0)
 
