@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_trainer import assert_logs_equal, assert_tensors_close
-from train_parity import GLOBAL_BATCH, run
+from train_parity import DECOUPLED, GLOBAL_BATCH, run
 from transformers import BertForSequenceClassification
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "train_parity.py")
@@ -25,7 +25,7 @@ def test_two_processes_match_one_process(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         SCRIPT, "--out", str(out), "--layouts", "4x1", "2x2", "--steps", str(STEPS), "--r2_type", "soft_min_max",
-        "--resume_check",
+        "--resume_check", "--decoupled_check",
     ]  # fmt: skip
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -36,6 +36,11 @@ def test_two_processes_match_one_process(tmp_path):
     single = run(str(tmp_path / "single"), per_device=GLOBAL_BATCH, ga=1, steps=STEPS, r2_type="soft_min_max")
     assert single["world_size"] == 1
     assert_resume_continues_exactly(rank0["resume"], tmp_path / "final")
+    # r2_mode="decoupled": every rank applies the same range step to the same whole weights after the optimizer step.
+    decoupled = run(str(tmp_path / "decoupled"), **DECOUPLED, per_device=GLOBAL_BATCH, steps=STEPS)
+    assert_logs_equal(decoupled["logs"], rank0["decoupled"]["logs"])
+    assert_tensors_close(decoupled["weights"], rank0["decoupled"]["weights"])
+    assert_tensors_close(rank0["decoupled"]["weights"], rank1["decoupled"]["weights"], atol=0)
 
     for layout in ("4x1", "2x2"):
         ddp = rank0[layout]

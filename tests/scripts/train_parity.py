@@ -61,6 +61,10 @@ class TokenDataset(torch.utils.data.Dataset):
         }
 
 
+#: The decoupled-mode parity run: the range step after every optimizer step, instead of a loss term.
+DECOUPLED = {"ga": 1, "r2_type": "linf", "r2_mode": "decoupled", "r2_weight": 0.05}
+
+
 def apply_fsdp_on_cpu() -> None:
     """Makes Accelerate apply the FSDP plugin on CPU processes too (test only).
 
@@ -185,6 +189,9 @@ def main() -> None:
     parser.add_argument("--fsdp1", action="store_true", help="train under FSDP1, use_orig_params (BertLayer units)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per process, NCCL")
     parser.add_argument(
+        "--decoupled_check", action="store_true", help="also: a run of DECOUPLED (r2_mode='decoupled', linf)"
+    )
+    parser.add_argument(
         "--resume_check",
         action="store_true",
         help="also: 4 steps (margin) with a checkpoint at 2 and save_model, then a resume from the checkpoint",
@@ -214,6 +221,15 @@ def main() -> None:
         )
     if cli.resume_check:
         results["resume"] = resume_check(os.path.dirname(os.path.abspath(cli.out)), **overrides)
+    if cli.decoupled_check:
+        per_device = GLOBAL_BATCH // max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        results["decoupled"] = run(
+            os.path.join(os.path.dirname(os.path.abspath(cli.out)), "run-decoupled"),
+            **DECOUPLED,
+            per_device=per_device,
+            steps=cli.steps,
+            **overrides,
+        )
     rank = int(os.environ.get("RANK", "0"))
     # Every rank writes its own snapshot, to check that the ranks agree without communicating.
     torch.save(results, cli.out if rank == 0 else f"{cli.out}.rank{rank}")
