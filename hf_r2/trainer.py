@@ -300,6 +300,9 @@ class _RegularizerStep(TrainerCallback):
         if self._trainer.r2_regularizer is not None and self._trainer._is_fsdp1():
             self._trainer._sync_every_micro_batch()
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self._trainer._end_sync_every_micro_batch()
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer = self._trainer
         reg = trainer.r2_regularizer
@@ -564,6 +567,12 @@ class R2Trainer(Trainer):
         if self.args.gradient_accumulation_steps > 1 and not kwargs.get("sync_each_batch", False):
             logger.info("R² under FSDP1 with gradient accumulation: synchronizing gradients after every micro-batch.")
             kwargs["sync_each_batch"] = True
+            self._restore_sync_each_batch = True  # the setting is shared by every Trainer of the process
+
+    def _end_sync_every_micro_batch(self) -> None:
+        if getattr(self, "_restore_sync_each_batch", False):
+            self.accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = False
+            self._restore_sync_each_batch = False
 
     def _warn_if_fsdp_requested_but_not_applied(self) -> None:
         """Accelerate applies FSDP only on accelerators: on CPU it keeps DDP and drops the FSDP plugin silently."""

@@ -168,6 +168,8 @@ def test_sharding_engines_r2_gathers_are_accepted(engine, plugin_fields, tmp_pat
     monkeypatch.setitem(kwargs, "sync_each_batch", False)  # shared state: restored after the test
     trainer.callback_handler.on_train_begin(args, trainer.state, trainer.control)
     assert kwargs["sync_each_batch"] is (engine == "FSDP1")
+    trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)
+    assert kwargs["sync_each_batch"] is False  # shared by every Trainer of the process: restored after training
 
     decoupled = R2TrainingArguments(
         output_dir=str(tmp_path), r2_type="linf", r2_mode="decoupled", r2_weight=0.01, use_cpu=True, report_to=[]
