@@ -18,4 +18,13 @@ if __name__ == "__main__":
     script, sys.argv = sys.argv[1], sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     apply_fsdp_on_cpu()
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as done:
+        if done.code not in (None, 0):
+            raise
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave together: the main process writes the card and results after the others
+        dist.barrier()
+        dist.destroy_process_group()
