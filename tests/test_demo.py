@@ -78,12 +78,19 @@ def test_text_miniature_quick_and_resume(qnli, tmp_path, capsys):
     assert "stage 1 of" not in printed  # every unit came from the cache
     assert rerun["accuracy"] == results["accuracy"]
 
-    # Another setting is another cache key: that unit is computed again.
-    def key(**settings):
-        return qnli.UnitCache(out / "c", settings).settings_hash
+    # Another setting is another cache key for the units it changes, and only for those.
+    def key(unit, **settings):
+        return qnli.UnitCache(out / "c", {**qnli.asdict(qnli.MiniatureArguments()), **settings}).path(unit).name
 
-    assert key(dkm_steps=1) != key(dkm_steps=2)
-    assert key(output_dir="a") == key(output_dir="b")
+    assert key("none-s0-DKM_2-bit", dkm_steps=1) != key("none-s0-DKM_2-bit", dkm_steps=2)
+    assert key("none-s0-FP32", dkm_steps=1) == key("none-s0-FP32", dkm_steps=2)
+    assert key("none-s0-DKM_1-bit", dkm_1bit_steps=1) != key("none-s0-DKM_1-bit", dkm_1bit_steps=2)
+    assert key("none-s0-DKM_1-bit", dkm_steps=1) == key("none-s0-DKM_1-bit", dkm_steps=2)
+    assert key("none-s0-DKM_2-bit", dkm_1bit_learning_rate=1) == key("none-s0-DKM_2-bit", dkm_1bit_learning_rate=2)
+    assert key("clip-s0-FP32", clip_tolerance=0.01) != key("clip-s0-FP32", clip_tolerance=0.02)
+    assert key("none-s0-FP32", clip_tolerance=0.01) == key("none-s0-FP32", clip_tolerance=0.02)
+    assert key("none-s0-FP32", learning_rate=1e-5) != key("none-s0-FP32", learning_rate=2e-5)
+    assert key("none-s0-FP32", output_dir="a") == key("none-s0-FP32", output_dir="b")
 
 
 @pytest.mark.slow
