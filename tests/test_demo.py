@@ -78,27 +78,76 @@ def test_text_miniature_quick_and_resume(qnli, tmp_path, capsys):
     assert "stage 1 of" not in printed  # every unit came from the cache
     assert rerun["accuracy"] == results["accuracy"]
 
-    # Another setting is another cache key: that unit is computed again.
-    def key(**settings):
-        return qnli.UnitCache(out / "c", settings).settings_hash
+    # Another setting is another cache key for the units it changes, and only for those.
+    def key(unit, **settings):
+        return qnli.UnitCache(out / "c", {**qnli.asdict(qnli.MiniatureArguments()), **settings}).path(unit).name
 
-    assert key(dkm_steps=1) != key(dkm_steps=2)
-    assert key(output_dir="a") == key(output_dir="b")
+    assert key("none-s0-DKM_2-bit", dkm_steps=1) != key("none-s0-DKM_2-bit", dkm_steps=2)
+    assert key("none-s0-FP32", dkm_steps=1) == key("none-s0-FP32", dkm_steps=2)
+    assert key("none-s0-DKM_1-bit", dkm_1bit_steps=1) != key("none-s0-DKM_1-bit", dkm_1bit_steps=2)
+    assert key("none-s0-DKM_1-bit", dkm_steps=1) == key("none-s0-DKM_1-bit", dkm_steps=2)
+    assert key("none-s0-DKM_2-bit", dkm_1bit_learning_rate=1) == key("none-s0-DKM_2-bit", dkm_1bit_learning_rate=2)
+    assert key("clip-s0-FP32", clip_tolerance=0.01) != key("clip-s0-FP32", clip_tolerance=0.02)
+    assert key("none-s0-FP32", clip_tolerance=0.01) == key("none-s0-FP32", clip_tolerance=0.02)
+    assert key("none-s0-FP32", learning_rate=1e-5) != key("none-s0-FP32", learning_rate=2e-5)
+    assert key("none-s0-FP32", output_dir="a") == key("none-s0-FP32", output_dir="b")
 
 
 @pytest.mark.slow
-def test_vision_demo_quick(tmp_path):
+def test_vision_demo_quick(tmp_path, monkeypatch):
     from hf_r2 import demo_vision
+    from hf_r2.quantization import model as quant_model
 
+    # EWGS needs its callback to re-estimate delta (without it the column is LSQ with a fixed delta, silently).
+    ewgs_updates = []
+    estimate = quant_model.estimate_ewgs_deltas
+    monkeypatch.setattr(
+        quant_model, "estimate_ewgs_deltas", lambda *a, **k: ewgs_updates.append(1) or estimate(*a, **k)
+    )
     out = tmp_path / "vision"
     payload = demo_vision.main(["--quick", "--output_dir", str(out), "--seeds", "0", "--threads", "1"])
     results = json.loads((out / "results.json").read_text())
-    assert results["rows"] == list(demo_vision.R2_ROWS)
-    for row in results["rows"]:
+    vector_rows = ["linf_d2", "linf_d4"]
+    assert results["rows"] == [*demo_vision.R2_ROWS, *vector_rows]
+    qat = {f"{m} W{b}A{b}" for m in ("LSQ", "EWGS", "PACT") for b in (2, 4)}
+    vector_columns = {"DKM 2-bit 2-dim": "linf_d2", "DKM 4-bit 4-dim": "linf_d4"}
+    assert set(payload["columns"]) >= {"PTQ W2", "PTQ W4", "DKM 1-bit", "DKM 2-bit", "DKM 4-bit"} | qat
+    assert set(payload["columns"]) >= set(vector_columns)
+    for row in demo_vision.R2_ROWS:
         for column in results["columns"]:
-            assert len(results["accuracy"][row][column]) == 1
-    assert set(payload["columns"]) >= {"PTQ W2", "PTQ W4", "LSQ W2A2", "DKM 1-bit", "DKM 2-bit", "DKM 4-bit"}
+            if column in vector_columns and row != "none":
+                # Vector DKM runs only on the baseline and on the rows trained with the matching multi-dim R².
+                assert column not in results["accuracy"][row]
+                continue
+            (acc,) = results["accuracy"][row][column]
+            assert math.isfinite(acc) and 0 <= acc <= 1
+    for column, row in vector_columns.items():
+        assert set(results["accuracy"][row]) == {"FP32", "PTQ W4", "PTQ W2", column}
+        assert all(math.isfinite(a) for a in results["accuracy"][row][column])
+    # The cluster_dim read back from each row's trainer: the vector rows' R² matches their DKM column's vectors.
+    assert results["r2_cluster_dim"] == {
+        "none": [None], "linf": [1], "margin": [1], "soft_min_max": [1], "linf_d2": [2], "linf_d4": [4],
+    }  # fmt: skip
+    assert results["vector_rows"]["linf_d4"] == {"r2_type": "linf", "cluster_dim": 4}
+    # 4 does not divide the classifier's 10 outputs: left out of the 4-dim DKM and R², and said so in the report.
+    assert results["not_divisible"] == {"2": [], "4": ["classifier.1"]}
+    assert "classifier.1" in (out / "report.md").read_text()
+    assert len(ewgs_updates) == 2 * len(demo_vision.R2_ROWS)  # one estimate per EWGS run (2 bit widths x 4 rows)
     assert len(results["figures"]) == len(demo_vision.R2_ROWS) - 1
+
+
+def test_vision_layers_not_divisible_by_cluster_dim():
+    from hf_r2.demo_vision import build_model, layers_not_divisible
+
+    model = build_model([16, 32])  # output channels: 16, 16, 16, 32, 32, 32 and a 10-class classifier
+    assert layers_not_divisible(model, 2) == []
+    assert layers_not_divisible(model, 4) == ["classifier.1"]
+    assert layers_not_divisible(model, 32) == [
+        "resnet.embedder.embedder.convolution",
+        "resnet.encoder.stages.0.layers.0.layer.0.convolution",
+        "resnet.encoder.stages.0.layers.0.layer.1.convolution",
+        "classifier.1",
+    ]
 
 
 def test_mean_std_and_paired_difference_match_scipy():
@@ -225,3 +274,16 @@ def test_vision_demo_arguments_validation():
         VisionDemoArguments(dataset="cifar")
     with pytest.raises(ValueError, match="threads must be >= 1.*got -2"):
         VisionDemoArguments(threads=-2)
+    with pytest.raises(ValueError, match="qat_methods must be a subset of.*dorefa"):
+        VisionDemoArguments(qat_methods=["lsq", "dorefa"])
+    with pytest.raises(ValueError, match="vector_r2_types must be a subset of.*none"):
+        VisionDemoArguments(vector_r2_types=["none"])
+    with pytest.raises(ValueError, match="dkm_vector_bits must hold bit widths in 2..8"):
+        VisionDemoArguments(dkm_vector_bits=[1])
+    rows = VisionDemoArguments(vector_r2_types=["linf", "margin"], dkm_vector_bits=[2, 4]).vector_rows()
+    assert rows == {
+        "linf_d2": ("linf", 2),
+        "margin_d2": ("margin", 2),
+        "linf_d4": ("linf", 4),
+        "margin_d4": ("margin", 4),
+    }

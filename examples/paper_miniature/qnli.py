@@ -64,6 +64,10 @@ ROWS: tuple[str, ...] = ("none", "clip", *R2_TYPES)
 EMBEDDING_NAMES = ["word_embeddings", "position_embeddings", "token_type_embeddings"]
 #: Settings that change how the run is executed or where it writes, not its numbers: left out of the cache keys.
 _NOT_IN_CACHE_KEY = ("output_dir", "threads", "no_cache", "rows", "seeds")
+#: Settings of one stage only: they key the units of that stage and no other.
+_DKM_SETTINGS = ("dkm_steps", "dkm_1bit_steps", "dkm_learning_rate", "dkm_1bit_learning_rate", "dkm_warmup_steps",
+                 "dkm_adam_epsilon", "dkm_eval_every")  # fmt: skip
+_CLIP_SETTINGS = ("clip_fractions", "clip_tolerance")
 
 
 def log(message: str) -> None:
@@ -106,13 +110,20 @@ class MiniatureArguments:
     max_seq_length: int = field(
         default=128, metadata={"help": "Tokens per pair after truncation (batches padded to their longest pair)."}
     )
-    batch_size: int = field(default=8, metadata={"help": "Training batch size of every stage."})
+    batch_size: int = field(default=16, metadata={"help": "Training batch size of every stage."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of the full-precision fine-tunes."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of each full-precision fine-tune."})
+    num_train_epochs: float = field(
+        default=3.0,
+        metadata={"help": "Epochs of each full-precision fine-tune (1 epoch gives a weak ~64 % model, see RESULTS)."},
+    )
     max_steps: int = field(default=-1, metadata={"help": "If > 0, steps of each full-precision fine-tune."})
-    bf16: bool = field(
-        default=False,
-        metadata={"help": "bfloat16 autocast for training and evaluation (CPUs with avx512_bf16/AMX, GPUs)."},
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bfloat16 autocast for training and evaluation. Default: on where the hardware computes bf16 "
+            "natively (CPUs with avx512_bf16 or AMX, GPUs with bf16 support), float32 elsewhere; `--bf16 false` "
+            "forces float32."
+        },
     )
     device: str = field(default="cpu", metadata={"help": "'cpu' or 'cuda'."})
     r2_mode: str = field(
@@ -137,9 +148,17 @@ class MiniatureArguments:
     )
     clip_tolerance: float = field(default=0.01, metadata={"help": "Accuracy the clipping may cost on held-out pairs."})
     dkm_bits: list[int] = field(default_factory=lambda: [2, 1], metadata={"help": "DKM palette sizes (bits)."})
-    dkm_steps: int = field(default=40, metadata={"help": "Steps of each DKM fine-tune."})
-    dkm_learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW) of DKM fine-tunes."})
-    dkm_warmup_steps: int = field(default=10, metadata={"help": "Linear warm-up steps of the DKM fine-tunes."})
+    dkm_steps: int = field(default=40, metadata={"help": "Steps of each DKM fine-tune of 2 bits and more."})
+    dkm_1bit_steps: int = field(default=60, metadata={"help": "Steps of each 1-bit DKM fine-tune."})
+    dkm_learning_rate: float = field(
+        default=3e-5, metadata={"help": "Peak learning rate (AdamW) of the DKM fine-tunes of 2 bits and more."}
+    )
+    dkm_1bit_learning_rate: float = field(
+        default=1e-4,
+        metadata={"help": "Peak learning rate of the 1-bit DKM fine-tunes (two centroids are farther apart and "
+                  "recover more slowly: docs/RESULTS.md, 2.2)."},
+    )  # fmt: skip
+    dkm_warmup_steps: int = field(default=4, metadata={"help": "Linear warm-up steps of the DKM fine-tunes."})
     dkm_adam_epsilon: float = field(
         default=1e-8,
         metadata={"help": "AdamW epsilon of the DKM fine-tunes (see docs/RESULTS.md for why it matters)."},
@@ -167,14 +186,14 @@ class MiniatureArguments:
                 raise ValueError(f"{name} must hold bit widths in 1..8, got {getattr(self, name)!r}.")
         if self.ptq_bits and min(self.ptq_bits) < 2:
             raise ValueError(f"ptq_bits must be >= 2 (symmetric 1-bit PTQ is only zero), got {self.ptq_bits!r}.")
-        for name in ("max_seq_length", "batch_size", "dkm_steps", "dkm_eval_every", "dev_pairs"):
+        for name in ("max_seq_length", "batch_size", "dkm_steps", "dkm_1bit_steps", "dkm_eval_every", "dev_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
         if self.dkm_warmup_steps < 0:
             raise ValueError(f"dkm_warmup_steps must be >= 0, got {self.dkm_warmup_steps!r}.")
         for name in (
             "r2_weight_linf", "r2_weight_margin", "r2_weight_soft_min_max", "learning_rate", "dkm_learning_rate",
-            "dkm_adam_epsilon", "clip_tolerance",
+            "dkm_1bit_learning_rate", "dkm_adam_epsilon", "clip_tolerance",
         ):  # fmt: skip
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -186,6 +205,8 @@ class MiniatureArguments:
             raise ValueError(f"r2_mode must be 'loss' or 'decoupled', got {self.r2_mode!r}.")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}.")
+        if self.bf16 is None:  # the smoke test runs the same everywhere; the real run takes the fast path
+            self.bf16 = False if self.quick else native_bf16(self.device)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (or left unset for torch's choice), got {self.threads!r}.")
         if self.quick:
@@ -194,6 +215,7 @@ class MiniatureArguments:
             self.dev_pairs = min(self.dev_pairs, 16)
             self.max_steps = self.max_steps if self.max_steps > 0 else 2
             self.dkm_steps = min(self.dkm_steps, 2)
+            self.dkm_1bit_steps = min(self.dkm_1bit_steps, 2)
             self.dkm_warmup_steps = min(self.dkm_warmup_steps, 1)
             self.dkm_eval_every = min(self.dkm_eval_every, 1)
             self.threads = self.threads or 1
@@ -203,23 +225,38 @@ class MiniatureArguments:
         return float(getattr(self, f"r2_weight_{row}")) if row in R2_TYPES else 0.0
 
 
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes bfloat16 natively (autocast to bf16 is then faster there, ~1.45x on this CPU)."""
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8").split()
+    except OSError:  # not Linux: stay on float32, which works everywhere
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Cache and progress
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 class UnitCache:
-    """One JSON file per finished unit under `folder`, named by the unit and a hash of every setting that changes it."""
+    """One JSON file per finished unit under `folder`, named by the unit and a hash of the settings that change it.
+
+    A unit's key holds every setting except those of other stages (`unit_settings`), so changing, say, the 1-bit DKM
+    learning rate recomputes the 1-bit DKM units only.
+    """
 
     def __init__(self, folder: Path, settings: dict[str, Any], enabled: bool = True):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.enabled = enabled
-        keyed = {k: v for k, v in sorted(settings.items()) if k not in _NOT_IN_CACHE_KEY}
-        self.settings_hash = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+        self.settings = dict(settings)
 
     def path(self, unit: str, suffix: str = ".json") -> Path:
-        return self.folder / f"{unit}-{self.settings_hash}{suffix}"
+        keyed = json.dumps(unit_settings(unit, self.settings), sort_keys=True)
+        return self.folder / f"{unit}-{hashlib.sha256(keyed.encode()).hexdigest()[:12]}{suffix}"
 
     def load(self, unit: str) -> dict[str, Any] | None:
         path = self.path(unit)
@@ -229,6 +266,24 @@ class UnitCache:
 
     def store(self, unit: str, value: dict[str, Any]) -> None:
         reports.write_text_atomic(self.path(unit), json.dumps(value))
+
+
+def unit_settings(unit: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that change the numbers of `unit` (e.g. `none-s0-FP32`, `linf-s1-DKM_1-bit`, `clip-fraction-s0`).
+
+    Left out: how the run is executed (`_NOT_IN_CACHE_KEY`), which units exist (the bit widths are in the unit names),
+    and the settings of the stages the unit does not run: DKM settings outside DKM units (and the other bit widths'
+    learning rate), clipping settings outside the `clip` row.
+    """
+    dkm = "DKM" in unit
+    one_bit = dkm and ("DKM_1-bit" in unit or "DKM 1-bit" in unit)
+    dropped = set(_NOT_IN_CACHE_KEY) | {"dkm_bits", "ptq_bits"}
+    if not dkm:
+        dropped |= set(_DKM_SETTINGS)
+    dropped |= {"dkm_learning_rate", "dkm_steps"} if one_bit else {"dkm_1bit_learning_rate", "dkm_1bit_steps"}
+    if not unit.startswith("clip"):
+        dropped |= set(_CLIP_SETTINGS)
+    return {k: v for k, v in sorted(settings.items()) if k not in dropped}
 
 
 class Progress:
@@ -513,7 +568,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # ---- the units, in run order; their nominal cost (in training steps) drives the time estimate
     rows = [r for r in ROWS if r in args.rows]
     fp_steps = args.max_steps if args.max_steps > 0 else math.ceil(len(fit) / args.batch_size * args.num_train_epochs)
-    dkm_cost = 1.6 * args.dkm_steps + 0.3 * (args.dkm_steps // args.dkm_eval_every + 1)
+
+    def dkm_cost(bits: int) -> float:
+        steps = args.dkm_1bit_steps if bits == 1 else args.dkm_steps
+        return 1.6 * steps + 0.3 * (steps // args.dkm_eval_every + 1)
+
     columns = ["FP32"] + [f"DKM {b}-bit" for b in args.dkm_bits] + [f"PTQ W{b} (per-tensor)" for b in args.ptq_bits]
     units: dict[str, float] = {}
     plan: list[tuple[int, str, str]] = []  # (seed, row, column)
@@ -523,7 +582,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if column.startswith("DKM 1") and seed != args.seeds[0]:
                     continue  # DKM 1-bit: the first seed only (budget)
                 plan.append((seed, row, column))
-                cost = fp_steps if column == "FP32" else dkm_cost if column.startswith("DKM") else 1.0
+                cost = (
+                    fp_steps if column == "FP32"
+                    else dkm_cost(int(column.split()[1].split("-")[0])) if column.startswith("DKM")
+                    else 1.0
+                )  # fmt: skip
                 units[f"{row}-s{seed}-{column}"] = 0.5 if (row == "clip" and column == "FP32") else cost
     progress = Progress(units)
 
@@ -619,8 +682,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{work}/dkm{bits}-{row}-{seed}",
             seed,
             args,
-            learning_rate=args.dkm_learning_rate,
-            max_steps=args.dkm_steps,
+            learning_rate=args.dkm_1bit_learning_rate if bits == 1 else args.dkm_learning_rate,
+            max_steps=args.dkm_1bit_steps if bits == 1 else args.dkm_steps,
             warmup_steps=args.dkm_warmup_steps,
             lr_scheduler_type="linear",
             adam_epsilon=args.dkm_adam_epsilon,
@@ -752,8 +815,9 @@ def write_report(args, rows, columns, results, figure_weights, elapsed, model_la
         "on the first seed)."
         if clip_fraction is not None
         else "",
-        f"DKM: every Linear layer palettized (one LUT per layer), {args.dkm_steps} AdamW steps "
-        f"(lr {args.dkm_learning_rate}, "
+        f"DKM: every Linear layer palettized (one LUT per layer), {args.dkm_steps} AdamW steps (1-bit: "
+        f"{args.dkm_1bit_steps}) "
+        f"(lr {args.dkm_learning_rate}; 1-bit: {args.dkm_1bit_learning_rate}, "
         f"{args.dkm_warmup_steps} warm-up steps, then linear decay, epsilon {args.dkm_adam_epsilon}) without R²; "
         f"the held-out accuracy is measured every {args.dkm_eval_every} steps and the best state kept (step 0 = "
         f"k-means initialisation), then `finalize`. Kept steps per seed: {kept}.",
