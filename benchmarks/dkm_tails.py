@@ -69,10 +69,13 @@ def _full_span_plan(layer):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bits", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--bits", type=int, default=2, choices=[1, 2, 4, 8])
+    parser.add_argument("--steps", type=int, default=3, help="Timed steps per model (>= 1; median reported).")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (>= 1).")
     args = parser.parse_args()
+    for flag in ("steps", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"argument --{flag}: must be an integer >= 1, got {getattr(args, flag)}")
     torch.set_num_threads(args.threads)
     steps = {"plain": build(None), "full span": build(args.bits, True), "tails": build(args.bits)}
     for name, (_, grid_weights) in steps.items():
