@@ -203,6 +203,8 @@ def test_miniature_arguments_validation(qnli):
         args(rows=["linf"])
     with pytest.raises(ValueError, match="dkm_bits"):
         args(dkm_bits=[0])
+    with pytest.raises(ValueError, match="dkm_1bit_sampling must be 'random' or 'group_by_length', got 'sorted'"):
+        args(dkm_1bit_sampling="sorted")
     with pytest.raises(ValueError, match="r2_weight_margin"):
         args(r2_weight_margin=float("nan"))
     with pytest.raises(ValueError, match="seeds"):

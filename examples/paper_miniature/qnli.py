@@ -65,8 +65,8 @@ EMBEDDING_NAMES = ["word_embeddings", "position_embeddings", "token_type_embeddi
 #: Settings that change how the run is executed or where it writes, not its numbers: left out of the cache keys.
 _NOT_IN_CACHE_KEY = ("output_dir", "threads", "no_cache", "rows", "seeds")
 #: Settings of one stage only: they key the units of that stage and no other.
-_DKM_SETTINGS = ("dkm_steps", "dkm_1bit_steps", "dkm_learning_rate", "dkm_1bit_learning_rate", "dkm_warmup_steps",
-                 "dkm_adam_epsilon", "dkm_eval_every")  # fmt: skip
+_DKM_SETTINGS = ("dkm_steps", "dkm_1bit_steps", "dkm_learning_rate", "dkm_1bit_learning_rate", "dkm_1bit_sampling",
+                 "dkm_warmup_steps", "dkm_adam_epsilon", "dkm_eval_every")  # fmt: skip
 _CLIP_SETTINGS = ("clip_fractions", "clip_tolerance")
 
 
@@ -150,6 +150,12 @@ class MiniatureArguments:
     dkm_bits: list[int] = field(default_factory=lambda: [2, 1], metadata={"help": "DKM palette sizes (bits)."})
     dkm_steps: int = field(default=40, metadata={"help": "Steps of each DKM fine-tune of 2 bits and more."})
     dkm_1bit_steps: int = field(default=60, metadata={"help": "Steps of each 1-bit DKM fine-tune."})
+    dkm_1bit_sampling: str = field(
+        default="random",
+        metadata={"help": "Batches of the 1-bit DKM fine-tunes: 'random' or 'group_by_length'. Pair length "
+                  "correlates with the label here, so length-grouped batches are label-skewed, and the 1-bit stage "
+                  "stayed at constant predictions with them (docs/RESULTS.md, 2.2)."},
+    )  # fmt: skip
     dkm_learning_rate: float = field(
         default=3e-5, metadata={"help": "Peak learning rate (AdamW) of the DKM fine-tunes of 2 bits and more."}
     )
@@ -201,6 +207,10 @@ class MiniatureArguments:
         bad = [f for f in self.clip_fractions if not 0 < f <= 1]
         if bad or not self.clip_fractions:
             raise ValueError(f"clip_fractions must be non-empty, each in (0, 1], got {self.clip_fractions!r}.")
+        if self.dkm_1bit_sampling not in ("random", "group_by_length"):
+            raise ValueError(
+                f"dkm_1bit_sampling must be 'random' or 'group_by_length', got {self.dkm_1bit_sampling!r}."
+            )
         if self.r2_mode not in ("loss", "decoupled"):
             raise ValueError(f"r2_mode must be 'loss' or 'decoupled', got {self.r2_mode!r}.")
         if self.device not in ("cpu", "cuda"):
@@ -280,7 +290,8 @@ def unit_settings(unit: str, settings: dict[str, Any]) -> dict[str, Any]:
     dropped = set(_NOT_IN_CACHE_KEY) | {"dkm_bits", "ptq_bits"}
     if not dkm:
         dropped |= set(_DKM_SETTINGS)
-    dropped |= {"dkm_learning_rate", "dkm_steps"} if one_bit else {"dkm_1bit_learning_rate", "dkm_1bit_steps"}
+    one_bit_only = {"dkm_1bit_learning_rate", "dkm_1bit_steps", "dkm_1bit_sampling"}
+    dropped |= {"dkm_learning_rate", "dkm_steps"} if one_bit else one_bit_only
     if not unit.startswith("clip"):
         dropped |= set(_CLIP_SETTINGS)
     return {k: v for k, v in sorted(settings.items()) if k not in dropped}
@@ -684,6 +695,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             args,
             learning_rate=args.dkm_1bit_learning_rate if bits == 1 else args.dkm_learning_rate,
             max_steps=args.dkm_1bit_steps if bits == 1 else args.dkm_steps,
+            **({"train_sampling_strategy": args.dkm_1bit_sampling} if bits == 1 else {}),
             warmup_steps=args.dkm_warmup_steps,
             lr_scheduler_type="linear",
             adam_epsilon=args.dkm_adam_epsilon,
@@ -816,7 +828,7 @@ def write_report(args, rows, columns, results, figure_weights, elapsed, model_la
         if clip_fraction is not None
         else "",
         f"DKM: every Linear layer palettized (one LUT per layer), {args.dkm_steps} AdamW steps (1-bit: "
-        f"{args.dkm_1bit_steps}) "
+        f"{args.dkm_1bit_steps}, {args.dkm_1bit_sampling} batches) "
         f"(lr {args.dkm_learning_rate}; 1-bit: {args.dkm_1bit_learning_rate}, "
         f"{args.dkm_warmup_steps} warm-up steps, then linear decay, epsilon {args.dkm_adam_epsilon}) without R²; "
         f"the held-out accuracy is measured every {args.dkm_eval_every} steps and the best state kept (step 0 = "
