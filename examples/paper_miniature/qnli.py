@@ -230,6 +230,13 @@ class MiniatureArguments:
             self.dkm_eval_every = min(self.dkm_eval_every, 1)
             self.threads = self.threads or 1
 
+    def dkm_stage(self, bits: int) -> dict[str, Any]:
+        """Steps, peak learning rate and batch sampling of the DKM fine-tune at `bits` (1 bit has its own)."""
+        if bits == 1:
+            return {"steps": self.dkm_1bit_steps, "learning_rate": self.dkm_1bit_learning_rate,
+                    "sampling": self.dkm_1bit_sampling}  # fmt: skip
+        return {"steps": self.dkm_steps, "learning_rate": self.dkm_learning_rate, "sampling": "group_by_length"}
+
     def r2_weight(self, row: str) -> float:
         """The `r2_weight` of a table row (0 for the rows without R²)."""
         return float(getattr(self, f"r2_weight_{row}")) if row in R2_TYPES else 0.0
@@ -282,8 +289,8 @@ def unit_settings(unit: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The settings that change the numbers of `unit` (e.g. `none-s0-FP32`, `linf-s1-DKM_1-bit`, `clip-fraction-s0`).
 
     Left out: how the run is executed (`_NOT_IN_CACHE_KEY`), which units exist (the bit widths are in the unit names),
-    and the settings of the stages the unit does not run: DKM settings outside DKM units (and the other bit widths'
-    learning rate), clipping settings outside the `clip` row.
+    and the settings of the stages the unit does not run: DKM settings outside DKM units (and, inside them, those of
+    the other kind of stage, 1-bit or not: `MiniatureArguments.dkm_stage`), clipping settings outside the `clip` row.
     """
     dkm = "DKM" in unit
     one_bit = dkm and ("DKM_1-bit" in unit or "DKM 1-bit" in unit)
@@ -581,8 +588,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fp_steps = args.max_steps if args.max_steps > 0 else math.ceil(len(fit) / args.batch_size * args.num_train_epochs)
 
     def dkm_cost(bits: int) -> float:
-        steps = args.dkm_1bit_steps if bits == 1 else args.dkm_steps
+        steps = args.dkm_stage(bits)["steps"]
         return 1.6 * steps + 0.3 * (steps // args.dkm_eval_every + 1)
+
+    def column_bits(column: str) -> int:  # "DKM 2-bit" -> 2
+        return int(column.split()[1].split("-")[0])
 
     columns = ["FP32"] + [f"DKM {b}-bit" for b in args.dkm_bits] + [f"PTQ W{b} (per-tensor)" for b in args.ptq_bits]
     units: dict[str, float] = {}
@@ -595,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 plan.append((seed, row, column))
                 cost = (
                     fp_steps if column == "FP32"
-                    else dkm_cost(int(column.split()[1].split("-")[0])) if column.startswith("DKM")
+                    else dkm_cost(column_bits(column)) if column.startswith("DKM")
                     else 1.0
                 )  # fmt: skip
                 units[f"{row}-s{seed}-{column}"] = 0.5 if (row == "clip" and column == "FP32") else cost
@@ -689,13 +699,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = CompressionArguments(dkm_bits=bits, dkm_exclude_modules=EMBEDDING_NAMES).dkm_config()
         model = palettize(copy.deepcopy(model), dataclasses.replace(config, seed=seed))
         keeper = KeepBestState(model, lambda m: evaluate(m, dev_batches), args.dkm_eval_every)
+        stage = args.dkm_stage(bits)
         targs = training_arguments(
             f"{work}/dkm{bits}-{row}-{seed}",
             seed,
             args,
-            learning_rate=args.dkm_1bit_learning_rate if bits == 1 else args.dkm_learning_rate,
-            max_steps=args.dkm_1bit_steps if bits == 1 else args.dkm_steps,
-            **({"train_sampling_strategy": args.dkm_1bit_sampling} if bits == 1 else {}),
+            learning_rate=stage["learning_rate"],
+            max_steps=stage["steps"],
+            train_sampling_strategy=stage["sampling"],
             warmup_steps=args.dkm_warmup_steps,
             lr_scheduler_type="linear",
             adam_epsilon=args.dkm_adam_epsilon,
@@ -751,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if column != "FP32" and cached[column] is None:
                     started = progress.begin(unit)
                     if column.startswith("DKM"):
-                        result = dkm_compress(model, int(column.split()[1].split("-")[0]), seed, row)
+                        result = dkm_compress(model, column_bits(column), seed, row)
                     else:
                         result = ptq_compress(model, int(column.split()[1][1:]))
                     log(f"    {row} seed {seed}: {column} {result['validation']:.4f}")
