@@ -448,8 +448,8 @@ class _MarginLosses(torch.autograd.Function):
 # underflows or overflows, the ratio of the two sums stays below 1e36, and neither needs a shift. Beyond it (large α
 # late in training) the chunk falls back to the two shifted softmaxes.
 _UNSHIFTED_MAX_SUM = 1e18
-# `exp(x) = exp2(x log2 e)`: torch's exp2 is several times faster than its exp on CPU (vectorized; measured 0.15 ms
-# against 1.1 ms per 1M float32), with the same float32 accuracy.
+# `exp(x) = exp2(x log2 e)`: torch's exp2 is several times faster than its exp on CPU (vectorized; measured 0.20 ms
+# against 0.71 ms per 1M float32, timed side by side), with the same float32 accuracy.
 _LOG2_E = 1.0 / math.log(2.0)
 
 
